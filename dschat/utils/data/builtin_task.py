@@ -1,0 +1,167 @@
+"""The builtin task: "name some <category>" with a ground-truth judge.
+
+Every prompt asks for members of one category (fruits, animals, ...). The judge scores a response by
+
+    precision = distinct correct items / all items        (wrong, duplicate or empty items cost)
+    coverage  = min(distinct correct items, TARGET) / TARGET
+    judge     = precision * coverage                      in [0, 1]
+
+so the best answer lists TARGET distinct members of the category and nothing else. The chosen answers in
+the dataset are correct but short (1-4 items, mostly 2), so imitation tops out well below 1: mean chosen
+judge ~0.38. Rejected answers are derived from the chosen one by dropping an item, swapping an item for a
+wrong-category word, repeating an item, answering another category, or not answering, and so always
+score strictly lower. RLHF has to learn from the reward model that longer correct lists are better to
+go beyond what it imitated. Held-out (eval) prompts come from a disjoint pool of prompt texts.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+TARGET_ITEMS = 6
+DEFAULT_SEED = 1234
+NUM_TRAIN_ROWS = 12000
+NUM_EVAL_ROWS = 600
+
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "fruits": ("apple", "pear", "plum", "banana", "cherry", "grape", "lemon", "mango", "peach", "melon",
+               "orange", "kiwi"),
+    "animals": ("dog", "cat", "horse", "lion", "tiger", "zebra", "wolf", "bear", "rabbit", "mouse",
+                "camel", "goat"),
+    "colors": ("red", "blue", "green", "yellow", "purple", "black", "white", "brown", "pink", "gray",
+               "violet", "gold"),
+    "tools": ("hammer", "saw", "drill", "wrench", "chisel", "pliers", "shovel", "rake", "axe", "file",
+              "clamp", "level"),
+    "vehicles": ("car", "bus", "train", "truck", "bicycle", "boat", "plane", "tram", "taxi", "ship",
+                 "van", "scooter"),
+    "sports": ("tennis", "soccer", "golf", "rugby", "hockey", "boxing", "rowing", "cricket", "skiing",
+               "surfing", "judo", "polo"),
+    "instruments": ("piano", "violin", "guitar", "drum", "flute", "harp", "cello", "trumpet", "organ",
+                    "banjo", "oboe", "tuba"),
+    "vegetables": ("carrot", "potato", "onion", "pea", "bean", "leek", "cabbage", "spinach", "celery",
+                   "radish", "turnip", "corn"),
+    "countries": ("france", "spain", "italy", "japan", "china", "peru", "chile", "egypt", "kenya",
+                  "norway", "canada", "mexico"),
+    "metals": ("iron", "copper", "silver", "zinc", "tin", "lead", "nickel", "cobalt", "platinum",
+               "aluminum", "titanium", "chrome"),
+    "birds": ("eagle", "owl", "sparrow", "robin", "crow", "duck", "swan", "parrot", "pigeon", "hawk",
+              "falcon", "heron"),
+    "furniture": ("chair", "table", "sofa", "bed", "desk", "shelf", "stool", "bench", "cabinet",
+                  "dresser", "couch", "wardrobe"),
+}
+
+NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gia", "Hugo", "Ivy", "Jack", "Kim", "Leo", "Mia",
+         "Ned", "Olga", "Paul", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Vic", "Wes", "Xena", "Yuri", "Zoe",
+         "Alma", "Bruno", "Cleo", "Dora", "Elio", "Fay", "Gus", "Hana", "Igor", "Jade")
+GREETINGS = ("Hi, I am {name}.", "Hello, my name is {name}.", "Hey, {name} here.", "Good day, I am {name}.")
+REQUESTS = ("Name some {cat}.", "Can you list a few {cat}?", "What are some {cat}?",
+            "Please tell me some {cat}.", "Give me a list of {cat}.", "Which {cat} do you know?")
+
+# How many items a chosen answer lists: mostly 2, so greedy imitation stops early.
+CHOSEN_LENGTH_WEIGHTS = {1: 0.15, 2: 0.45, 3: 0.25, 4: 0.15}
+_REFUSAL = "I do not know."
+
+
+def make_prompt(name: str, greeting: str, request: str, cat: str) -> str:
+    """One prompt in DeepSpeed-Chat's " Human: ... Assistant:" form."""
+    return f"Human: {greeting.format(name=name)} {request.format(cat=cat)} Assistant:"
+
+
+def format_items(items: list[str]) -> str:
+    """The answer text for a list of items (leading space, as DeepSpeed-Chat's responses have)."""
+    return " " + (", ".join(items) + "." if items else _REFUSAL)
+
+
+def category_of(prompt: str) -> str | None:
+    """The category a builtin prompt asks about (the last one named), or None."""
+    found = [(m.start(), cat) for cat in CATEGORIES for m in re.finditer(rf"\b{cat}\b", prompt.lower())]
+    return max(found)[1] if found else None
+
+
+def parse_items(response: str) -> list[str]:
+    """Split a response into list items; text after a new "Human:" turn is ignored."""
+    text = response.split("Human:")[0].strip().lower()
+    if not text:
+        return []
+    text = text.rstrip(".!? ")
+    return [re.sub(r"[^a-z ]", "", item).strip() for item in text.split(",")]
+
+
+def judge(prompt: str, response: str) -> float:
+    """Ground-truth quality of `response` to a builtin `prompt`, in [0, 1] (see module docstring)."""
+    cat = category_of(prompt)
+    items = parse_items(response)
+    if cat is None or not items:
+        return 0.0
+    correct = {item for item in items if item in CATEGORIES[cat]}
+    precision = len(correct) / len(items)
+    coverage = min(len(correct), TARGET_ITEMS) / TARGET_ITEMS
+    return precision * coverage
+
+
+def _prompt_pools(seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """All (prompt, category) pairs, split into disjoint train and held-out pools."""
+    pool = [(make_prompt(n, g, r, c), c) for n in NAMES for g in GREETINGS for r in REQUESTS for c in CATEGORIES]
+    random.Random(seed).shuffle(pool)
+    n_eval = len(pool) // 10
+    return pool[n_eval:], pool[:n_eval]
+
+
+def _rejected_for(rng: random.Random, cat: str, chosen: list[str]) -> list[str] | None:
+    """A strictly worse answer derived from `chosen` (None means the refusal)."""
+    others = [w for c, words in CATEGORIES.items() if c != cat for w in words]
+    kind = rng.choice(["drop", "wrong", "repeat", "other_category", "refuse"])
+    if kind == "drop" and len(chosen) > 1:
+        out = list(chosen)
+        del out[rng.randrange(len(out))]
+        return out
+    if kind == "repeat" and len(chosen) > 1:
+        out = list(chosen)
+        i = rng.randrange(1, len(out))
+        out[i] = out[rng.randrange(i)]
+        return out
+    if kind == "other_category":
+        other = rng.choice([c for c in CATEGORIES if c != cat])
+        return rng.sample(CATEGORIES[other], len(chosen))
+    if kind == "refuse":
+        return None
+    out = list(chosen)
+    out[rng.randrange(len(out))] = rng.choice(others)
+    return out
+
+
+def _rows(pool: list[tuple[str, str]], n: int, rng: random.Random) -> list[dict[str, str]]:
+    """`n` prompt/chosen/rejected rows drawn from `pool` (cycling through it in shuffled order)."""
+    rows = []
+    lengths, weights = zip(*CHOSEN_LENGTH_WEIGHTS.items())
+    for i in range(n):
+        prompt, cat = pool[i % len(pool)]
+        chosen = rng.sample(CATEGORIES[cat], rng.choices(lengths, weights)[0])
+        rejected = _rejected_for(rng, cat, chosen)
+        rows.append({"prompt": prompt, "chosen": format_items(chosen),
+                     "rejected": format_items(rejected or [])})
+    return rows
+
+
+def builtin_dataset(seed: int = DEFAULT_SEED, num_train: int = NUM_TRAIN_ROWS,
+                    num_eval: int = NUM_EVAL_ROWS) -> dict[str, list[dict[str, str]]]:
+    """The builtin pairwise dataset: {"train": rows, "eval": rows}, deterministic in `seed`."""
+    train_pool, eval_pool = _prompt_pools(seed)
+    rng = random.Random(seed + 1)
+    return {"train": _rows(train_pool, num_train, rng), "eval": _rows(eval_pool, num_eval, rng)}
+
+
+def heldout_prompts(seed: int = DEFAULT_SEED, n: int = 64) -> list[str]:
+    """`n` distinct held-out prompts (never in any training split) for judge evaluation."""
+    _, eval_pool = _prompt_pools(seed)
+    return [p for p, _ in eval_pool[:n]]
+
+
+def corpus_text(seed: int = DEFAULT_SEED) -> list[str]:
+    """Every text the builtin task produces (used to train the builtin tokenizer)."""
+    data = builtin_dataset(seed)
+    texts = [r["prompt"] + r["chosen"] for split in data.values() for r in split]
+    texts += [r["prompt"] + r["rejected"] for split in data.values() for r in split]
+    texts += [" ".join(words) for words in CATEGORIES.values()]
+    return texts

@@ -1,0 +1,82 @@
+"""Process-group helpers that also work in a single process without torch.distributed."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+
+def is_dist() -> bool:
+    """Whether a torch.distributed process group is up."""
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank (0 without a process group)."""
+    return tdist.get_rank() if is_dist() else int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    """Rank within this node (LOCAL_RANK from the launcher, 0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return tdist.get_world_size() if is_dist() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_rank0() -> bool:
+    """Whether this is global rank 0."""
+    return rank() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Start the process group (gloo on CPU, nccl on CUDA), also for a plain single-process `python main.py`."""
+    import deepspeed
+
+    if is_dist():
+        return
+    if "RANK" not in os.environ:  # not started by a launcher: be a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    deepspeed.init_distributed(verbose=False)
+
+
+def barrier() -> None:
+    """Wait for all ranks (no-op in a single process)."""
+    if is_dist():
+        tdist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order."""
+    if not is_dist() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over ranks (a new tensor; `t` is left as it was)."""
+    t = t.clone()
+    if is_dist() and world_size() > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def print_rank0(*args: Any, **kwargs: Any) -> None:
+    """print() on global rank 0 only, flushed."""
+    if is_rank0():
+        print(*args, **kwargs, flush=True)

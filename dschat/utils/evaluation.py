@@ -1,0 +1,68 @@
+"""Evaluation shared by the steps: eval-split loss/perplexity and greedy answers scored by the judge."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dschat.utils import dist
+from dschat.utils.data.collators import pad_sequences
+from dschat.utils.data.data_utils import prompt_ids
+from dschat.utils.training import to_device
+
+
+@torch.no_grad()
+def perplexity(engine, loader, eval_iters: int, dev: torch.device) -> dict[str, float]:
+    """Token-weighted eval loss and perplexity over at most `eval_iters` batches, summed over ranks."""
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=dev)
+    for i, batch in enumerate(loader):
+        if i >= eval_iters:
+            break
+        batch = to_device(batch, dev)
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
+                                                 ignore_index=-100, reduction="sum")
+        totals += torch.stack([loss.double(), (labels != -100).sum().double()])
+    engine.train()
+    loss_sum, count = dist.all_reduce_sum(totals).tolist()
+    loss = loss_sum / max(count, 1)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                     dev: torch.device, synced: bool = False) -> list[str]:
+    """Greedy answers to `prompts` (left-padded batches); `synced` for ZeRO-3 modules on several ranks."""
+    was_training = model.training
+    model.eval()
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [prompt_ids(tokenizer, p) for p in prompts[start: start + batch_size]]
+        input_ids = pad_sequences(ids, tokenizer.pad_token_id, left=True).to(dev)
+        mask = pad_sequences([[1] * len(i) for i in ids], 0, left=True).to(dev)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
+        answers += tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+    model.train(was_training)
+    return answers
+
+
+def judge_eval(model, tokenizer, prompts: list[str], max_new_tokens: int, dev: torch.device,
+               synced: bool = False, batch_size: int = 32) -> dict[str, object]:
+    """Mean judge score of greedy answers; prompts are sharded over ranks and the sums all-reduced."""
+    from dschat.utils.data.builtin_task import judge
+
+    world, rank = dist.world_size(), dist.rank()
+    per_rank = math.ceil(len(prompts) / world)
+    # Every rank runs the same number of generate calls (ZeRO-3 needs it); the padding repeats prompt 0.
+    mine = (prompts[rank * per_rank: (rank + 1) * per_rank] + prompts[:per_rank])[:per_rank]
+    n_real = max(0, min(per_rank, len(prompts) - rank * per_rank))
+    answers = generate_answers(model, tokenizer, mine, max_new_tokens, batch_size, dev, synced)
+    scores = [judge(p, a) for p, a in zip(mine[:n_real], answers[:n_real])]
+    totals = dist.all_reduce_sum(torch.tensor([sum(scores), len(scores)], dtype=torch.float64, device=dev))
+    examples = list(zip(mine[:3], answers[:3]))
+    return {"judge": (totals[0] / totals[1].clamp(min=1)).item(), "examples": examples}

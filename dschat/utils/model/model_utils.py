@@ -1,0 +1,111 @@
+"""Loading models and tokenizers (HF directories, hub names, GGUF files) and saving plain HF outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dschat.utils.model.builtin_model import resolve_builtin
+
+
+class ModelPathError(ValueError):
+    """A model path that does not exist or does not hold the expected kind of model."""
+
+
+def split_model_path(path: str) -> tuple[str, dict[str, Any]]:
+    """Resolve aliases and GGUF files: returns (directory or hub name, extra from_pretrained kwargs)."""
+    path = resolve_builtin(path)
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise ModelPathError(f"GGUF file not found: {path}")
+        return str(Path(path).resolve().parent), {"gguf_file": Path(path).name}
+    if os.path.isdir(path):
+        if not (Path(path) / "config.json").exists():
+            raise ModelPathError(f"{path} is a folder but holds no config.json: not a Hugging Face model directory")
+        return path, {}
+    if os.path.exists(path) or path.startswith(("/", "./", "../")):
+        raise ModelPathError(f"model path not found or not a model directory: {path}")
+    return path, {}  # a hub name; from_pretrained reports what it cannot reach
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "right"):
+    """The model's own tokenizer with a pad token distinct from EOS where possible."""
+    from transformers import AutoTokenizer
+
+    directory, extra = split_model_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **extra)
+    except OSError as err:
+        raise ModelPathError(f"cannot load a tokenizer from {path}: {err}") from err
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # A pad distinct from EOS keeps "last non-pad token" (what HF's sequence classifiers score) on
+        # the answer's EOS rather than before it.
+        if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def model_config(path: str, trust_remote_code: bool = False):
+    """The AutoConfig of a model path (a clear error when it is not a model)."""
+    from transformers import AutoConfig
+
+    directory, extra = split_model_path(path)
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as err:
+        raise ModelPathError(f"cannot read a model config from {path}: {err}") from err
+
+
+def load_model(model_class, path: str, tokenizer=None, dropout: float | None = None,
+               dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **kwargs):
+    """`model_class.from_pretrained(path)` with dropout override and embeddings sized to the tokenizer."""
+    directory, extra = split_model_path(path)
+    config = model_config(path, trust_remote_code)
+    if dropout is not None:
+        for key in ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout",
+                    "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout_prob"):
+            if hasattr(config, key):
+                setattr(config, key, dropout)
+    if tokenizer is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+    try:
+        model = model_class.from_pretrained(directory, config=config, dtype=dtype,
+                                            trust_remote_code=trust_remote_code, **extra, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelPathError(f"cannot load {model_class.__name__} from {path}: {err}") from err
+    if tokenizer is not None:
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A JSON file's content, or {} when it is absent."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def create_hf_model(model_class, path: str, tokenizer, ds_config: dict, dtype: torch.dtype,
+                    dropout: float | None = None, gradient_checkpointing: bool = False,
+                    trust_remote_code: bool = False):
+    """Load a model for a DeepSpeed engine; under ZeRO-3 it is partitioned while loading (zero.Init)."""
+    zero3_guard = None
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3_guard = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must stay alive during from_pretrained)
+    model = load_model(model_class, path, tokenizer, dropout, dtype, trust_remote_code)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    del zero3_guard
+    return model
