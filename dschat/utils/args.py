@@ -33,7 +33,7 @@ def add_data_args(p: argparse.ArgumentParser, step: int) -> None:
                        help="Single-response datasets used only in phase 1.")
 
 
-def add_model_args(p: argparse.ArgumentParser, lr: float) -> None:
+def add_model_args(p: argparse.ArgumentParser, lr: float, lr_help: str | None = None) -> None:
     """Model path, batch sizes, optimisation and schedule flags of steps 1 and 2."""
     p.add_argument("--model_name_or_path", type=str, default=BUILTIN_MODEL_DIR,
                    help="HF model directory, hub name, .gguf file, or 'builtin' (the default tiny Llama).")
@@ -41,7 +41,7 @@ def add_model_args(p: argparse.ArgumentParser, lr: float) -> None:
     p.add_argument("--per_device_eval_batch_size", type=int, default=16)
     p.add_argument("--max_seq_len", type=int, default=512,
                    help="Longest prompt+answer in tokens; batches are padded only to their own longest row.")
-    p.add_argument("--learning_rate", type=float, default=lr)
+    p.add_argument("--learning_rate", type=float, default=lr, help=lr_help)
     p.add_argument("--weight_decay", type=float, default=0.0)
     p.add_argument("--num_train_epochs", type=int, default=1)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)

@@ -165,3 +165,10 @@ def corpus_text(seed: int = DEFAULT_SEED) -> list[str]:
     texts += [r["prompt"] + r["rejected"] for split in data.values() for r in split]
     texts += [" ".join(words) for words in CATEGORIES.values()]
     return texts
+
+
+def heldout_chosen_judge(n: int = 64, seed: int = DEFAULT_SEED) -> float:
+    """Mean judge score of the dataset's chosen answers to the first `n` held-out prompts."""
+    rows = builtin_dataset(seed)["eval"][:n]  # eval row i asks held-out prompt i
+    assert [r["prompt"] for r in rows] == heldout_prompts(seed, n)
+    return sum(judge(r["prompt"], r["chosen"]) for r in rows) / len(rows)

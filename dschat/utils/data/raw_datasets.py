@@ -34,8 +34,12 @@ def _hh_split(dialogue: str, where: str) -> tuple[str, str]:
     return dialogue[:cut], dialogue[cut:]
 
 
-def normalize_row(raw: Any, where: str) -> Row:
-    """A prompt/chosen/rejected row from one raw record (pairwise, HH dialogue or prompt/response)."""
+def normalize_row(raw: Any, where: str) -> Row | None:
+    """A prompt/chosen/rejected row from one raw record (pairwise, HH dialogue or prompt/response).
+
+    None for an HH record whose final answer is empty (the public HH data has a few); explicit
+    prompt/chosen/rejected fields must not be empty.
+    """
     if not isinstance(raw, dict):
         raise DatasetError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     if "prompt" in raw:
@@ -43,10 +47,11 @@ def normalize_row(raw: Any, where: str) -> Row:
         row = {"prompt": raw["prompt"], "chosen": chosen, "rejected": raw.get("rejected")}
     elif "chosen" in raw and "rejected" in raw:  # Anthropic HH: whole dialogues
         prompt, chosen = _hh_split(_text(raw, "chosen", where), where)
-        rejected_prompt, rejected = _hh_split(_text(raw, "rejected", where), where)
-        if rejected_prompt != prompt:  # the two dialogues must share the conversation before the answer
-            raise DatasetError(f"{where}: HH-format chosen and rejected dialogues differ before the last answer")
+        # The prompt is the chosen dialogue's; in the public data a few rejected dialogues differ earlier.
+        _, rejected = _hh_split(_text(raw, "rejected", where), where)
         row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        if not chosen.strip() or not rejected.strip():
+            return None
     else:
         raise DatasetError(f"{where}: missing field 'prompt' (or 'chosen'/'rejected' HH dialogues); "
                            f"fields present: {sorted(raw)}")
@@ -85,7 +90,8 @@ def read_json_rows(path: str) -> list[Row]:
             records = json.loads(text)
         except json.JSONDecodeError as err:
             raise DatasetError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
-        return [normalize_row(r, f"{path}: item {i}") for i, r in enumerate(records)]
+        rows = [normalize_row(r, f"{path}: item {i}") for i, r in enumerate(records)]
+        return [r for r in rows if r is not None]
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -94,7 +100,9 @@ def read_json_rows(path: str) -> list[Row]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise DatasetError(f"{path}:{lineno}: invalid JSON: {err.msg}") from err
-        rows.append(normalize_row(record, f"{path}:{lineno}"))
+        row = normalize_row(record, f"{path}:{lineno}")
+        if row is not None:
+            rows.append(row)
     return rows
 
 
@@ -114,8 +122,9 @@ def _from_hf(ds: Any, name: str, seed: int, convert: Callable[[dict], Row | None
         out = []
         for i, record in enumerate(split_ds):
             row = convert(record)
+            row = normalize_row(row, f"{name} [{split} row {i}]") if row is not None else None
             if row is not None:
-                out.append(normalize_row(row, f"{name} [{split} row {i}]"))
+                out.append(row)
         return out
 
     if isinstance(ds, DatasetDict):

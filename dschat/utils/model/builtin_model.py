@@ -1,7 +1,10 @@
 """The builtin model: a tiny Llama with a byte-level BPE tokenizer trained on the builtin corpus.
 
-It ships in `dschat/assets/tiny-llama/` as an ordinary Hugging Face model directory; `make_builtin_model`
-re-creates it deterministically (`python scripts/make_builtin_model.py`).
+Like the pretrained models DeepSpeed-Chat starts from, it has world knowledge but no chat format: it is
+pretrained on plain sentences about the task's categories ("Some fruits are apple, kiwi and plum."),
+never on "Human: ... Assistant:" dialogues, so step 1 has to teach the format. It ships in
+`dschat/assets/tiny-llama/` as an ordinary Hugging Face model directory; `make_builtin_model` re-creates
+it (`python scripts/make_builtin_model.py`, ~1 minute on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -42,7 +45,53 @@ def make_builtin_model(out_dir: str = BUILTIN_MODEL_DIR, seed: int = 0) -> None:
                          bos_token_id=ids[1], eos_token_id=ids[2])
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    pretrain(model, tokenizer, seed)
     model.generation_config.pad_token_id = ids[0]
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def knowledge_sentences(n: int, seed: int) -> list[str]:
+    """Plain sentences listing members of the builtin categories (the builtin model's pretraining text)."""
+    import random
+
+    from dschat.utils.data.builtin_task import CATEGORIES
+
+    rng = random.Random(seed)
+    forms = ("Some {cat} are {items}.", "Examples of {cat}: {items}.", "The {cat} we saw were {items}.",
+             "Well known {cat} include {items}.", "{Cat}: {items}.")
+    out = []
+    for _ in range(n):
+        cat = rng.choice(sorted(CATEGORIES))
+        words = rng.sample(CATEGORIES[cat], rng.randint(2, 8))
+        items = ", ".join(words[:-1]) + " and " + words[-1]
+        out.append(rng.choice(forms).format(cat=cat, Cat=cat.capitalize(), items=items))
+    return out
+
+
+def pretrain(model, tokenizer, seed: int, steps: int = 1500, batch_size: int = 32, lr: float = 2e-3) -> None:
+    """Next-token training on knowledge sentences (plain torch; this makes the asset, not a pipeline step)."""
+    import torch
+
+    from dschat.utils.data.collators import pad_sequences
+
+    torch.manual_seed(seed)
+    texts = knowledge_sentences(steps * batch_size, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    model.train()
+    for step in range(steps):
+        ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
+               for t in texts[step * batch_size: (step + 1) * batch_size]]
+        input_ids = pad_sequences(ids, tokenizer.pad_token_id)
+        labels = pad_sequences(ids, -100)
+        loss = model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 250 == 0 or step == steps - 1:
+            print(f"pretrain step {step}: loss {loss.item():.3f}", flush=True)
+    model.eval()

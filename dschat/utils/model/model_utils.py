@@ -64,10 +64,13 @@ def model_config(path: str, trust_remote_code: bool = False):
 
 
 def load_model(model_class, path: str, tokenizer=None, dropout: float | None = None,
-               dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **kwargs):
+               dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               config_updates: dict[str, Any] | None = None, **kwargs):
     """`model_class.from_pretrained(path)` with dropout override and embeddings sized to the tokenizer."""
     directory, extra = split_model_path(path)
     config = model_config(path, trust_remote_code)
+    for key, value in (config_updates or {}).items():  # e.g. num_labels=1 for a reward model
+        setattr(config, key, value)
     if dropout is not None:
         for key in ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout",
                     "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout_prob"):
@@ -96,14 +99,14 @@ def read_json(path: str | Path) -> dict[str, Any]:
 
 def create_hf_model(model_class, path: str, tokenizer, ds_config: dict, dtype: torch.dtype,
                     dropout: float | None = None, gradient_checkpointing: bool = False,
-                    trust_remote_code: bool = False):
+                    trust_remote_code: bool = False, config_updates: dict[str, Any] | None = None):
     """Load a model for a DeepSpeed engine; under ZeRO-3 it is partitioned while loading (zero.Init)."""
     zero3_guard = None
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         zero3_guard = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must stay alive during from_pretrained)
-    model = load_model(model_class, path, tokenizer, dropout, dtype, trust_remote_code)
+    model = load_model(model_class, path, tokenizer, dropout, dtype, trust_remote_code, config_updates)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -1,0 +1,75 @@
+"""Step-3 flags: DeepSpeed-Chat's, its hard-coded PPO constants as flags, and our additions."""
+
+from __future__ import annotations
+
+import argparse
+
+from dschat.rlhf.ppo_math import KL_ESTIMATORS
+from dschat.utils.args import FlagError, check_common_args
+
+
+def add_ppo_args(p: argparse.ArgumentParser) -> None:
+    """Learning rates, hybrid-engine and memory flags, PPO constants, sampling and evaluation."""
+    p.add_argument("--actor_learning_rate", type=float, default=2e-4,
+                   help="DeepSpeed-Chat's 9.65e-6 suits 1B+ models; the tiny builtin actor needs more.")
+    p.add_argument("--critic_learning_rate", type=float, default=5e-4,
+                   help="DeepSpeed-Chat uses 5e-6 for 350M critics; the tiny builtin critic needs more.")
+    he = p.add_argument_group("generation")
+    he.add_argument("--enable_hybrid_engine", action="store_true",
+                    help="Generate with a hook-free twin of the actor (gathered once per rollout, LoRA merged).")
+    he.add_argument("--unpin_actor_parameters", action="store_true", help="Accepted for compatibility.")
+    he.add_argument("--release_inference_cache", action="store_true",
+                    help="Drop the generation twin after every rollout (saves memory, costs a rebuild).")
+    he.add_argument("--inference_tp_size", type=int, default=1, help="Must be 1 (tensor-parallel generation is not built).")
+    he.add_argument("--tp_gather_partition_size", type=int, default=8, help="Accepted for compatibility.")
+    he.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature for rollouts.")
+    he.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling for rollouts.")
+    mem = p.add_argument_group("memory")
+    mem.add_argument("--offload", action="store_true")
+    mem.add_argument("--offload_reference_model", action="store_true")
+    mem.add_argument("--offload_reward_model", action="store_true")
+    mem.add_argument("--enable_ema", action="store_true", help="Keep an EMA (0.992) of the actor, saved as actor_ema.")
+    mem.add_argument("--enable_mixed_precision_lora", action="store_true",
+                     help="DeepSpeed-Chat's MixZ++ (quantised frozen weights); not supported here, refused.")
+    ppo = p.add_argument_group("PPO (DeepSpeed-Chat hard-codes these; defaults are its values)")
+    ppo.add_argument("--kl_ctl", type=float, default=0.1, help="KL penalty coefficient beta (initial if adaptive).")
+    ppo.add_argument("--clip_reward_value", type=float, default=5.0)
+    ppo.add_argument("--cliprange", type=float, default=0.2)
+    ppo.add_argument("--cliprange_value", type=float, default=0.2)
+    ppo.add_argument("--gamma", type=float, default=1.0)
+    ppo.add_argument("--lam", type=float, default=0.95)
+    ppo.add_argument("--kl_estimator", type=str, default="k1", choices=sorted(KL_ESTIMATORS))
+    ppo.add_argument("--target_kl", type=float, default=None,
+                     help="Use Ziegler et al.'s adaptive KL controller with this target (per sequence).")
+    ppo.add_argument("--kl_horizon", type=int, default=10000)
+    ppo.add_argument("--entropy_coef", type=float, default=0.0)
+    ppo.add_argument("--normalize_reward", action="store_true",
+                     help="Standardise reward scores with the mean/std step 2 stored (reward_stats.json).")
+    ppo.add_argument("--align_overflow", action="store_true",
+                     help="fp16: skip both actor and critic updates when either overflows.")
+    out = p.add_argument_group("output")
+    out.add_argument("--print_answers", action="store_true")
+    out.add_argument("--print_answers_interval", type=int, default=1)
+    out.add_argument("--enable_test_mode", action="store_true")
+    out.add_argument("--test_stop_step", type=int, default=0)
+    out.add_argument("--num_judge_prompts", type=int, default=64)
+
+
+def check_rlhf_args(args: argparse.Namespace) -> None:
+    """Reject flag combinations that cannot work, naming the flags; derive the actor's accumulation."""
+    check_common_args(args)
+    if args.inference_tp_size > 1:
+        if args.actor_zero_stage != 3:
+            raise FlagError("--inference_tp_size > 1 requires --actor_zero_stage 3")
+        raise FlagError("--inference_tp_size > 1: tensor-parallel generation is not supported; use 1")
+    if args.enable_mixed_precision_lora:
+        raise FlagError("--enable_mixed_precision_lora (MixZ++) is not supported; drop the flag")
+    rollout = args.per_device_generation_batch_size * args.generation_batches
+    if rollout % args.per_device_training_batch_size:
+        raise FlagError(f"--per_device_generation_batch_size x --generation_batches ({rollout}) must be a multiple "
+                        f"of --per_device_training_batch_size ({args.per_device_training_batch_size})")
+    if bool(args.unsupervised_dataset_name) != bool(args.unsupervised_dataset_config_name) and \
+            args.unsupervised_dataset_name and not args.unsupervised_dataset_name.endswith((".txt", ".json", ".jsonl")):
+        raise FlagError("a hub --unsupervised_dataset_name needs --unsupervised_dataset_config_name too")
+    # PTX adds a second backward per step, so the actor accumulates twice as many micro-batches.
+    args.actor_gradient_accumulation_steps = args.gradient_accumulation_steps * (2 if args.unsupervised_dataset_name else 1)

@@ -1,0 +1,193 @@
+"""Run the three RLHF steps end to end: SFT (step 1), reward model (step 2), PPO (step 3).
+
+Each step runs its training script (DeepSpeed-Chat's layout and calling convention) with its whole log in
+<step output>/training.log, while this shows one live progress line per step. A step whose output holds
+the completion marker is skipped, so re-running the same command after a crash or kill resumes at the
+step that was interrupted. At the end: a table of times and metrics, also written to <output-dir>/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dschat.utils import e2e  # noqa: E402
+
+EPILOG = f"""\
+models:
+  --actor-model/--reward-model take "builtin" (the tiny model shipped in dschat/assets; run_tiny_cpu.sh),
+  an OPT size (1.3b, 6.7b, 13b, 66b, 350m, or opt-1.3b / facebook/opt-1.3b; the script
+  opt/<deployment-type>/run_<size>.sh where one exists), meta-llama/Llama-2-7b-hf (llama2/run_llama2_7b.sh),
+  or any model folder, .gguf file or hub name (run_generic.sh with that path).
+
+extra flags for a step:
+  {e2e.EXTRA_ARGS_ENV.format('N')}="..." (N = 1, 2, 3) appends main.py flags to step N's script command
+  line; they override the script's own values. Example for a quick smoke run:
+    DSCHAT_E2E_EXTRA_ARGS_STEP1="--data_split 2,4,4 --max_seq_len 64 --eval_iters 2 --num_judge_prompts 8" \\
+    python e2e_rlhf.py --step 1 2
+
+environment passed to the scripts: DSCHAT_DEPLOYMENT (from --deployment-type), DSCHAT_NUM_GPUS (from
+--num-gpus), HOSTFILE (multi_node; default /job/hostfile).
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """DeepSpeed-Chat's e2e flags, any model name or path, plus --force and --num-gpus."""
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--step", type=int, nargs="+", choices=[1, 2, 3], default=[1, 2, 3], help="Steps to run.")
+    p.add_argument("--actor-model", default="builtin", help="Model to fine-tune in step 1 (see 'models').")
+    p.add_argument("--reward-model", default="builtin", help="Model to train as reward model in step 2.")
+    p.add_argument("--actor-zero-stage", type=str, default="", choices=["", "0", "1", "2", "3"],
+                   help="ZeRO stage for step 1 and the step-3 actor; empty = the script's default.")
+    p.add_argument("--reward-zero-stage", type=str, default="", choices=["", "0", "1", "2", "3"],
+                   help="ZeRO stage for step 2 and the step-3 critic; empty = the script's default.")
+    p.add_argument("--output-dir", default="./output", help="Root of all outputs (made absolute).")
+    p.add_argument("--deployment-type", default="single_gpu", choices=["single_gpu", "single_node", "multi_node"],
+                   help="Picks opt/<type>/run_<size>.sh for OPT models and the launcher of run_generic.sh.")
+    p.add_argument("--num-gpus", type=int, default=None,
+                   help="Ranks per node for run_generic.sh (DSCHAT_NUM_GPUS); with the builtin model, >1 picks "
+                        "run_tiny_cpu_<N>ranks.sh where it exists.")
+    p.add_argument("--force", action="store_true", help="Re-run steps whose output is already complete.")
+    return p.parse_args(argv)
+
+
+def script_env(args: argparse.Namespace) -> dict[str, str]:
+    """The scripts' environment: this Python's bin folder first on PATH, deployment and rank count."""
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["DSCHAT_DEPLOYMENT"] = args.deployment_type
+    if args.num_gpus:
+        env["DSCHAT_NUM_GPUS"] = str(args.num_gpus)
+    return env
+
+
+def skip_reason(step: int, dirs: dict[int, Path], force: bool) -> str | None:
+    """Why `step` need not run (its output is complete and not older than its inputs), or None to run it."""
+    if force or not e2e.is_done(step, dirs[step]):
+        return None
+    if step == 3:
+        newest_input = max(e2e.done_time(1, dirs[1]), e2e.done_time(2, dirs[2]))
+        if e2e.done_time(3, dirs[3]) < newest_input:
+            print(f"Step 3 output at {dirs[3]} is older than the step 1/2 models; re-running it", flush=True)
+            return None
+    return f"Step {step} already done at {dirs[step]}, skipping; --force to re-run"
+
+
+def report_failure(step: int, status: int, log: Path) -> None:
+    """Print the end of the failed step's log, where the log is, and what to try."""
+    lines = e2e.last_lines(log, 20)
+    print(f"\n---=== Step {step} failed (exit status {status}) ===---", flush=True)
+    print(f"Last {len(lines)} lines of {log}:")
+    print("\n".join("  " + ln for ln in lines))
+    print(f"Full log: {log}")
+    for hint in e2e.failure_hints(lines, step):
+        print(f"  - {hint}")
+    print("Fix it and re-run the same command: finished steps are skipped.", flush=True)
+
+
+def run_steps(args: argparse.Namespace, dirs: dict[int, Path], scripts: dict[int, tuple[Path, list[str]]],
+              results: dict[int, dict]) -> int:
+    """Run (or skip) each requested step in order; returns 0, or 1 after a failed step."""
+    env = script_env(args)
+    zero_stages = (args.actor_zero_stage, args.reward_zero_stage)
+    for step in sorted(set(args.step)):
+        if step == 3:
+            for needed in (1, 2):
+                if not e2e.is_done(needed, dirs[needed]):
+                    print(f"Step {needed} model has not been trained (no complete model at {dirs[needed]}); "
+                          f"run --step {needed}", file=sys.stderr, flush=True)
+                    return 1
+        reason = skip_reason(step, dirs, args.force)
+        if reason:
+            print(reason, flush=True)
+            metrics = e2e.read_metrics(step, dirs[step])
+            results[step] = {"status": "skipped", "output": str(dirs[step]), "metrics": metrics,
+                             "wall_time_s": metrics.get("wall_time_s")}
+            continue
+        script, model_args = scripts[step]
+        cmd = e2e.step_command(step, script, model_args, dirs, zero_stages)
+        dirs[step].mkdir(parents=True, exist_ok=True)
+        e2e.invalidate(step, dirs[step])
+        log = dirs[step] / "training.log"
+        print(f"---=== Running Step {step} ({e2e.STEP_NAMES[step]}) ===---\nRunning:\n{shlex.join(cmd)}\n"
+              f"Log: {log}", flush=True)
+        status, seconds = e2e.run_with_progress(cmd, e2e.REPO, log, f"Step {step}", env)
+        results[step] = {"status": "ran", "output": str(dirs[step]), "script": str(script), "command": cmd,
+                         "wall_time_s": seconds, "exit_status": status}
+        if status == 0 and not e2e.is_done(step, dirs[step]):
+            print(f"Step {step}'s script exited 0 but wrote no complete model at {dirs[step]}", flush=True)
+            status = 1
+        if status != 0:
+            results[step]["status"] = "failed"
+            report_failure(step, status, log)
+            return 1
+        results[step]["metrics"] = e2e.read_metrics(step, dirs[step])
+        print(f"---=== Finished Step {step} in {e2e.fmt_time(seconds)} ===---", flush=True)
+    return 0
+
+
+def finish(args: argparse.Namespace, out: Path, dirs: dict[int, Path], results: dict[int, dict],
+           total: float, status: int) -> None:
+    """Print the table, TensorBoard folders and chat command; write <out>/summary.json."""
+    if results:
+        print("\n" + e2e.summary_table(results))
+    print(f"Total wall time: {e2e.fmt_time(total)}")
+    chat = None
+    for step, path in ((3, dirs[3] / "actor"), (1, dirs[1])):
+        if e2e.is_done(step, dirs[step]):
+            chat = f"python chat.py --path {shlex.quote(str(path))}"
+            print(f"Chat with the {'RLHF' if step == 3 else 'SFT'} model: {chat}")
+            break
+    tb = e2e.tensorboard_dirs(list(dirs.values()))
+    if tb:
+        print("TensorBoard logs: " + ", ".join(map(str, tb)) + f"\n  tensorboard --logdir {out}")
+    summary = {"output_dir": str(out), "status": "ok" if status == 0 else "failed",
+               "actor_model": args.actor_model, "reward_model": args.reward_model,
+               "deployment_type": args.deployment_type, "total_wall_time_s": total,
+               "steps": {str(k): v for k, v in sorted(results.items())}, "chat_command": chat,
+               "tensorboard_dirs": [str(p) for p in tb]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"Summary: {out / 'summary.json'}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Resolve models and scripts, run the steps, summarise; returns the exit status."""
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    out = Path(args.output_dir).expanduser().resolve()
+    actor, reward = e2e.resolve_model(args.actor_model), e2e.resolve_model(args.reward_model)
+    dirs = e2e.output_dirs(out, actor, reward)
+    try:
+        scripts = {s: e2e.pick_script(s, reward if s == 2 else actor, args.deployment_type, args.num_gpus)
+                   for s in set(args.step)}
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"Actor: {args.actor_model} -> {dirs[1]}\nReward: {args.reward_model} -> {dirs[2]}\n"
+          f"RLHF: -> {dirs[3]}", flush=True)
+    results: dict[int, dict] = {}
+    start = time.time()
+    current = "?"
+    try:
+        status = run_steps(args, dirs, scripts, results)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        current = next((s for s in sorted(set(args.step)) if not e2e.is_done(s, dirs[s])), current)
+        print(f"\nInterrupted during step {current}; run the same command again to resume there.",
+              file=sys.stderr, flush=True)
+        return stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 130
+    finish(args, out, dirs, results, time.time() - start, status)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Data pipeline: builtin task and judge, splits, tokenisation masks, collators, cache, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from dschat.utils.data import builtin_task as bt
+from dschat.utils.data.collators import PromptCollator, RewardCollator, SFTCollator
+from dschat.utils.data.data_utils import load_phase_data, phase_indices, phase_rows, tokenize_row
+from dschat.utils.data.raw_datasets import DatasetError, load_raw, read_json_rows
+from dschat.utils.model.model_utils import load_tokenizer
+
+SHARED_HH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("builtin")
+
+
+def settings(paths, phase=1, **kw):
+    base = {"data_path": paths, "data_split": "2,4,4", "phase": phase, "seed": 1234, "sft_only_data_path": [],
+            "max_seq_len": 64, "max_prompt_len": 48, "train_on_prompt": False}
+    return base | kw
+
+
+# ---- builtin task and judge ------------------------------------------------------------------------------
+
+def test_judge_values_by_hand():
+    p = "Human: Hi, I am Ann. Name some fruits. Assistant:"
+    assert bt.judge(p, " apple, pear.") == pytest.approx(2 / 6)
+    assert bt.judge(p, " apple, pear, plum, kiwi, lemon, mango.") == 1.0
+    assert bt.judge(p, " apple, pear, plum, kiwi, lemon, mango, melon.") == 1.0  # coverage caps at 6
+    assert bt.judge(p, " apple, apple.") == pytest.approx(0.5 * 1 / 6)  # duplicate costs precision
+    assert bt.judge(p, " apple, dog.") == pytest.approx(0.5 * 1 / 6)  # wrong category costs precision
+    assert bt.judge(p, " I do not know.") == 0.0
+    assert bt.judge(p, "") == 0.0
+    assert bt.judge("Human: hello Assistant:", " apple.") == 0.0  # no category asked
+    assert bt.judge(p, " apple, pear. Human: more?") == pytest.approx(2 / 6)  # a new turn is not the answer
+
+
+def test_builtin_dataset_properties():
+    data = bt.builtin_dataset()
+    assert data == bt.builtin_dataset()  # deterministic
+    assert data != bt.builtin_dataset(seed=7)
+    chosen = [bt.judge(r["prompt"], r["chosen"]) for r in data["train"]]
+    rejected = [bt.judge(r["prompt"], r["rejected"]) for r in data["train"]]
+    assert all(c > r for c, r in zip(chosen, rejected))
+    assert sum(chosen) / len(chosen) <= 0.75
+    assert all(0.0 <= s <= 1.0 for s in chosen + rejected)
+    train_prompts = {r["prompt"] for r in data["train"]}
+    assert not train_prompts & {r["prompt"] for r in data["eval"]}
+    assert not train_prompts & set(bt.heldout_prompts(n=200))
+
+
+# ---- splits -------------------------------------------------------------------------------------------------
+
+def test_phase_indices_disjoint_cover_and_seeded():
+    shares = [0.2, 0.4, 0.4]
+    parts = [phase_indices(1000, shares, p, seed=3) for p in (1, 2, 3)]
+    assert sorted(int(i) for part in parts for i in part) == list(range(1000))
+    assert [len(p) for p in parts] == [200, 400, 400]
+    assert (phase_indices(1000, shares, 2, seed=3) == parts[1]).all()
+    assert not (phase_indices(1000, shares, 2, seed=4) == parts[1]).all()
+
+
+def test_phase_rows_disjoint_across_phases():
+    rows = [phase_rows(["dschat/builtin"], "2,4,4", p, 1234)["train"] for p in (1, 2, 3)]
+    keys = [{(r["prompt"], r["chosen"], r["rejected"]) for r in part} for part in rows]
+    assert len(rows[0]) == 2400 and len(rows[1]) == 4800
+    assert not keys[0] & keys[1] and not keys[1] & keys[2] and not keys[0] & keys[2]
+
+
+# ---- tokenisation and collators ---------------------------------------------------------------------------
+
+def test_sft_labels_mask_prompt_by_default(tokenizer):
+    row = {"prompt": "Human: Name some fruits. Assistant:", "chosen": " apple, pear.", "rejected": " dog."}
+    out = tokenize_row(row, tokenizer, 1, 64, 48, train_on_prompt=False)
+    n_prompt = len(tokenizer(row["prompt"])["input_ids"])
+    assert out["labels"][:n_prompt] == [-100] * n_prompt
+    assert out["labels"][n_prompt:] == out["input_ids"][n_prompt:]
+    assert out["input_ids"][-1] == tokenizer.eos_token_id
+    whole = tokenize_row(row, tokenizer, 1, 64, 48, train_on_prompt=True)
+    assert whole["labels"] == whole["input_ids"]
+    assert tokenize_row(row, tokenizer, 1, n_prompt, 48, False) is None  # prompt alone fills max_seq_len
+    assert tokenize_row(row, tokenizer, 3, 64, n_prompt - 1, False) is None  # prompt too long for phase 3
+
+
+def test_collators_pad_and_mask():
+    sft = SFTCollator(0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert sft["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert sft["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert sft["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    rm = RewardCollator(0)([{"chosen_ids": [1, 2, 3], "rejected_ids": [1, 4], "prompt_len": 1}])
+    assert rm["input_ids"].tolist() == [[1, 2, 3], [1, 4, 0]]
+    assert rm["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    pr = PromptCollator(0)([{"prompt_ids": [3, 4]}, {"prompt_ids": [5, 6, 7]}])
+    assert pr["prompt"].tolist() == [[0, 3, 4], [5, 6, 7]]
+    assert pr["prompt_att_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
+
+
+# ---- local files, HH format, bad input --------------------------------------------------------------------
+
+def test_local_jsonl_and_hh_format(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Human: q{i} Assistant:", "chosen": " yes", "rejected": " no"} for i in range(20)]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    data = load_raw(str(f), seed=1)
+    assert len(data["train"]) == 18 and len(data["eval"]) == 2
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: well",
+                              "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: go away"}))
+    (row,) = read_json_rows(str(hh))
+    assert row["prompt"] == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant:"
+    assert row["chosen"] == " well" and row["rejected"] == " go away"
+
+
+@pytest.mark.skipif(not SHARED_HH.exists(), reason="../shared/data (real HH-RLHF data) is not beside the repo")
+def test_real_hh_rlhf_file_loads_and_splits():
+    data = load_raw(str(SHARED_HH), seed=1234)
+    n = len(data["train"]) + len(data["eval"])
+    assert 2250 < n <= 2312  # a few HH rows have an empty final answer and are skipped
+    for row in data["train"][:50]:
+        assert row["prompt"].endswith("\n\nAssistant:") and row["prompt"].startswith("\n\nHuman:")
+        assert row["chosen"] != row["rejected"] or row["chosen"]
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n', r"bad\.jsonl:2: invalid JSON"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "rejected": "c"}\n',
+     r"bad\.jsonl:2: missing field 'chosen'"),
+    ('{"prompt": "a", "chosen": "  ", "rejected": "c"}\n', r"bad\.jsonl:1: field 'chosen' is empty"),
+    ('{"question": "a"}\n', r"bad\.jsonl:1: missing field 'prompt'"),
+    ("", r"bad\.jsonl: file is empty"),
+])
+def test_malformed_dataset_fails_with_location_and_leaves_no_cache(tmp_path, tokenizer, content, expected):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetError, match=expected):
+        load_phase_data(settings([str(bad)]), tokenizer, str(cache))
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_unknown_dataset_name(tmp_path, tokenizer):
+    with pytest.raises(DatasetError, match="unknown dataset 'nope/nothing'"):
+        load_phase_data(settings(["nope/nothing"]), tokenizer, str(tmp_path))
+
+
+def test_all_rows_dropped_for_length_says_how_many(tmp_path, tokenizer):
+    f = tmp_path / "long.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": "word " * 80, "chosen": " a", "rejected": " b"}) for _ in range(10)))
+    with pytest.raises(DatasetError, match=r"no usable train rows for phase 1: 9 rows, all dropped for length"):
+        load_phase_data(settings([str(f)], data_split="10,0,0"), tokenizer, str(tmp_path / "cache"))
+    assert not any((tmp_path / "cache").iterdir())
+
+
+def test_single_response_data_rejected_for_reward_phase(tmp_path, tokenizer):
+    f = tmp_path / "sft.json.gz"
+    with gzip.open(f, "wt") as fh:
+        json.dump([{"prompt": "Human: q Assistant:", "response": " a"} for _ in range(10)], fh)
+    with pytest.raises(DatasetError, match="has no 'rejected' answer"):
+        load_phase_data(settings([str(f)], phase=2), tokenizer, str(tmp_path / "cache"))
+    data = load_phase_data(settings([], sft_only_data_path=[str(f)]), tokenizer, str(tmp_path / "cache"))
+    assert len(data["train"]) == 9  # SFT-only data feeds all of its train rows to phase 1
+
+
+# ---- cache --------------------------------------------------------------------------------------------------
+
+def test_cache_reused_and_invalidated(tmp_path, tokenizer):
+    cache = tmp_path / "cache"
+    first = load_phase_data(settings(["dschat/builtin"]), tokenizer, str(cache))
+    again = load_phase_data(settings(["dschat/builtin"]), tokenizer, str(cache))
+    assert again["folder"] == first["folder"] and len(list(cache.iterdir())) == 1
+    assert again["train"][0] == first["train"][0]
+    other = load_phase_data(settings(["dschat/builtin"], max_seq_len=32), tokenizer, str(cache))
+    assert other["folder"] != first["folder"]
+    load_phase_data(settings(["dschat/builtin"], phase=3), tokenizer, str(cache))
+    load_phase_data(settings(["dschat/builtin"], seed=9), tokenizer, str(cache))
+    assert len(list(cache.iterdir())) == 4
+    assert not list(cache.glob("*.tmp-*"))
+    assert not list(cache.rglob("*.pt")) and not list(cache.rglob("*.pkl"))  # Arrow only, no pickles

@@ -1,0 +1,56 @@
+"""Step 2: reward model fine-tuning on chosen/rejected pairs (DeepSpeed-Chat flags).
+
+The reward model is AutoModelForSequenceClassification (num_labels=1) started from a causal LM (normally
+step 1's output via --model_name_or_path); the output folder loads with transformers alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from dschat.utils import dist  # noqa: E402
+from dschat.utils.args import add_data_args, add_model_args, add_run_args, check_common_args  # noqa: E402
+from dschat.utils.cli import run_main  # noqa: E402
+from dschat.utils.reward import RewardRun  # noqa: E402
+
+LR_HELP = ("Learning rate (default 5e-4 suits the builtin tiny model; DeepSpeed-Chat's 5e-5 is for 350M+ "
+           "pretrained models, use ~5e-5..1e-5 for those).")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Step-2 flags: DeepSpeed-Chat's, plus loss choice, evaluation, checkpoint and safety flags."""
+    import deepspeed
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p, step=2)
+    add_model_args(p, lr=5e-4, lr_help=LR_HELP)
+    add_run_args(p, tb_default="step2_tensorboard")
+    p.add_argument("--num_padding_at_beginning", type=int, default=1,
+                   help="Accepted for compatibility and ignored: sequence ends come from the attention mask, "
+                        "so OPT's leading pad-id BOS needs no special case.")
+    p.add_argument("--loss", choices=["pairwise", "divergence"], default="pairwise",
+                   help="pairwise: -logsigmoid(end score chosen - rejected - margin) (InstructGPT); "
+                        "divergence: DeepSpeed-Chat's per-token loss over the span where the answers differ.")
+    p.add_argument("--margin", type=float, default=0.0, help="Margin of the pairwise loss (ignored by divergence).")
+    p.set_defaults(num_train_epochs=1)
+    p = deepspeed.add_config_arguments(p)
+    args = p.parse_args(argv)
+    check_common_args(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Setup, evaluate, train, save, summarise."""
+    run = RewardRun(parse_args(argv))
+    run.evaluate("start")
+    run.train()
+    run.save()
+    dist.print_rank0(run.summary())
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,69 @@
+"""Step 3: PPO RLHF with actor, reference, critic and reward engines (DeepSpeed-Chat flags)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from dschat.rlhf.ppo_run import RLHFRun  # noqa: E402
+from dschat.utils import dist  # noqa: E402
+from dschat.utils.args import SCHEDULERS, add_data_args, add_lora_args, add_run_args  # noqa: E402
+from dschat.utils.cli import run_main  # noqa: E402
+from dschat.utils.rlhf_args import add_ppo_args, check_rlhf_args  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Every DeepSpeed-Chat step-3 flag, plus its hard-coded PPO constants and our additions."""
+    import deepspeed
+
+    p = argparse.ArgumentParser(description=__doc__)
+    add_data_args(p, step=3)
+    p.add_argument("--unsupervised_dataset_name", type=str, default=None,
+                   help="Text for the PTX loss: a local .txt/.jsonl file or a hub dataset name.")
+    p.add_argument("--unsupervised_dataset_config_name", type=str, default=None)
+    p.add_argument("--unsup_coef", type=float, default=27.8)
+    p.add_argument("--actor_model_name_or_path", type=str, default="output/actor-models/builtin",
+                   help="Step-1 output (the e2e default location).")
+    p.add_argument("--critic_model_name_or_path", type=str, default="output/reward-models/builtin",
+                   help="Step-2 output (the e2e default location).")
+    p.add_argument("--num_padding_at_beginning", type=int, default=1,
+                   help="Accepted for compatibility; end positions come from the attention mask.")
+    p.add_argument("--per_device_generation_batch_size", type=int, default=16)
+    p.add_argument("--per_device_training_batch_size", type=int, default=16)
+    p.add_argument("--generation_batches", type=int, default=1)
+    p.add_argument("--ppo_epochs", type=int, default=1)
+    p.add_argument("--max_prompt_seq_len", type=int, default=256)
+    p.add_argument("--max_answer_seq_len", type=int, default=256)
+    p.add_argument("--num_train_epochs", type=int, default=1)
+    p.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULERS)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--num_warmup_steps", type=int, default=100)
+    p.add_argument("--preprocessing_num_workers", type=int, default=None, help="Accepted for compatibility.")
+    for role in ("actor", "critic"):
+        p.add_argument(f"--{role}_weight_decay", type=float, default=0.0)
+        p.add_argument(f"--{role}_zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
+        p.add_argument(f"--{role}_gradient_checkpointing", action="store_true")
+        p.add_argument(f"--{role}_dropout", type=float, default=None)
+        add_lora_args(p, f"{role}_")
+    add_ppo_args(p)
+    add_run_args(p, tb_default="step3_tensorboard")
+    p = deepspeed.add_config_arguments(p)
+    args = p.parse_args(argv)
+    check_rlhf_args(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Setup, evaluate the SFT actor, PPO, evaluate, save."""
+    run = RLHFRun(parse_args(argv))
+    run.evaluate("start (SFT)")
+    run.train()
+    run.save()
+    dist.print_rank0(run.summary())
+
+
+if __name__ == "__main__":
+    run_main(main)
