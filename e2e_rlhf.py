@@ -162,7 +162,6 @@ def finish(args: argparse.Namespace, out: Path, dirs: dict[int, Path], results: 
 def main(argv: list[str] | None = None) -> int:
     """Resolve models and scripts, run the steps, summarise; returns the exit status."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     out = Path(args.output_dir).expanduser().resolve()
     actor, reward = e2e.resolve_model(args.actor_model), e2e.resolve_model(args.reward_model)
     dirs = e2e.output_dirs(out, actor, reward)
@@ -190,4 +189,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # clean up the running step
     sys.exit(main())

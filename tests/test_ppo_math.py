@@ -254,3 +254,13 @@ def test_fixed_kl_controller_and_factory():
     assert other.value == 0.05
     adaptive = make_kl_controller(0.05, 6.0, 10000)
     assert isinstance(adaptive, AdaptiveKLController) and adaptive.value == 0.05
+
+
+def test_exact_kl_by_hand():
+    from dschat.rlhf.ppo_math import exact_kl
+
+    p = torch.tensor([[[0.5, 0.5]]]).log()
+    q = torch.tensor([[[0.25, 0.75]]]).log()
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert exact_kl(p, q).item() == pytest.approx(expected, abs=1e-6)
+    assert exact_kl(p, p).item() == pytest.approx(0.0, abs=1e-7)

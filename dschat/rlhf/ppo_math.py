@@ -229,3 +229,10 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     # gather - logsumexp avoids materialising a second full [B, T, V] log_softmax tensor
     picked = logits.gather(dim=-1, index=labels.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def exact_kl(logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """Exact per-position KL(actor || ref) over the vocabulary from [B, T, V] logits; returns [B, T] (>= 0)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)

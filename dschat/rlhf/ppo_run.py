@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from dschat.rlhf import ppo_math
-from dschat.rlhf.ppo_trainer import PPOTrainer, answer_logprobs
+from dschat.rlhf.ppo_trainer import PPOTrainer, answer_logits
 from dschat.rlhf.rlhf_engine import RLHFEngine, check_same_tokenizer
 from dschat.utils import checkpoint, dist
 from dschat.utils.data.builtin_task import heldout_chosen_judge, heldout_prompts, judge
@@ -84,7 +84,7 @@ class RLHFRun:
             seq = torch.cat([prompt, torch.where(mask.bool(), seq[:, p:], self.tokenizer.pad_token_id)], 1)
             attn = torch.cat([prompt_mask, mask.long()], 1)
             e.actor.eval()
-            kl = (answer_logprobs(e.actor, seq, attn, p)[0] - answer_logprobs(e.ref, seq, attn, p)[0]) * mask
+            kl = ppo_math.exact_kl(answer_logits(e.actor, seq, attn, p), answer_logits(e.ref, seq, attn, p)) * mask
             e.actor.train()
             scores = end_scores(token_values(e.reward, seq, attn), attn).float()
             answers = self.tokenizer.batch_decode(seq[:, p:], skip_special_tokens=True)

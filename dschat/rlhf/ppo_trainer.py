@@ -20,11 +20,15 @@ from dschat.utils import dist
 from dschat.utils.model.reward_model import end_scores, token_values
 
 
+def answer_logits(model, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits [B, A, V] that predict the answer tokens seq[:, P:]."""
+    return model(input_ids=seq, attention_mask=attention_mask, use_cache=False).logits[:, prompt_len - 1: -1]
+
+
 def answer_logprobs(model, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [B, A] of the answer tokens seq[:, P:] under `model` (and their entropies if asked)."""
-    logits = model(input_ids=seq, attention_mask=attention_mask, use_cache=False).logits
-    logits = logits[:, prompt_len - 1: -1]
+    logits = answer_logits(model, seq, attention_mask, prompt_len)
     logprobs = ppo_math.logprobs_from_logits(logits, seq[:, prompt_len:])
     return logprobs, (ppo_math.entropy_from_logits(logits) if with_entropy else None)
 

@@ -88,8 +88,13 @@ def add_run_args(p: argparse.ArgumentParser, tb_default: str) -> None:
                    help="Stop after this many consecutive updates with a NaN/inf loss (each is skipped).")
 
 
-def check_common_args(args: argparse.Namespace) -> None:
-    """Flag checks shared by all steps (batch sizes, ZeRO/LoRA combinations)."""
+def check_common_args(args: argparse.Namespace, model_dirs: tuple[str, ...] = ("",)) -> None:
+    """Flag checks shared by all steps (batch sizes, ZeRO/LoRA combinations, checkpoints, output folders).
+
+    `model_dirs`: where under --output_dir the step saves models ("" for the folder itself).
+    """
+    from dschat.utils.model.save import check_output_dir
+
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                  "per_device_generation_batch_size", "per_device_training_batch_size"):
         if getattr(args, name, 1) < 1:
@@ -97,3 +102,15 @@ def check_common_args(args: argparse.Namespace) -> None:
     lora_dims = [getattr(args, k, 0) for k in ("lora_dim", "actor_lora_dim", "critic_lora_dim")]
     if getattr(args, "only_optimize_lora", False) and not any(lora_dims):
         raise FlagError("--only_optimize_lora needs LoRA: set --lora_dim (or --actor_lora_dim/--critic_lora_dim) > 0")
+    for name in ("save_interval", "eval_interval"):
+        if getattr(args, name, 0) < 0:
+            raise FlagError(f"--{name} must be 0 (off) or positive (got {getattr(args, name)})")
+    if getattr(args, "max_bad_steps", 1) < 1:
+        raise FlagError(f"--max_bad_steps must be at least 1 (got {args.max_bad_steps})")
+    if not getattr(args, "output_dir", None):
+        for name in ("resume", "save_interval"):
+            if getattr(args, name, None):
+                raise FlagError(f"--{name} needs --output_dir (checkpoints live in <output_dir>/checkpoints)")
+        return
+    for sub in model_dirs:
+        check_output_dir(f"{args.output_dir}/{sub}" if sub else args.output_dir)

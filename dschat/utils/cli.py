@@ -1,22 +1,45 @@
-"""Entry-point wrapper: expected failures become one clear line on stderr, not a library traceback."""
+"""Entry-point wrapper: expected failures become one clear line on stderr, not a library traceback.
+
+User errors (bad flags, bad data, bad model paths, a run of NaN losses, an unreadable checkpoint) exit
+with status 2. SIGTERM (what `kill`, schedulers and the deepspeed launcher send) is turned into an
+exception like Ctrl-C, so cleanup code runs: a model save in progress removes its temporary folder and
+the previous output stays whole. Interrupted runs exit with 128 + the signal number (130 Ctrl-C, 143 SIGTERM).
+"""
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 
 from dschat.utils.args import FlagError
+from dschat.utils.checkpoint import CheckpointError
 from dschat.utils.data.raw_datasets import DatasetError
 from dschat.utils.loop import NonFiniteLossError
 from dschat.utils.model.model_utils import ModelPathError
 
-USER_ERRORS = (FlagError, DatasetError, ModelPathError, NonFiniteLossError)
+USER_ERRORS = (FlagError, DatasetError, ModelPathError, NonFiniteLossError, CheckpointError)
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM."""
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
 
 
 def run_main(main: Callable[[], None]) -> None:
     """Call `main()`; a user error prints `error: <message>` and exits with status 2."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         main()
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt as err:
+        name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C", 130)
+        print(f"error: interrupted ({name}); partial saves were removed, finished outputs and the last "
+              f"checkpoint are intact (rerun with --resume to continue from it)", file=sys.stderr, flush=True)
+        sys.exit(code)

@@ -73,8 +73,9 @@ def output_dirs(out: Path, actor: ModelSpec, reward: ModelSpec) -> dict[int, Pat
 
 
 def pick_script(step: int, spec: ModelSpec, deployment: str, num_gpus: int | None = None) -> tuple[Path, list[str]]:
-    """The training script for `spec` in `step` and the extra positional args it takes (the model path for
-    run_generic.sh in steps 1 and 2). Step 3 is given the actor's spec."""
+    """The training script for `spec` in `step` and the positional args it takes after OUTPUT ZERO_STAGE:
+    the model path for run_generic.sh and for every step-2 script (their optional $3 BASE_MODEL, passed
+    always so that extra flags never land in $3). Step 3 is given the actor's spec and takes none."""
     scripts = REPO / STEP_DIRS[step] / "training_scripts"
     candidates: list[Path] = []
     if spec.family == "builtin":
@@ -87,7 +88,7 @@ def pick_script(step: int, spec: ModelSpec, deployment: str, num_gpus: int | Non
         candidates.append(scripts / "llama2" / f"run_llama2_{spec.size}.sh")
     for script in candidates:
         if script.is_file():
-            return script, []
+            return script, ([spec.path] if step == 2 else [])
     generic = scripts / "run_generic.sh"
     if not generic.is_file():
         raise FileNotFoundError(f"no training script for {spec.arg!r} in {scripts} (looked for "
@@ -143,40 +144,14 @@ def fmt_time(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-class LogFollower:
-    """Reads the tail of a step's training.log while it grows, and keeps the log if the folder is replaced.
-
-    The model save swaps the output folder atomically, which can unlink a log that is still being written;
-    the handle held here still reads it, and `close` puts the full text back at its path.
-    """
-
-    def __init__(self, path: Path):
-        self.path, self.handle, self.inode = path, None, None
-
-    def tail(self, size: int = 16384) -> str:
-        """The last `size` bytes of the log as text ("" before it exists)."""
-        if self.handle is None:
-            try:
-                self.handle = open(self.path, "rb")  # held open on purpose (see class doc)
-            except FileNotFoundError:
-                return ""
-            self.inode = os.fstat(self.handle.fileno()).st_ino
-        end = os.fstat(self.handle.fileno()).st_size
-        self.handle.seek(max(0, end - size))
-        return self.handle.read().decode("utf-8", "replace")
-
-    def close(self) -> None:
-        """Restore the log at its path if it was unlinked or replaced while we held it; close the handle."""
-        if self.handle is None:
-            return
-        try:
-            current = self.path.stat().st_ino if self.path.exists() else None
-            if current != self.inode and self.path.parent.is_dir():
-                self.handle.seek(0)
-                self.path.write_bytes(self.handle.read())
-        finally:
-            self.handle.close()
-            self.handle = None
+def read_tail(path: Path, size: int = 16384) -> str:
+    """The last `size` bytes of a log as text ("" while it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+            return f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
 
 
 def terminate_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -209,7 +184,7 @@ def run_with_progress(cmd: list[str], cwd: Path, log: Path, label: str, env: dic
     """
     tty = sys.stdout.isatty()
     interval = interval if interval is not None else (0.5 if tty else 30.0)
-    follower, start, last_print, last_line = LogFollower(log), time.time(), 0.0, ""
+    start, last_print, last_line = time.time(), 0.0, ""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env)
     try:
         while proc.poll() is None:
@@ -218,7 +193,7 @@ def run_with_progress(cmd: list[str], cwd: Path, log: Path, label: str, env: dic
             if now - last_print < interval:
                 continue
             last_print = now
-            bar = latest_progress(follower.tail())
+            bar = latest_progress(read_tail(log))
             line = f"[{label} {fmt_time(now - start)}] {bar or 'running (no progress bar yet)'}"
             if tty:
                 width = shutil.get_terminal_size().columns - 1
@@ -232,7 +207,6 @@ def run_with_progress(cmd: list[str], cwd: Path, log: Path, label: str, env: dic
     finally:
         if tty and last_line:
             print(flush=True)
-        follower.close()
     return proc.returncode, time.time() - start
 
 

@@ -1,8 +1,15 @@
-"""The epoch loop of steps 1 and 2: forward, backward, step, NaN guard, periodic eval and checkpoints."""
+"""The epoch loop of steps 1 and 2: forward, backward, step, NaN guard, periodic eval and checkpoints.
+
+Test hooks (environment variables, for tests/test_robustness.py; unset in real runs):
+  DSCHAT_TEST_NAN_AT_STEPS=3,4,5   make the loss of these micro-batches (1-based count in this process) NaN
+  DSCHAT_TEST_KILL_AFTER_STEP=N    SIGKILL this process right after optimizer step N (and its checkpoint)
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -36,21 +43,43 @@ class NanGuard:
         return False
 
 
+NAN_ENV, KILL_ENV = "DSCHAT_TEST_NAN_AT_STEPS", "DSCHAT_TEST_KILL_AFTER_STEP"
+
+
+def resume_key(args: argparse.Namespace, loader) -> dict[str, Any]:
+    """Settings that must not change between a run and its resumption (they fix the data position)."""
+    return {"world_size": dist.world_size(), "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
+            "batches_per_epoch": len(loader)}
+
+
 def train_epochs(engine, loader, loss_fn: Callable[[Any, dict], tuple[torch.Tensor, dict[str, float]]],
                  evaluate: Callable[[str], None], args: argparse.Namespace, logger: Logger,
                  dev: torch.device, shown: tuple[str, ...] = ("loss",)) -> dict[str, Any]:
     """Run `args.num_train_epochs` epochs; `loss_fn(engine, batch)` gives (loss, scalars to log)."""
     guard = NanGuard(args.max_bad_steps)
-    state = checkpoint.resume_state(args, {"train": engine}) if args.resume else {"epoch": 0, "batch": 0}
-    step = engine.global_steps
+    key = resume_key(args, loader)
+    nan_at = {int(x) for x in os.environ.get(NAN_ENV, "").split(",") if x.strip()}
+    kill_after = int(os.environ.get(KILL_ENV, 0))
+    state = {"epoch": 0, "batch": 0}
+    if args.resume:
+        state = checkpoint.resume_state(args, {"train": engine})
+        checkpoint.check_compatible(state, key, args.output_dir)
+    step, micro = engine.global_steps, 0
+    if step:
+        logger.bar.update(step)
     for epoch in range(state["epoch"], args.num_train_epochs):
         loader.sampler.set_epoch(epoch)
         for i, batch in enumerate(loader):
             if epoch == state["epoch"] and i < state["batch"]:
                 continue  # resumed run: these batches were trained before the checkpoint
             loss, scalars = loss_fn(engine, to_device(batch, dev))
+            micro += 1
+            if micro in nan_at:
+                loss = loss * float("nan")
             if not guard.ok(loss):
-                logger.write(f"skipped update: non-finite loss (epoch {epoch}, batch {i})")
+                logger.write(f"skipped update: non-finite loss (epoch {epoch}, batch {i}; "
+                             f"{guard.in_a_row} in a row, {guard.total} in all)")
                 continue
             engine.backward(loss)
             engine.step()
@@ -62,6 +91,9 @@ def train_epochs(engine, loader, loss_fn: Callable[[Any, dict], tuple[torch.Tens
             if args.eval_interval and step % args.eval_interval == 0:
                 evaluate(f"step {step}")
             if args.save_interval and args.output_dir and step % args.save_interval == 0:
-                checkpoint.save(args.output_dir, {"train": engine}, {"epoch": epoch, "batch": i + 1, "step": step})
+                checkpoint.save(args.output_dir, {"train": engine},
+                                {"epoch": epoch, "batch": i + 1, "step": step, "resume_key": key})
+            if step == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
         evaluate(f"epoch {epoch + 1}")
     return {"skipped_updates": guard.total, "steps": step}

@@ -57,7 +57,7 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
 
 def check_rlhf_args(args: argparse.Namespace) -> None:
     """Reject flag combinations that cannot work, naming the flags; derive the actor's accumulation."""
-    check_common_args(args)
+    check_common_args(args, model_dirs=("actor", "critic", "actor_ema"))
     if args.inference_tp_size > 1:
         if args.actor_zero_stage != 3:
             raise FlagError("--inference_tp_size > 1 requires --actor_zero_stage 3")

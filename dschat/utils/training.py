@@ -106,7 +106,10 @@ def make_loader(dataset, collator, batch_size: int, shuffle: bool, seed: int) ->
     """A DataLoader over this rank's shard (DistributedSampler, seeded; keeps the tail when evaluating)."""
     sampler = DistributedSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(), shuffle=shuffle,
                                  seed=seed, drop_last=shuffle)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator)
+    # Its own generator: starting an epoch (iter) would otherwise draw from the global torch RNG, and a
+    # resumed run, which restores that RNG and then starts its epoch, would drift from an uninterrupted one.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def steps_per_epoch(loader: DataLoader, grad_accum: int) -> int:
@@ -163,6 +166,7 @@ def setup(args: argparse.Namespace) -> str:
     """Process group, seeds and precision for a training step; returns the resolved dtype."""
     from transformers import set_seed
 
+    dtype = resolve_dtype(args.dtype)  # cheap flag checks before the process group starts
     dist.init_distributed()
     set_seed(args.seed if args.seed is not None else 1234)
-    return resolve_dtype(args.dtype)
+    return dtype

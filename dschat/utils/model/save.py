@@ -1,12 +1,27 @@
-"""Saving plain Hugging Face model directories from training engines, at every ZeRO stage, atomically."""
+"""Saving plain Hugging Face model directories from training engines, at every ZeRO stage, atomically.
+
+A save never leaves a half-written model at the output path: the model is written to a hidden sibling
+folder `.<name>.tmp-*`, which then takes the output's place in one atomic rename (Linux: renameat2
+RENAME_EXCHANGE; elsewhere two renames). Entries of the old folder that are not model files (the
+`training.log` the training scripts write there, `checkpoints/`, TensorBoard folders, notes) move into the
+new folder; old weights, configs and tokenizer files do not, so no stale shard or adapter survives. A run
+killed mid-save leaves the old folder whole plus a `.<name>.tmp-*` sibling, which the next save removes.
+
+Test hook: `DSCHAT_TEST_SLOW_SAVE=<seconds>` sleeps after the model is written and before the rename,
+so tests can kill a run in the middle of a save.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fnmatch
 import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +31,89 @@ import torch
 from dschat.utils import dist
 
 DONE_MARKER = "dschat_complete.json"
+SLOW_SAVE_ENV = "DSCHAT_TEST_SLOW_SAVE"
+# Files of a model directory: a new save replaces them all, so none of the old folder's is kept.
+MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.json",
+               "*.model", "*.tiktoken", "*.jinja", "vocab.*", "merges.txt")
+
+
+def _process_start() -> float:
+    """When this process started (temp folders older than this belong to earlier, killed runs)."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # psutil missing or unsupported: fall back to when this module was imported
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
+def is_model_file(name: str) -> bool:
+    """Whether a file name belongs to a saved model (weights, config, tokenizer, our markers)."""
+    return any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES)
+
+
+def check_output_dir(out_dir: str) -> None:
+    """Refuse an output path that is a file, or a non-empty folder whose files a save would drop
+    although it holds no model (a save keeps only non-model files of the old folder)."""
+    from dschat.utils.args import FlagError
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FlagError(f"--output_dir {out_dir} exists and is not a folder")
+    if not out.is_dir() or (out / "config.json").exists() or (out / DONE_MARKER).exists():
+        return
+    dropped = sorted(p.name for p in out.iterdir() if p.is_file() and is_model_file(p.name))
+    if dropped:
+        raise FlagError(f"--output_dir {out_dir} is not empty and holds no model, but files a model save would "
+                        f"replace ({', '.join(dropped[:5])}{', ...' if len(dropped) > 5 else ''}); "
+                        f"use a new or empty folder")
+
+
+def clean_stale_temps(out: Path) -> list[Path]:
+    """Remove `.<name>.tmp-*`/`.<name>.old-*` siblings of `out` left by runs killed before this process
+    started; returns what was removed."""
+    started = _process_start()
+    removed = []
+    if not out.exists():  # killed between the two renames of the fallback swap: the old model comes back
+        olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if olds and olds[-1].stat().st_mtime < started:
+            os.replace(olds[-1], out)
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for path in out.parent.glob(pattern):
+            try:
+                if path.is_dir() and path.stat().st_mtime < started:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2); False where the OS cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Move the old folder's non-model entries (logs, checkpoints/, TensorBoard) into the new one."""
+    for entry in old.iterdir():
+        if (new / entry.name).exists() or (entry.is_file() and is_model_file(entry.name)):
+            continue
+        os.replace(entry, new / entry.name)
 
 
 @contextlib.contextmanager
@@ -23,15 +121,23 @@ def atomic_dir(out_dir: str) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `out_dir` by rename, else it is removed."""
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_dir(str(out))
+    clean_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        old = None
-        if out.exists():
+        if os.environ.get(SLOW_SAVE_ENV):
+            time.sleep(float(os.environ[SLOW_SAVE_ENV]))
+        if not out.exists():
+            os.replace(tmp, out)
+        elif _exchange(tmp, out):  # `out` is the new model now; `tmp` holds the old folder
+            _carry_over(tmp, out)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
+            os.replace(tmp, out)
+            _carry_over(old, out)
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,71 @@
+"""Rollout generation throughput: plain ZeRO generate vs our hybrid twin, on the same actor engine.
+
+    deepspeed --num_gpus 2 bench/bench_generation.py --zero_stage 3        # 2 CPU ranks here
+    python bench/bench_generation.py --zero_stage 0
+
+Builds the actor exactly as step 3 does (DeepSpeed engine at --zero_stage), samples --batch prompts of
+the builtin task for --new_tokens tokens (min = max, so both paths generate the same number of tokens),
+and alternates the two paths --repeats times. Prints tokens/s per rank (median) and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from dschat.rlhf.hybrid import Generator  # noqa: E402
+from dschat.utils import dist  # noqa: E402
+from dschat.utils.data.builtin_task import heldout_prompts  # noqa: E402
+from dschat.utils.data.collators import pad_sequences  # noqa: E402
+from dschat.utils.ds_utils import get_train_ds_config  # noqa: E402
+from dschat.utils.model.model_utils import create_hf_model, load_tokenizer  # noqa: E402
+from dschat.utils.training import build_engine, device  # noqa: E402
+
+
+def main() -> None:
+    """Time both generation paths and print the ratio."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="builtin")
+    p.add_argument("--zero_stage", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--new_tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--local_rank", type=int, default=-1)
+    args = p.parse_args()
+    dist.init_distributed()
+    torch.manual_seed(0)
+    tok = load_tokenizer(args.model, padding_side="left")
+    cfg = get_train_ds_config(False, "fp32", args.zero_stage, args.batch, 1, dist.world_size())
+    model = create_hf_model(AutoModelForCausalLM, args.model, tok, cfg, torch.float32)
+    engine = build_engine(model, cfg, 1e-5, 0.0, 1e-5, "constant", 0, 10)
+    ids = [tok(q)["input_ids"] for q in heldout_prompts(n=args.batch)]
+    prompt = pad_sequences(ids, tok.pad_token_id, left=True).to(device())
+    mask = pad_sequences([[1] * len(i) for i in ids], 0, left=True).to(device())
+    sampling = {"do_sample": True, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
+    gens = {"plain": Generator(engine, tok, False, args.zero_stage), "hybrid": Generator(engine, tok, True,
+                                                                                        args.zero_stage)}
+    rates: dict[str, list[float]] = {k: [] for k in gens}
+    for rep in range(args.repeats + 1):
+        for name, gen in gens.items():
+            dist.barrier()
+            start = time.time()
+            out = gen.generate(prompt, mask, **sampling)
+            elapsed = time.time() - start
+            if rep > 0:  # the first round warms up (hybrid builds its twin there)
+                rates[name].append((out.shape[1] - prompt.shape[1]) * args.batch / elapsed)
+    plain, hybrid = statistics.median(rates["plain"]), statistics.median(rates["hybrid"])
+    dist.print_rank0(f"ZeRO-{args.zero_stage}, {dist.world_size()} rank(s), batch {args.batch}, "
+                     f"{args.new_tokens} new tokens: plain {plain:.0f} tok/s/rank, hybrid {hybrid:.0f} tok/s/rank, "
+                     f"hybrid/plain {hybrid / plain:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
