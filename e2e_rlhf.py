@@ -28,9 +28,14 @@ models:
   opt/<deployment-type>/run_<size>.sh where one exists), meta-llama/Llama-2-7b-hf (llama2/run_llama2_7b.sh),
   or any model folder, .gguf file or hub name (run_generic.sh with that path).
 
+outputs (DeepSpeed-Chat's layout): <output-dir>/actor-models/<name>, <output-dir>/reward-models/<name>,
+  <output-dir>/step3-models/<name>/{{actor,critic}}, each with training.log and dschat_metrics.json; <name> is
+  "builtin", the OPT size, or the model's folder name. <output-dir>/summary.json holds the final table.
+
 extra flags for a step:
   {e2e.EXTRA_ARGS_ENV.format('N')}="..." (N = 1, 2, 3) appends main.py flags to step N's script command
-  line; they override the script's own values. Example for a quick smoke run:
+  line; they override the script's own values (the scripts run main.py from the step's folder, so give
+  files as absolute paths). Example for a quick smoke run:
     DSCHAT_E2E_EXTRA_ARGS_STEP1="--data_split 2,4,4 --max_seq_len 64 --eval_iters 2 --num_judge_prompts 8" \\
     python e2e_rlhf.py --step 1 2
 

@@ -277,7 +277,7 @@ def test_kill_during_step2_then_resume(tmp_path):
             log = s2 / "training.log"
             return log.exists() and "step2 reward" in log.read_text(errors="replace")
 
-        wait_for(step2_training, 150, "step 2 to start training")
+        wait_for(step2_training, 300, "step 2 to start training")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -285,7 +285,7 @@ def test_kill_during_step2_then_resume(tmp_path):
     assert e2e.is_done(1, s1) and not e2e.is_done(2, s2), first_log.read_text()
     before = snapshot(s1)
 
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     total = time.time() - start
     text = second.stdout + second.stderr
     assert second.returncode == 0, text

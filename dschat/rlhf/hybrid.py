@@ -51,7 +51,9 @@ class Generator:
                     if hasattr(config, key):
                         setattr(config, key, 0.0)
                 dtype = next(iter(state.values())).dtype
-                self.twin = type(base)._from_config(config, dtype=dtype).to(next(iter(state.values())).device)
+                with torch.random.fork_rng(devices=[]):  # building must not shift the sampling RNG
+                    twin = type(base)._from_config(config, dtype=dtype)
+                self.twin = twin.to(next(iter(state.values())).device)
                 self.twin.generation_config = base.generation_config
                 self.twin.requires_grad_(False).eval()
             missing, _ = self.twin.load_state_dict(state, strict=False)

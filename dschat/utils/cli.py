@@ -30,13 +30,18 @@ def _on_sigterm(signum: int, frame) -> None:
     raise Terminated()
 
 
+def one_line(message: str) -> str:
+    """A message with its line breaks (library errors have many) folded into " | "."""
+    return " | ".join(line.strip() for line in message.strip().splitlines() if line.strip())
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Call `main()`; a user error prints `error: <message>` and exits with status 2."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         main()
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(str(err))}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt as err:
         name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C", 130)

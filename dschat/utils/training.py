@@ -164,9 +164,9 @@ class Logger:
 
 def setup(args: argparse.Namespace) -> str:
     """Process group, seeds and precision for a training step; returns the resolved dtype."""
+    dtype = resolve_dtype(args.dtype)  # cheap flag checks before slow imports and the process group
     from transformers import set_seed
 
-    dtype = resolve_dtype(args.dtype)  # cheap flag checks before the process group starts
     dist.init_distributed()
     set_seed(args.seed if args.seed is not None else 1234)
     return dtype

@@ -109,25 +109,30 @@ def _prompt_pools(seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str
 
 
 def _rejected_for(rng: random.Random, cat: str, chosen: list[str]) -> list[str] | None:
-    """A strictly worse answer derived from `chosen` (None means the refusal)."""
+    """A strictly worse answer derived from `chosen` (None means the refusal).
+
+    Some rejected answers are longer than the chosen one (an extra repeated or wrong item), so that a
+    reward model learns that only distinct correct items pay, not length.
+    """
     others = [w for c, words in CATEGORIES.items() if c != cat for w in words]
-    kind = rng.choice(["drop", "wrong", "repeat", "other_category", "refuse"])
+    kind = rng.choice(["drop", "wrong", "repeat", "extra_repeat", "extra_wrong", "other_category", "refuse"])
+    out = list(chosen)
     if kind == "drop" and len(chosen) > 1:
-        out = list(chosen)
         del out[rng.randrange(len(out))]
-        return out
-    if kind == "repeat" and len(chosen) > 1:
-        out = list(chosen)
+    elif kind == "repeat" and len(chosen) > 1:
         i = rng.randrange(1, len(out))
         out[i] = out[rng.randrange(i)]
-        return out
-    if kind == "other_category":
+    elif kind == "extra_repeat":
+        out.insert(rng.randrange(1, len(out) + 1), rng.choice(chosen))
+    elif kind == "extra_wrong":
+        out.insert(rng.randrange(len(out) + 1), rng.choice(others))
+    elif kind == "other_category":
         other = rng.choice([c for c in CATEGORIES if c != cat])
-        return rng.sample(CATEGORIES[other], len(chosen))
-    if kind == "refuse":
+        out = rng.sample(CATEGORIES[other], len(chosen))
+    elif kind == "refuse":
         return None
-    out = list(chosen)
-    out[rng.randrange(len(out))] = rng.choice(others)
+    else:
+        out[rng.randrange(len(out))] = rng.choice(others)
     return out
 
 
@@ -159,12 +164,10 @@ def heldout_prompts(seed: int = DEFAULT_SEED, n: int = 64) -> list[str]:
 
 
 def corpus_text(seed: int = DEFAULT_SEED) -> list[str]:
-    """Every text the builtin task produces (used to train the builtin tokenizer)."""
+    """The texts the builtin tokenizer is trained on: prompts with chosen answers, and every item word."""
     data = builtin_dataset(seed)
     texts = [r["prompt"] + r["chosen"] for split in data.values() for r in split]
-    texts += [r["prompt"] + r["rejected"] for split in data.values() for r in split]
-    texts += [" ".join(words) for words in CATEGORIES.values()]
-    return texts
+    return texts + [" ".join(words) for words in CATEGORIES.values()] + [format_items([])]
 
 
 def heldout_chosen_judge(n: int = 64, seed: int = DEFAULT_SEED) -> float:

@@ -27,9 +27,39 @@ def split_model_path(path: str) -> tuple[str, dict[str, Any]]:
         if not (Path(path) / "config.json").exists():
             raise ModelPathError(f"{path} is a folder but holds no config.json: not a Hugging Face model directory")
         return path, {}
-    if os.path.exists(path) or path.startswith(("/", "./", "../")):
+    if os.path.exists(path) or path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
         raise ModelPathError(f"model path not found or not a model directory: {path}")
-    return path, {}  # a hub name; from_pretrained reports what it cannot reach
+    # A hub name ("org/model"). Without a reachable hub, use the local hub cache only: huggingface_hub
+    # would otherwise retry for ~25 s per file before failing.
+    if hub_reachable():
+        return path, {}
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return path, {"local_files_only": True}
+    raise ModelPathError(f"model '{path}' is neither a local folder or file nor cached, and the Hugging Face Hub "
+                         f"is not reachable; pass a local model folder (or 'builtin')")
+
+
+_HUB_REACHABLE: bool | None = None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connect (False when HF_HUB_OFFLINE is set); cached."""
+    global _HUB_REACHABLE
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if _HUB_REACHABLE is None:
+        import socket
+        from urllib.parse import urlparse
+
+        url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            _HUB_REACHABLE = True
+        except OSError:
+            _HUB_REACHABLE = False
+    return _HUB_REACHABLE
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "right"):
@@ -39,7 +69,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
     directory, extra = split_model_path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **extra)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise ModelPathError(f"cannot load a tokenizer from {path}: {err}") from err
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # A pad distinct from EOS keeps "last non-pad token" (what HF's sequence classifiers score) on
@@ -69,6 +99,11 @@ def load_model(model_class, path: str, tokenizer=None, dropout: float | None = N
     """`model_class.from_pretrained(path)` with dropout override and embeddings sized to the tokenizer."""
     directory, extra = split_model_path(path)
     config = model_config(path, trust_remote_code)
+    archs = getattr(config, "architectures", None) or []
+    if model_class.__name__.endswith("ForCausalLM") and archs and \
+            all(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in archs):
+        raise ModelPathError(f"{path} holds a {archs[0]} (a reward/critic model), but a causal LM is needed here "
+                             f"(a pretrained model or a step-1/step-3 actor output)")
     for key, value in (config_updates or {}).items():  # e.g. num_labels=1 for a reward model
         setattr(config, key, value)
     if dropout is not None:

@@ -1,0 +1,90 @@
+"""Step 3: hybrid generation equals plain generation, LoRA/EMA/PTX/offload, 2-rank ZeRO-3, tokenizer check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from dschat.utils.model.builtin_model import BUILTIN_MODEL_DIR
+from tests.helpers import STEP3, metrics, run
+
+QUICK_STEP3 = ["--actor_model_name_or_path", "builtin", "--critic_model_name_or_path", "builtin",
+               "--data_split", "2,4,4", "--per_device_generation_batch_size", "4",
+               "--per_device_training_batch_size", "4", "--max_answer_seq_len", "8", "--num_judge_prompts", "4",
+               "--enable_test_mode", "--test_stop_step", "2", "--num_warmup_steps", "0"]
+
+
+def test_hybrid_generation_matches_plain_at_zero0():
+    from dschat.rlhf.hybrid import Generator
+    from dschat.utils import dist
+    from dschat.utils.data.builtin_task import heldout_prompts
+    from dschat.utils.data.collators import pad_sequences
+    from dschat.utils.ds_utils import get_train_ds_config
+    from dschat.utils.model.model_utils import create_hf_model, load_tokenizer
+    from dschat.utils.training import build_engine
+
+    dist.init_distributed()
+    tok = load_tokenizer("builtin", padding_side="left")
+    cfg = get_train_ds_config(False, "fp32", 0, 4, 1, 1)
+    engine = build_engine(create_hf_model(AutoModelForCausalLM, "builtin", tok, cfg, torch.float32), cfg,
+                          1e-3, 0.0, 1e-3, "constant", 0, 10)
+    engine.module.train()
+    ids = [tok(q)["input_ids"] for q in heldout_prompts(n=4)]
+    prompt = pad_sequences(ids, tok.pad_token_id, left=True)
+    mask = pad_sequences([[1] * len(i) for i in ids], 0, left=True)
+    outs = []
+    for hybrid in (False, True):
+        torch.manual_seed(7)
+        outs.append(Generator(engine, tok, hybrid, 0).generate(prompt, mask, do_sample=True, max_new_tokens=12))
+    assert torch.equal(outs[0], outs[1])
+    assert engine.module.training  # generation left the actor in training mode
+
+
+def test_lora_ema_ptx_offload(tmp_path):
+    text = tmp_path / "unsup.txt"
+    text.write_text("\n".join(f"A pear belongs to the fruits number {i}." for i in range(200)))
+    out = tmp_path / "s3"
+    run([STEP3, *QUICK_STEP3, "--output_dir", out, "--data_output_path", tmp_path / "data",
+         "--actor_lora_dim", "4", "--critic_lora_dim", "4", "--enable_ema", "--offload",
+         "--offload_reference_model", "--offload_reward_model", "--unsupervised_dataset_name", str(text),
+         "--unsup_coef", "0.5", "--enable_hybrid_engine"])
+    actor = load_file(str(out / "actor" / "model.safetensors"))
+    ema = load_file(str(out / "actor_ema" / "model.safetensors"))
+    base = load_file(f"{BUILTIN_MODEL_DIR}/model.safetensors")
+    assert not [k for k in actor if "lora" in k]
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(actor[key], base[key])  # trained (LoRA merged in)
+    assert not torch.equal(ema[key], actor[key])  # EMA lags the actor
+    AutoModelForCausalLM.from_pretrained(out / "actor")
+    AutoModelForSequenceClassification.from_pretrained(out / "critic")
+    m = metrics(out / "actor")
+    assert len(m["evals"]) == 2 and "judge" in m["evals"][0]
+
+
+@pytest.mark.parametrize("hybrid", [True, False])
+def test_two_ranks_zero3(tmp_path, hybrid):
+    out = tmp_path / "s3"
+    proc = run([STEP3, *QUICK_STEP3, "--output_dir", out, "--data_output_path", tmp_path / "data",
+                "--actor_zero_stage", "3", "--critic_zero_stage", "3",
+                *(["--enable_hybrid_engine"] if hybrid else [])], ranks=2)
+    assert "SFT (start)" in proc.stdout
+    state = load_file(str(out / "actor" / "model.safetensors"))
+    assert all(t.numel() > 0 for t in state.values())
+    AutoModelForCausalLM.from_pretrained(out / "actor")
+
+
+def test_actor_and_critic_tokenizers_must_match(tmp_path):
+    other = tmp_path / "other"
+    model = AutoModelForCausalLM.from_pretrained(BUILTIN_MODEL_DIR)
+    model.save_pretrained(other)
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(BUILTIN_MODEL_DIR)
+    t.add_tokens(["zzzextra"])
+    t.save_pretrained(other)
+    proc = run([STEP3, *QUICK_STEP3, "--critic_model_name_or_path", other, "--output_dir", tmp_path / "o"],
+               check=False)
+    assert proc.returncode == 2
+    assert "different tokenizers" in proc.stderr and "Traceback" not in proc.stderr
