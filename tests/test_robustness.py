@@ -35,9 +35,14 @@ TINY = ["--data_split", "1,2,97", "--max_seq_len", "64", "--eval_iters", "1", "-
         "--per_device_train_batch_size", "8", "--dtype", "fp32"]
 
 
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+                 "CROSS_SIZE")
+
+
 def env(**extra: str) -> dict[str, str]:
-    """Subprocess environment: one thread (the machine's 2 cores are shared), no hub, plus `extra`."""
-    out = {k: v for k, v in os.environ.items() if not k.startswith("DSCHAT_TEST_")}
+    """Subprocess environment: one thread (the machine's 2 cores are shared), no hub, plus `extra`; without
+    test hooks or the process-group variables an in-process test may have set (dist.init_distributed)."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith("DSCHAT_TEST_") and k not in LAUNCHER_VARS}
     return out | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"} | extra
 
 
@@ -130,7 +135,10 @@ def test_kill_during_save_keeps_the_old_model_then_sigterm_cleans_up(tmp_path, d
     assert_old_model(out)
 
 
-def test_atomic_dir_replaces_whole_and_keeps_logs_and_checkpoints(tmp_path):
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two_renames"])
+def test_atomic_dir_replaces_whole_and_keeps_logs_and_checkpoints(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(save, "_exchange", lambda a, b: False)  # the path for systems without renameat2
     out = tmp_path / "model"
     out.mkdir()
     for name in ("config.json", "pytorch_model.bin", "adapter_config.json", "model-00001-of-00002.safetensors",
@@ -172,42 +180,61 @@ def test_atomic_dir_failure_or_ctrl_c_leaves_the_old_folder(tmp_path):
 
 
 def test_stale_temps_are_removed_but_not_a_concurrent_save(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     out = tmp_path / "model"
-    stale, old, current = (tmp_path / f".model.{k}" for k in ("tmp-dead", "old-dead", "tmp-live"))
-    for d in (stale, old, current):
+    stale, old, current, mine = (tmp_path / f".model.{k}" for k in (f"tmp-{dead.pid}-x", f"old-{dead.pid}",
+                                                                    f"tmp-{live.pid}-y", f"tmp-{os.getpid()}-z"))
+    for d in (stale, old, current, mine):
         d.mkdir()
         (d / "config.json").write_text("x")
-    long_ago = save._process_start() - 3600
-    for d in (stale, old):
-        os.utime(d, (long_ago, long_ago))
-    # `out` is missing and a stale .old-* exists: killed between the two renames of the fallback swap.
-    assert save.clean_stale_temps(out) == [stale]
-    assert (out / "config.json").exists() and not old.exists()  # the old model is put back
-    assert current.exists()  # newer than this process: another save in progress, left alone
-    assert save.clean_stale_temps(out) == []
+    try:
+        # `out` is missing and a stale .old-* exists: killed between the two renames of the fallback swap.
+        assert save.clean_stale_temps(out) == [stale]
+        assert (out / "config.json").exists() and not old.exists()  # the old model is put back
+        assert current.exists() and mine.exists()  # their processes still run: saves in progress
+        assert save.clean_stale_temps(out) == []
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_folder_without_a_model_keeps_its_files(tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "settings.json").write_text("mine")
+    (out / "tokenizer.json").write_text("mine")
+    with save.atomic_dir(str(out)) as tmp:
+        (tmp / "config.json").write_text("new")
+        (tmp / "tokenizer.json").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "settings.json", "tokenizer.json"]
+    assert (out / "settings.json").read_text() == "mine" and (out / "tokenizer.json").read_text() == "new"
 
 
 def test_check_output_dir(tmp_path):
     save.check_output_dir(str(tmp_path / "new"))  # absent: fine
     (tmp_path / "logs_only").mkdir()
     (tmp_path / "logs_only" / "training.log").write_text("x")
+    (tmp_path / "logs_only" / "settings.json").write_text("x")
     save.check_output_dir(str(tmp_path / "logs_only"))
     (tmp_path / "file").write_text("x")
     with pytest.raises(FlagError, match="not a folder"):
         save.check_output_dir(str(tmp_path / "file"))
-    (tmp_path / "project").mkdir()
-    (tmp_path / "project" / "settings.json").write_text("{}")
-    with pytest.raises(FlagError, match="holds no model"):
-        save.check_output_dir(str(tmp_path / "project"))
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "SmolLM2.Q4_1.gguf").write_text("")  # e.g. the source model itself
+    with pytest.raises(FlagError, match="holds weight files but no model"):
+        save.check_output_dir(str(tmp_path / "gguf"))
 
 
 # ---------------------------------------------------------------- 2. resume
 
-def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, data_dir):
-    """ZeRO 0, fixed seed, dropout 0.1 (so the RNG matters): SIGKILL right after the step-5 checkpoint,
-    then --resume, gives bit-identical weights to an uninterrupted run (model, optimizer, LR schedule,
-    RNG and data position all restored)."""
-    flags = ["--save_interval", "5", "--dropout", "0.1", "--zero_stage", "0"]
+@pytest.mark.parametrize("zero_stage", ["0", "2"])
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, data_dir, zero_stage):
+    """Fixed seed, dropout 0.1 (so the RNG matters): SIGKILL right after the step-5 checkpoint, then
+    --resume, gives bit-identical weights to an uninterrupted run (model, optimizer, LR schedule, RNG and
+    data position all restored; ZeRO-2 checkpoints hold DeepSpeed types the safe loader must allow)."""
+    flags = ["--save_interval", "5", "--dropout", "0.1", "--zero_stage", zero_stage]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     ref = start_step1([*flags, "--output_dir", str(full)], data_dir, tmp_path / "full.log")
     killed = start_step1([*flags, "--output_dir", str(resumed)], data_dir, tmp_path / "killed.log",
@@ -260,6 +287,36 @@ def test_safe_loader_allows_deepspeed_types_only_where_needed(tmp_path):
     torch.save({"weights": torch.zeros(2), "obj": Path("x")}, tmp_path / "evil.pt")  # not an allowed type
     with pytest.raises(checkpoint.CheckpointError, match="refused"):
         checkpoint._safe_load(str(tmp_path / "evil.pt"))
+
+
+STEP3 = REPO / "training/step3_rlhf_finetuning/main.py"
+TINY_STEP3 = ["--actor_model_name_or_path", "builtin", "--critic_model_name_or_path", "builtin", "--data_split",
+              "2,4,4", "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "4",
+              "--max_answer_seq_len", "8", "--num_judge_prompts", "4", "--enable_test_mode", "--num_warmup_steps",
+              "0", "--target_kl", "0.05", "--save_interval", "1", "--dtype", "fp32"]
+
+
+def test_step3_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
+    """Step 3 (sampled rollouts, adaptive KL controller): a run stopped after 3 PPO steps and resumed from
+    its last checkpoint ends with the same actor and critic as a run of 4 steps straight through."""
+    def step3(out: Path, stop: int, *more: str) -> subprocess.Popen:
+        with open(tmp_path / f"{out.name}-{stop}.log", "w") as log:
+            return subprocess.Popen([sys.executable, str(STEP3), *TINY_STEP3, "--data_output_path", str(data_dir),
+                                     "--test_stop_step", str(stop), "--output_dir", str(out), *more],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=REPO)
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    ref = step3(full, 4)
+    assert step3(resumed, 3).wait(300) == 0, (tmp_path / "resumed-3.log").read_text()[-3000:]
+    assert step3(resumed, 4, "--resume").wait(300) == 0, (tmp_path / "resumed-4.log").read_text()[-3000:]
+    assert ref.wait(300) == 0, (tmp_path / "full-4.log").read_text()[-3000:]
+    assert "resuming from" in (tmp_path / "resumed-4.log").read_text()
+
+    from safetensors.torch import load_file
+
+    for part in ("actor", "critic"):
+        a, b = load_file(full / part / "model.safetensors"), load_file(resumed / part / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), part
 
 
 # ---------------------------------------------------------------- 3. NaN guard
@@ -346,8 +403,8 @@ def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     cfg = json.loads((reward / "config.json").read_text())
     (reward / "config.json").write_text(json.dumps(cfg | {"architectures": ["LlamaForSequenceClassification"]}))
     (tmp / "a_file").write_text("x")
-    (tmp / "user_folder").mkdir()
-    (tmp / "user_folder" / "settings.json").write_text("{}")
+    (tmp / "adapter_folder").mkdir()
+    (tmp / "adapter_folder" / "adapter_model.safetensors").write_text("")
     return {
         "malformed_json": (["--data_path", str(jsonl)], f"{jsonl}:2: invalid JSON"),
         "missing_field": (["--data_path", str(tmp / "missing.jsonl")], "missing.jsonl:1: missing field 'chosen'"),
@@ -366,7 +423,7 @@ def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "lora_matches_nothing": (["--lora_dim", "4", "--lora_module_name", "nomatch"], "matches no Linear"),
         "resume_without_output_dir": (["--resume"], "--resume needs --output_dir"),
         "output_dir_is_a_file": (["--output_dir", str(tmp / "a_file")], "exists and is not a folder"),
-        "output_dir_not_a_model_folder": (["--output_dir", str(tmp / "user_folder")], "holds no model"),
+        "output_dir_holds_other_weights": (["--output_dir", str(tmp / "adapter_folder")], "weight files but no model"),
     }
 
 

@@ -89,10 +89,7 @@ def add_run_args(p: argparse.ArgumentParser, tb_default: str) -> None:
 
 
 def check_common_args(args: argparse.Namespace, model_dirs: tuple[str, ...] = ("",)) -> None:
-    """Flag checks shared by all steps (batch sizes, ZeRO/LoRA combinations, checkpoints, output folders).
-
-    `model_dirs`: where under --output_dir the step saves models ("" for the folder itself).
-    """
+    """Flag checks shared by all steps (batch sizes, LoRA, checkpoints, `model_dirs` under --output_dir)."""
     from dschat.utils.model.save import check_output_dir
 
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

@@ -35,16 +35,29 @@ def one_line(message: str) -> str:
     return " | ".join(line.strip() for line in message.strip().splitlines() if line.strip())
 
 
+def _end_progress_bars() -> None:
+    """Close open tqdm bars, so an error line starts on a line of its own."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+    except Exception:  # never let cosmetics hide the error itself
+        pass
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Call `main()`; a user error prints `error: <message>` and exits with status 2."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         main()
     except USER_ERRORS as err:
+        _end_progress_bars()
         print(f"error: {one_line(str(err))}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt as err:
         name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C", 130)
+        _end_progress_bars()
         print(f"error: interrupted ({name}); partial saves were removed, finished outputs and the last "
               f"checkpoint are intact (rerun with --resume to continue from it)", file=sys.stderr, flush=True)
         sys.exit(code)

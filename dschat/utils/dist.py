@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import glob
 import os
 import socket
 from typing import Any
@@ -51,6 +54,14 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     deepspeed.init_distributed(verbose=False)
+    atexit.register(_remove_shm_buffers, os.environ.get("MASTER_PORT", ""), rank())
+
+
+def _remove_shm_buffers(port: str, this_rank: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce leaves a 69 MB /dev/shm file per rank and port; remove ours."""
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_{this_rank}"):
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def barrier() -> None:

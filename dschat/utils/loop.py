@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from dschat.utils import checkpoint, dist
 from dschat.utils.training import Logger, to_device
@@ -38,15 +39,16 @@ class NanGuard:
         self.in_a_row += 1
         self.total += 1
         if self.in_a_row >= self.limit:
-            raise NonFiniteLossError(f"{self.in_a_row} updates in a row had a NaN/inf loss; stopping "
-                                     f"(the last saved checkpoint is intact). Try a lower learning rate.")
+            raise NonFiniteLossError(f"{self.in_a_row} updates in a row had a NaN/inf loss (--max_bad_steps "
+                                     f"{self.limit}); stopping. None of them was applied; the last checkpoint, if "
+                                     f"any, is intact (--resume continues from it). Try a lower learning rate.")
         return False
 
 
 NAN_ENV, KILL_ENV = "DSCHAT_TEST_NAN_AT_STEPS", "DSCHAT_TEST_KILL_AFTER_STEP"
 
 
-def resume_key(args: argparse.Namespace, loader) -> dict[str, Any]:
+def resume_key(args: argparse.Namespace, loader: DataLoader) -> dict[str, Any]:
     """Settings that must not change between a run and its resumption (they fix the data position)."""
     return {"world_size": dist.world_size(), "per_device_train_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,

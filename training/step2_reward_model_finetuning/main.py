@@ -17,8 +17,8 @@ from dschat.utils.args import add_data_args, add_model_args, add_run_args, check
 from dschat.utils.cli import run_main  # noqa: E402
 from dschat.utils.reward import RewardRun  # noqa: E402
 
-LR_HELP = ("Learning rate (default 5e-4 suits the builtin tiny model; DeepSpeed-Chat's 5e-5 is for 350M+ "
-           "pretrained models, use ~5e-5..1e-5 for those).")
+LR_HELP = ("Learning rate. The default 1e-3 suits the builtin tiny model (5 epochs); DeepSpeed-Chat's 5e-5 "
+           "is for 350M+ pretrained models: use ~5e-5..1e-5 (and 1 epoch) for those, as the scripts do.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p, step=2)
-    add_model_args(p, lr=5e-4, lr_help=LR_HELP)
+    add_model_args(p, lr=1e-3, lr_help=LR_HELP)
     add_run_args(p, tb_default="step2_tensorboard")
     p.add_argument("--num_padding_at_beginning", type=int, default=1,
                    help="Accepted for compatibility and ignored: sequence ends come from the attention mask, "
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pairwise: -logsigmoid(end score chosen - rejected - margin) (InstructGPT); "
                         "divergence: DeepSpeed-Chat's per-token loss over the span where the answers differ.")
     p.add_argument("--margin", type=float, default=0.0, help="Margin of the pairwise loss (ignored by divergence).")
-    p.set_defaults(num_train_epochs=1)
+    p.set_defaults(num_train_epochs=5)  # DeepSpeed-Chat: 1, for large pretrained models
     p = deepspeed.add_config_arguments(p)
     args = p.parse_args(argv)
     check_common_args(args)

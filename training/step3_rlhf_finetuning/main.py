@@ -36,11 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generation_batches", type=int, default=1)
     p.add_argument("--ppo_epochs", type=int, default=1)
     p.add_argument("--max_prompt_seq_len", type=int, default=256)
-    p.add_argument("--max_answer_seq_len", type=int, default=256)
+    p.add_argument("--max_answer_seq_len", type=int, default=64,
+                   help="Longest sampled answer (DeepSpeed-Chat: 256; the builtin task needs ~20).")
     p.add_argument("--num_train_epochs", type=int, default=1)
     p.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULERS)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--num_warmup_steps", type=int, default=100)
+    p.add_argument("--num_warmup_steps", type=int, default=10,
+                   help="DeepSpeed-Chat: 100 (for runs of thousands of steps).")
     p.add_argument("--preprocessing_num_workers", type=int, default=None, help="Accepted for compatibility.")
     for role in ("actor", "critic"):
         p.add_argument(f"--{role}_weight_decay", type=float, default=0.0)

@@ -61,6 +61,8 @@ REQUESTS = ("Name some {cat}.", "Can you list a few {cat}?", "What are some {cat
 # How many items a chosen answer lists: mostly 2, so greedy imitation stops early.
 CHOSEN_LENGTH_WEIGHTS = {1: 0.15, 2: 0.45, 3: 0.25, 4: 0.15}
 _REFUSAL = "I do not know."
+REJECTION_KINDS = ("drop", "wrong", "repeat", "extra_repeat", "extra_wrong", "other_category", "refuse")
+REJECTION_WEIGHTS = (4, 1, 2, 1, 1, 1, 1)
 
 
 def make_prompt(name: str, greeting: str, request: str, cat: str) -> str:
@@ -115,7 +117,8 @@ def _rejected_for(rng: random.Random, cat: str, chosen: list[str]) -> list[str] 
     reward model learns that only distinct correct items pay, not length.
     """
     others = [w for c, words in CATEGORIES.items() if c != cat for w in words]
-    kind = rng.choice(["drop", "wrong", "repeat", "extra_repeat", "extra_wrong", "other_category", "refuse"])
+    # Mostly "one item fewer", so that the reward model learns that every distinct correct item counts.
+    kind = rng.choices(REJECTION_KINDS, REJECTION_WEIGHTS)[0]
     out = list(chosen)
     if kind == "drop" and len(chosen) > 1:
         del out[rng.randrange(len(out))]
@@ -136,14 +139,18 @@ def _rejected_for(rng: random.Random, cat: str, chosen: list[str]) -> list[str] 
     return out
 
 
-def _rows(pool: list[tuple[str, str]], n: int, rng: random.Random) -> list[dict[str, str]]:
-    """`n` prompt/chosen/rejected rows drawn from `pool` (cycling through it in shuffled order)."""
+def _rows(pool: list[tuple[str, str]], n: int, rng: random.Random, rejection_rng: random.Random) -> list[dict[str, str]]:
+    """`n` prompt/chosen/rejected rows drawn from `pool` (cycling through it in shuffled order).
+
+    Rejections draw from their own RNG, so changing how rejected answers are made leaves the prompts,
+    the chosen answers and therefore the builtin tokenizer unchanged.
+    """
     rows = []
     lengths, weights = zip(*CHOSEN_LENGTH_WEIGHTS.items())
     for i in range(n):
         prompt, cat = pool[i % len(pool)]
         chosen = rng.sample(CATEGORIES[cat], rng.choices(lengths, weights)[0])
-        rejected = _rejected_for(rng, cat, chosen)
+        rejected = _rejected_for(rejection_rng, cat, chosen)
         rows.append({"prompt": prompt, "chosen": format_items(chosen),
                      "rejected": format_items(rejected or [])})
     return rows
@@ -153,8 +160,9 @@ def builtin_dataset(seed: int = DEFAULT_SEED, num_train: int = NUM_TRAIN_ROWS,
                     num_eval: int = NUM_EVAL_ROWS) -> dict[str, list[dict[str, str]]]:
     """The builtin pairwise dataset: {"train": rows, "eval": rows}, deterministic in `seed`."""
     train_pool, eval_pool = _prompt_pools(seed)
-    rng = random.Random(seed + 1)
-    return {"train": _rows(train_pool, num_train, rng), "eval": _rows(eval_pool, num_eval, rng)}
+    rng, rejection_rng = random.Random(seed + 1), random.Random(seed + 2)
+    return {"train": _rows(train_pool, num_train, rng, rejection_rng),
+            "eval": _rows(eval_pool, num_eval, rng, rejection_rng)}
 
 
 def heldout_prompts(seed: int = DEFAULT_SEED, n: int = 64) -> list[str]:

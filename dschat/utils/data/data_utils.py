@@ -124,7 +124,12 @@ def _build(folder: Path, settings: dict[str, Any], tokenizer) -> None:
             Dataset.from_list(kept).save_to_disk(str(tmp / split))
             stats[split] = {"rows": len(rows[split]), "dropped_for_length": len(encoded) - len(kept)}
         (tmp / "settings.json").write_text(json.dumps({"settings": settings, "stats": stats}, indent=1))
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "settings.json").exists():
+                raise
+            shutil.rmtree(tmp)  # another job built the same cache meanwhile; theirs is identical
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

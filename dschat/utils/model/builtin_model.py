@@ -1,7 +1,7 @@
 """The builtin model: a tiny Llama with a byte-level BPE tokenizer trained on the builtin corpus.
 
 Like the pretrained models DeepSpeed-Chat starts from, it has world knowledge but no chat format: it is
-pretrained on plain one-fact sentences about the task's categories ("A pear belongs to the fruits."),
+pretrained on plain sentences about the task's categories ("Some birds are owl, crow and swan."),
 never on "Human: ... Assistant:" dialogues, so step 1 has to teach the format. It ships in
 `dschat/assets/tiny-llama/` as an ordinary Hugging Face model directory; `make_builtin_model` re-creates
 it (`python scripts/make_builtin_model.py`, ~1 minute on 2 CPU cores).
@@ -53,22 +53,26 @@ def make_builtin_model(out_dir: str = BUILTIN_MODEL_DIR, seed: int = 0) -> None:
 
 
 def knowledge_sentences(n: int, seed: int) -> list[str]:
-    """Plain one-fact sentences about the builtin categories (the builtin model's pretraining text).
+    """Plain sentences about the builtin categories (the builtin model's pretraining text).
 
-    One item per sentence and never a list: the base model learns which word belongs to which category,
-    not the list answers that step 1 teaches.
+    Facts ("A pear belongs to the fruits.") and sentences naming distinct members ("Some birds are owl,
+    crow and swan."), never a dialogue: the base model knows the categories, not how to answer.
     """
     import random
 
     from dschat.utils.data.builtin_task import CATEGORIES
 
     rng = random.Random(seed)
-    forms = ("The {word} is one of the {cat}.", "A {word} belongs to the {cat}.", "Among the {cat} is the {word}.",
-             "We talked about {cat}, like the {word}.", "My favourite of the {cat} is the {word}.")
+    facts = ("The {word} is one of the {cat}.", "A {word} belongs to the {cat}.", "Among the {cat} is the {word}.")
+    groups = ("Some {cat} are {items}.", "Well known {cat} include {items}.", "The {cat} we saw were {items}.")
     out = []
     for _ in range(n):
         cat = rng.choice(sorted(CATEGORIES))
-        out.append(rng.choice(forms).format(cat=cat, word=rng.choice(CATEGORIES[cat])))
+        if rng.random() < 0.3:
+            out.append(rng.choice(facts).format(cat=cat, word=rng.choice(CATEGORIES[cat])))
+        else:
+            words = rng.sample(CATEGORIES[cat], rng.randint(2, 7))
+            out.append(rng.choice(groups).format(cat=cat, items=", ".join(words[:-1]) + " and " + words[-1]))
     return out
 
 

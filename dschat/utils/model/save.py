@@ -4,8 +4,10 @@ A save never leaves a half-written model at the output path: the model is writte
 folder `.<name>.tmp-*`, which then takes the output's place in one atomic rename (Linux: renameat2
 RENAME_EXCHANGE; elsewhere two renames). Entries of the old folder that are not model files (the
 `training.log` the training scripts write there, `checkpoints/`, TensorBoard folders, notes) move into the
-new folder; old weights, configs and tokenizer files do not, so no stale shard or adapter survives. A run
-killed mid-save leaves the old folder whole plus a `.<name>.tmp-*` sibling, which the next save removes.
+new folder; the old weights, configs and tokenizer files do not, so no stale shard or adapter survives
+(a folder that held no model keeps everything the new model does not overwrite). A run killed mid-save
+leaves the old folder whole plus a `.<name>.tmp-<pid>-*` sibling, which the next save into the same path
+removes once that process is gone.
 
 Test hook: `DSCHAT_TEST_SLOW_SAVE=<seconds>` sleeps after the model is written and before the rename,
 so tests can kill a run in the middle of a save.
@@ -35,60 +37,66 @@ SLOW_SAVE_ENV = "DSCHAT_TEST_SLOW_SAVE"
 # Files of a model directory: a new save replaces them all, so none of the old folder's is kept.
 MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.json",
                "*.model", "*.tiktoken", "*.jinja", "vocab.*", "merges.txt")
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "adapter_*")
 
 
-def _process_start() -> float:
-    """When this process started (temp folders older than this belong to earlier, killed runs)."""
+def _owner_alive(path: Path) -> bool:
+    """Whether the process named in a `.<name>.tmp-<pid>-*` / `.<name>.old-<pid>` folder still runs."""
+    tail = path.name.rsplit(".tmp-", 1)[-1] if ".tmp-" in path.name else path.name.rsplit(".old-", 1)[-1]
+    pid = tail.split("-", 1)[0]
+    if not pid.isdigit():  # no pid in the name: treat as alive only if younger than a minute
+        return time.time() - path.stat().st_mtime < 60
+    if int(pid) == os.getpid():
+        return True
     try:
-        import psutil
-
-        return psutil.Process().create_time()
-    except Exception:  # psutil missing or unsupported: fall back to when this module was imported
-        return _IMPORTED
-
-
-_IMPORTED = time.time()
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
-def is_model_file(name: str) -> bool:
+def is_model_file(name: str, patterns: tuple[str, ...] = MODEL_FILES) -> bool:
     """Whether a file name belongs to a saved model (weights, config, tokenizer, our markers)."""
-    return any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES)
+    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+
+def is_model_dir(path: Path) -> bool:
+    """Whether a folder holds a saved model (a config.json or our completion marker)."""
+    return (path / "config.json").exists() or (path / DONE_MARKER).exists()
 
 
 def check_output_dir(out_dir: str) -> None:
-    """Refuse an output path that is a file, or a non-empty folder whose files a save would drop
-    although it holds no model (a save keeps only non-model files of the old folder)."""
+    """Refuse an output path that is a file, or a folder with weights (.gguf, adapter, ...) but no model."""
+    # Saving there would mix those weights with the new model. Cheap: the steps call it before training.
     from dschat.utils.args import FlagError
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FlagError(f"--output_dir {out_dir} exists and is not a folder")
-    if not out.is_dir() or (out / "config.json").exists() or (out / DONE_MARKER).exists():
+    if not out.is_dir() or is_model_dir(out):
         return
-    dropped = sorted(p.name for p in out.iterdir() if p.is_file() and is_model_file(p.name))
-    if dropped:
-        raise FlagError(f"--output_dir {out_dir} is not empty and holds no model, but files a model save would "
-                        f"replace ({', '.join(dropped[:5])}{', ...' if len(dropped) > 5 else ''}); "
-                        f"use a new or empty folder")
+    weights = sorted(p.name for p in out.iterdir() if p.is_file() and is_model_file(p.name, WEIGHT_FILES))
+    if weights:
+        raise FlagError(f"--output_dir {out_dir} holds weight files but no model ({', '.join(weights[:5])}"
+                        f"{', ...' if len(weights) > 5 else ''}); use a new or empty folder")
 
 
 def clean_stale_temps(out: Path) -> list[Path]:
-    """Remove `.<name>.tmp-*`/`.<name>.old-*` siblings of `out` left by runs killed before this process
-    started; returns what was removed."""
-    started = _process_start()
-    removed = []
+    """Remove `.<name>.tmp-<pid>-*`/`.old-<pid>` siblings of `out` whose process is gone; returns them."""
+    # They are left by runs killed mid-save. If `out` itself is missing, a stale `.old-*` is put back first.
+    def stale(pattern: str) -> list[Path]:
+        return sorted(p for p in out.parent.glob(pattern) if p.is_dir() and not _owner_alive(p))
+
     if not out.exists():  # killed between the two renames of the fallback swap: the old model comes back
-        olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
-        if olds and olds[-1].stat().st_mtime < started:
+        olds = sorted(stale(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if olds:
             os.replace(olds[-1], out)
-    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
-        for path in out.parent.glob(pattern):
-            try:
-                if path.is_dir() and path.stat().st_mtime < started:
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed.append(path)
-            except FileNotFoundError:
-                pass
+    removed = []
+    for path in stale(f".{out.name}.tmp-*") + stale(f".{out.name}.old-*"):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
     return removed
 
 
@@ -110,8 +118,10 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _carry_over(old: Path, new: Path) -> None:
     """Move the old folder's non-model entries (logs, checkpoints/, TensorBoard) into the new one."""
+    # From a folder that held no model, everything the new model does not overwrite moves.
+    model = is_model_dir(old)
     for entry in old.iterdir():
-        if (new / entry.name).exists() or (entry.is_file() and is_model_file(entry.name)):
+        if (new / entry.name).exists() or (model and entry.is_file() and is_model_file(entry.name)):
             continue
         os.replace(entry, new / entry.name)
 
@@ -121,26 +131,28 @@ def atomic_dir(out_dir: str) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `out_dir` by rename, else it is removed."""
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    check_output_dir(str(out))
     clean_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    swapped = False
     try:
         yield tmp
         if os.environ.get(SLOW_SAVE_ENV):
             time.sleep(float(os.environ[SLOW_SAVE_ENV]))
         if not out.exists():
             os.replace(tmp, out)
-        elif _exchange(tmp, out):  # `out` is the new model now; `tmp` holds the old folder
-            _carry_over(tmp, out)
-            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if _exchange(tmp, out):  # one atomic step: `out` is the new model, `tmp` holds the old folder
+            old = tmp
         else:
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
             os.replace(tmp, out)
-            _carry_over(old, out)
-            shutil.rmtree(old, ignore_errors=True)
+        swapped = True
+        _carry_over(old, out)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not swapped:  # after the swap `tmp` is the old folder: a later save removes what is left of it
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -29,6 +29,7 @@ deepspeed --num_gpus 1 main.py \
    --model_name_or_path "$BASE_MODEL" \
    --num_padding_at_beginning 1 \
    --learning_rate 5e-5 \
+   --num_train_epochs 1 \
    --weight_decay 0.1 \
    --dropout 0.0 \
    --gradient_accumulation_steps 4 \
