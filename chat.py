@@ -1,4 +1,4 @@
-"""Chat with a trained actor: `python chat.py --path output/step3-models/actor` (see inference/chatbot.py)."""
+"""Chat with a trained actor: `python chat.py --path output/step3-models/builtin/actor` (see inference/chatbot.py)."""
 
 import sys
 from pathlib import Path

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Where e2e_rlhf.py puts the final actor (relative to where it was run, normally the repo root).
-DEFAULT_ACTOR = Path("output") / "step3-models" / "actor"
+DEFAULT_ACTOR = Path("output") / "step3-models" / "builtin" / "actor"  # where e2e_rlhf.py puts it
 STOP_MARKER = "Human:"
 CLEAR_WORDS = ("clear",)
 QUIT_WORDS = ("quit", "exit")

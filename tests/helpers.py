@@ -22,7 +22,10 @@ QUICK_STEP1 = ["--data_split", "1,2,97", "--max_seq_len", "64", "--eval_iters", 
 
 def env() -> dict[str, str]:
     """Subprocess environment: one thread per process (2 cores shared by ranks), no tokenizer threads."""
-    return os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    # This interpreter's bin first: DeepSpeed's JIT-built CPU op is rebuilt whenever the ninja on PATH changes.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+                         "PATH": path}
 
 
 def free_port() -> int:

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dschat.utils.data.collators import pad_sequences  # noqa: E402
+from dschat.utils.data.data_utils import phase_rows, tokenize_row  # noqa: E402
 from dschat.utils.model.builtin_model import BUILTIN_MODEL_DIR  # noqa: E402
 from dschat.utils.model.model_utils import load_tokenizer  # noqa: E402
 from dschat.utils.model.reward_model import (  # noqa: E402
@@ -251,7 +252,8 @@ def test_save_load_round_trip_with_plain_transformers(tmp_path, tokenizer, lora)
 def test_one_rank_run_on_builtin_data_raises_accuracy(tmp_path, data_dir):
     out = tmp_path / "rm"
     result = run_step2(["--output_dir", str(out), "--data_output_path", data_dir, "--data_split", "2,1,7",
-                        "--max_seq_len", "64", "--per_device_train_batch_size", "16", "--eval_iters", "8"])
+                        "--max_seq_len", "64", "--per_device_train_batch_size", "16", "--num_train_epochs", "2",
+                        "--eval_iters", "8"])
     metrics = json.loads((out / "dschat_metrics.json").read_text())
     first, last = metrics["evals"][0], metrics["evals"][-1]
     assert last["accuracy"] >= first["accuracy"] + 0.1, metrics["evals"]
@@ -280,16 +282,22 @@ def test_two_rank_zero3_run_saves_a_plain_hf_reward_model(tmp_path, data_dir):
     out = tmp_path / "rm_z3"
     run_step2(["--zero_stage", "3", "--output_dir", str(out), "--data_output_path", data_dir,
                "--data_split", "2,0.5,7.5", "--max_seq_len", "64", "--per_device_train_batch_size", "8",
-               "--eval_iters", "2"],
+               "--num_train_epochs", "1", "--eval_iters", "2"],
               launcher=[DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port())], timeout=400)
-    metrics = json.loads((out / "dschat_metrics.json").read_text())
-    assert metrics["evals"][-1]["eval_pairs"] > 0
+    last = json.loads((out / "dschat_metrics.json").read_text())["evals"][-1]
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tokenizer = load_tokenizer(str(out))
     assert model.config.num_labels == 1 and head_name(model) == "score"
-    ids = torch.tensor([tokenizer("Human: Name some fruits. Assistant: apple.")["input_ids"]])
+    # The saved model, loaded by transformers alone, reproduces the engine's final evaluation.
+    rows = phase_rows(["dschat/builtin"], "2,0.5,7.5", 2, 1234)["eval"]
+    assert last["eval_pairs"] == len(rows) > 0
     with torch.no_grad():
-        assert torch.isfinite(model(input_ids=ids).logits).all()
+        scores = [[model(input_ids=torch.tensor([enc[key]])).logits[0, 0].item() for key in ("chosen_ids", "rejected_ids")]
+                  for enc in (tokenize_row(r, tokenizer, 2, 64, 256, False) for r in rows)]
+    chosen, rejected = torch.tensor(scores).T
+    assert pairwise_accuracy(chosen, rejected).item() == pytest.approx(last["accuracy"])
+    assert chosen.mean().item() == pytest.approx(last["chosen_mean"], abs=1e-4)
+    assert rejected.mean().item() == pytest.approx(last["rejected_mean"], abs=1e-4)
 
 
 def test_run_on_anthropic_hh_data(tmp_path, data_dir):
@@ -298,7 +306,7 @@ def test_run_on_anthropic_hh_data(tmp_path, data_dir):
     out = tmp_path / "rm_hh"
     result = run_step2(["--data_path", "../shared/data/hh-rlhf-harmless-test.jsonl.gz", "--data_split", "6,2,2",
                         "--max_seq_len", "128", "--output_dir", str(out), "--data_output_path", data_dir,
-                        "--eval_iters", "4"])
+                        "--num_train_epochs", "1", "--eval_iters", "4"])
     metrics = json.loads((out / "dschat_metrics.json").read_text())
     last = metrics["evals"][-1]
     assert 0.0 <= last["accuracy"] <= 1.0 and last["eval_pairs"] > 0

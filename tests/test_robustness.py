@@ -46,6 +46,43 @@ def env(**extra: str) -> dict[str, str]:
     return out | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"} | extra
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+def kill_started() -> None:
+    """Kill the runs a failed or timed-out test left behind."""
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def kill_leftover_runs():
+    """Runs still going when a test ends (it failed or timed out) are killed."""
+    yield
+    kill_started()
+
+
+@pytest.fixture
+def shm_cleanup():
+    """Remove the /dev/shm all-reduce buffers (69 MB each) that DeepSpeed leaks when a test SIGKILLs a run."""
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*"
+    before = set(Path("/dev/shm").glob(pattern))
+    yield
+    kill_started()
+    orphans = set(Path("/dev/shm").glob(pattern)) - before
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:
+            continue
+        orphans = {o for o in orphans if str(o) not in text}
+    for path in orphans:
+        path.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """One tokenised-data cache shared by this module's runs."""
@@ -55,8 +92,9 @@ def data_dir(tmp_path_factory) -> Path:
 def start_step1(args: list[str], data: Path, log: Path, **extra_env: str) -> subprocess.Popen:
     """Start step 1's main.py in the background; stdout and stderr go to `log`."""
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, str(STEP1), *TINY, "--data_output_path", str(data), *args],
-                                stdout=f, stderr=subprocess.STDOUT, env=env(**extra_env), cwd=REPO)
+        STARTED.append(subprocess.Popen([sys.executable, str(STEP1), *TINY, "--data_output_path", str(data), *args],
+                                        stdout=f, stderr=subprocess.STDOUT, env=env(**extra_env), cwd=REPO))
+    return STARTED[-1]
 
 
 def run_step1(args: list[str], data: Path, log: Path, timeout: float = 300, **extra_env: str) -> int:
@@ -107,7 +145,7 @@ def wait_for_written_temp(proc: subprocess.Popen, out: Path, log: Path, exclude:
 
 # ---------------------------------------------------------------- 1. atomic saves
 
-def test_kill_during_save_keeps_the_old_model_then_sigterm_cleans_up(tmp_path, data_dir):
+def test_kill_during_save_keeps_the_old_model_then_sigterm_cleans_up(tmp_path, data_dir, shm_cleanup):
     """SIGKILL while the new model sits in its temp folder: the old model stays whole at the output path
     (a leftover `.<name>.tmp-*` is all). SIGTERM at the same point: the exception path removes the temp
     folder, the next save's start removed the stale one, and the run ends with one line and status 143."""
@@ -230,7 +268,7 @@ def test_check_output_dir(tmp_path):
 # ---------------------------------------------------------------- 2. resume
 
 @pytest.mark.parametrize("zero_stage", ["0", "2"])
-def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, data_dir, zero_stage):
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, data_dir, zero_stage, shm_cleanup):
     """Fixed seed, dropout 0.1 (so the RNG matters): SIGKILL right after the step-5 checkpoint, then
     --resume, gives bit-identical weights to an uninterrupted run (model, optimizer, LR schedule, RNG and
     data position all restored; ZeRO-2 checkpoints hold DeepSpeed types the safe loader must allow)."""
@@ -301,9 +339,10 @@ def test_step3_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
     its last checkpoint ends with the same actor and critic as a run of 4 steps straight through."""
     def step3(out: Path, stop: int, *more: str) -> subprocess.Popen:
         with open(tmp_path / f"{out.name}-{stop}.log", "w") as log:
-            return subprocess.Popen([sys.executable, str(STEP3), *TINY_STEP3, "--data_output_path", str(data_dir),
-                                     "--test_stop_step", str(stop), "--output_dir", str(out), *more],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=REPO)
+            STARTED.append(subprocess.Popen([sys.executable, str(STEP3), *TINY_STEP3, "--data_output_path",
+                                             str(data_dir), "--test_stop_step", str(stop), "--output_dir", str(out),
+                                             *more], stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=REPO))
+        return STARTED[-1]
 
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     ref = step3(full, 4)
@@ -376,6 +415,8 @@ for name, (argv, extra_env) in cases.items():
         except BaseException:
             traceback.print_exc()
         finally:
+            import atexit
+            atexit._run_exitfuncs()  # as a normal exit would (dschat.utils.dist removes DeepSpeed's /dev/shm buffer)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
@@ -428,7 +469,7 @@ def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fp16 case expects a CPU-only machine")
-def test_bad_input_gives_one_line_and_status_2(tmp_path):
+def test_bad_input_gives_one_line_and_status_2(tmp_path, shm_cleanup):
     """Each case runs step 1's main.py as `__main__` in a forked child of one pre-imported driver process
     (imports cost ~7 s a process here); deepspeed.initialize is booby-trapped: every case must fail first."""
     data = tmp_path / "data"

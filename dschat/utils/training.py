@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from typing import Any
 
@@ -168,5 +169,9 @@ def setup(args: argparse.Namespace) -> str:
     from transformers import set_seed
 
     dist.init_distributed()
+    if "OMP_NUM_THREADS" not in os.environ and device().type == "cpu":
+        # Ranks sharing a CPU must not oversubscribe it: spinning threads made runs 10x slower here.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_ranks, 1)))
     set_seed(args.seed if args.seed is not None else 1234)
     return dtype

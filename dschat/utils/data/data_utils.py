@@ -91,10 +91,24 @@ def tokenize_row(row: Row, tokenizer, phase: int, max_seq_len: int, max_prompt_l
     return {"chosen_ids": chosen, "rejected_ids": rejected, "prompt_len": len(prompt)}
 
 
+def _source_stamps(settings: dict[str, Any]) -> list[Any]:
+    """What identifies each source's content: size and mtime of local files, the builtin task's code."""
+    from dschat.utils.data import builtin_task
+
+    stamps: list[Any] = []
+    for path in list(settings["data_path"]) + list(settings["sft_only_data_path"]):
+        if os.path.exists(path):
+            files = [path] if os.path.isfile(path) else sorted(str(f) for f in Path(path).rglob("*") if f.is_file())
+            stamps.append([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])
+        elif path in ("dschat/builtin", "builtin"):
+            stamps.append(hashlib.sha256(Path(builtin_task.__file__).read_bytes()).hexdigest())
+    return stamps
+
+
 def cache_key(settings: dict[str, Any], tokenizer) -> str:
     """A hash of everything that changes the tokenised result (settings, tokenizer vocabulary, version)."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    identity = {**settings, "tokenizer_class": type(tokenizer).__name__,
+    identity = {**settings, "tokenizer_class": type(tokenizer).__name__, "sources": _source_stamps(settings),
                 "vocab_sha": hashlib.sha256(vocab.encode()).hexdigest(),
                 "special": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
                 "version": CACHE_VERSION}
