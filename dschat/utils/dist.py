@@ -50,10 +50,18 @@ def init_distributed() -> None:
 
     if is_dist():
         return
-    if "RANK" not in os.environ:  # not started by a launcher: be a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    deepspeed.init_distributed(verbose=False)
+    if "RANK" in os.environ:
+        deepspeed.init_distributed(verbose=False)
+    else:  # not started by a launcher: be a world of one
+        for attempt in range(3):
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            try:
+                deepspeed.init_distributed(verbose=False)
+                break
+            except tdist.DistNetworkError:  # the free port was taken before we bound it; pick another
+                if attempt == 2:
+                    raise
     atexit.register(_remove_shm_buffers, os.environ.get("MASTER_PORT", ""), rank())
 
 
