@@ -24,7 +24,11 @@ def env() -> dict[str, str]:
     """Subprocess environment: one thread per process (2 cores shared by ranks), no tokenizer threads."""
     # This interpreter's bin first: DeepSpeed's JIT-built CPU op is rebuilt whenever the ninja on PATH changes.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+    # In-process tests start a world of one; its RANK/MASTER_PORT must not leak into child runs.
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                     "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
+    base = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    return base | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
                          "PATH": path}
 
 
