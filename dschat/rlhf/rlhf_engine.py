@@ -11,6 +11,7 @@ This module only builds them; how PPO uses them lives in ppo_trainer.py.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 
@@ -57,15 +58,15 @@ class RLHFEngine:
         ref_stage = 3 if args.actor_zero_stage == 3 else 0
         reward_stage = 3 if args.critic_zero_stage == 3 else 0
         self.actor = self._actor(actor_cfg, total_steps)
-        self.ref = build_frozen_engine(self._causal_lm(get_eval_ds_config(args.offload_reference_model, dtype, ref_stage, world_size=world)),
-                                       get_eval_ds_config(args.offload_reference_model, dtype, ref_stage, world_size=world))
+        # ref and ema share one frozen-engine config (each engine gets its own copy of the dict).
+        ref_cfg = get_eval_ds_config(args.offload_reference_model, dtype, ref_stage, world_size=world)
+        self.ref = build_frozen_engine(self._causal_lm(copy.deepcopy(ref_cfg)), copy.deepcopy(ref_cfg))
         self.ema = None
         if args.enable_ema:
-            ema_cfg = get_eval_ds_config(args.offload_reference_model, dtype, ref_stage, world_size=world)
-            ema = self._causal_lm(ema_cfg)
+            ema = self._causal_lm(copy.deepcopy(ref_cfg))
             if args.actor_lora_dim > 0:
                 ema = apply_lora(ema, args.actor_lora_dim, args.actor_lora_module_name, True, "--actor_lora_module_name")
-            self.ema = build_frozen_engine(ema, ema_cfg)
+            self.ema = build_frozen_engine(ema, copy.deepcopy(ref_cfg))
         self.critic = self._critic(critic_cfg, total_steps)
         reward_cfg = get_eval_ds_config(args.offload_reward_model, dtype, reward_stage, world_size=world)
         self.reward = build_frozen_engine(self._reward_model(reward_cfg), reward_cfg)
