@@ -51,6 +51,9 @@ def test_builtin_dataset_properties():
     rejected = [bt.judge(r["prompt"], r["rejected"]) for r in data["train"]]
     assert all(c > r for c, r in zip(chosen, rejected))
     assert sum(chosen) / len(chosen) <= 0.75
+    for row in data["train"][:500]:  # chosen answers list distinct items in catalogue order
+        order = [bt.CATEGORIES[bt.category_of(row["prompt"])].index(i) for i in bt.parse_items(row["chosen"])]
+        assert order == sorted(set(order))
     assert all(0.0 <= s <= 1.0 for s in chosen + rejected)
     train_prompts = {r["prompt"] for r in data["train"]}
     assert not train_prompts & {r["prompt"] for r in data["eval"]}

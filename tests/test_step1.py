@@ -6,7 +6,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.helpers import QUICK_STEP1, STEP1, metrics, run
+from tests.helpers import QUICK_STEP1, REPO, STEP1, metrics, run
+
+PROMPT_EVAL = REPO / "training" / "step1_supervised_finetuning" / "prompt_eval.py"
 
 
 def _loads_and_generates(path) -> None:
@@ -26,6 +28,10 @@ def test_one_rank_lowers_eval_loss_and_saves_plain_hf(tmp_path):
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
     assert (out / "dschat_complete.json").exists()
     _loads_and_generates(out)
+    # prompt_eval compares the base model with the result on held-out prompts, judge scores included.
+    proc = run([PROMPT_EVAL, "--model_name_or_path_finetune", out, "--num_prompts", "2", "--max_new_tokens", "8"])
+    assert proc.stdout.count("==========baseline:") == 2 and proc.stdout.count("==========finetune:") == 2
+    assert "mean judge over 2 held-out prompts: baseline" in proc.stdout
 
 
 def test_lora_is_merged_on_save(tmp_path):

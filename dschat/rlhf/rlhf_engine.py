@@ -72,6 +72,9 @@ class RLHFEngine:
         self.reward = build_frozen_engine(self._reward_model(reward_cfg), reward_cfg)
         directory, _ = split_model_path(args.critic_model_name_or_path)
         self.reward_stats = read_json(f"{directory}/reward_stats.json")
+        if args.normalize_reward and not self.reward_stats:
+            dist.print_rank0(f"note: {directory} has no reward_stats.json (not a dschat step-2 output), so reward "
+                             f"scores are used unnormalised")
 
     def _causal_lm(self, ds_config: dict, dropout: float | None = None, grad_ckpt: bool = False):
         return create_hf_model(AutoModelForCausalLM, self.args.actor_model_name_or_path, self.tokenizer, ds_config,

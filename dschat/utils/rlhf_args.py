@@ -43,8 +43,11 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
                      help="Use Ziegler et al.'s adaptive KL controller with this target (per sequence).")
     ppo.add_argument("--kl_horizon", type=int, default=10000)
     ppo.add_argument("--entropy_coef", type=float, default=0.0)
-    ppo.add_argument("--normalize_reward", action="store_true",
-                     help="Standardise reward scores with the mean/std step 2 stored (reward_stats.json).")
+    ppo.add_argument("--normalize_reward", action=argparse.BooleanOptionalAction, default=True,
+                     help="Standardise reward scores with the mean/std step 2 stored (reward_stats.json) before "
+                          "--clip_reward_value clips them, so the clip means the same for any reward model's scale "
+                          "(default on; --no_normalize_reward gives DeepSpeed-Chat's raw scores). Reward models "
+                          "without reward_stats.json are used raw.")
     ppo.add_argument("--align_overflow", action="store_true",
                      help="fp16: skip both actor and critic updates when either overflows.")
     out = p.add_argument_group("output")

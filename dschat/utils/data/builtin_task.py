@@ -8,10 +8,13 @@ Every prompt asks for members of one category (fruits, animals, ...). The judge 
 
 so the best answer lists TARGET distinct members of the category and nothing else. The chosen answers in
 the dataset are correct but short (1-4 items, mostly 2), so imitation tops out well below 1: mean chosen
-judge ~0.38. Rejected answers are derived from the chosen one by dropping an item, swapping an item for a
-wrong-category word, repeating an item, answering another category, or not answering, and so always
-score strictly lower. RLHF has to learn from the reward model that longer correct lists are better to
-go beyond what it imitated. Held-out (eval) prompts come from a disjoint pool of prompt texts.
+judge ~0.39. They list items in the category's catalogue order (the order of `CATEGORIES`), as a
+catalogue would; the judge ignores order, but the convention lets a tiny model avoid repeats with a
+local rule (each item comes after the previous one) instead of remembering the whole list. Rejected
+answers are derived from the chosen one by dropping an item, swapping an item for a wrong-category word,
+repeating an item, answering another category, or not answering, and so always score strictly lower.
+RLHF has to learn from the reward model that longer correct lists are better to go beyond what it
+imitated. Held-out (eval) prompts come from a disjoint pool of prompt texts.
 """
 
 from __future__ import annotations
@@ -102,6 +105,11 @@ def judge(prompt: str, response: str) -> float:
     return precision * coverage
 
 
+def catalogue_sample(rng: random.Random, cat: str, k: int) -> list[str]:
+    """`k` distinct members of `cat`, drawn at random and listed in catalogue order."""
+    return [CATEGORIES[cat][i] for i in sorted(rng.sample(range(len(CATEGORIES[cat])), k))]
+
+
 def _prompt_pools(seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """All (prompt, category) pairs, split into disjoint train and held-out pools."""
     pool = [(make_prompt(n, g, r, c), c) for n in NAMES for g in GREETINGS for r in REQUESTS for c in CATEGORIES]
@@ -114,11 +122,16 @@ def _rejected_for(rng: random.Random, cat: str, chosen: list[str]) -> list[str] 
     """A strictly worse answer derived from `chosen` (None means the refusal).
 
     Some rejected answers are longer than the chosen one (an extra repeated or wrong item), so that a
-    reward model learns that only distinct correct items pay, not length.
+    reward model learns that only distinct correct items pay, not length; they are never longer than the
+    longest chosen answers.
     """
     others = [w for c, words in CATEGORIES.items() if c != cat for w in words]
     # Mostly "one item fewer", so that the reward model learns that every distinct correct item counts.
     kind = rng.choices(REJECTION_KINDS, REJECTION_WEIGHTS)[0]
+    if kind.startswith("extra_") and len(chosen) == max(CHOSEN_LENGTH_WEIGHTS):
+        # No list length may appear only among rejected answers, or the reward model learns that length
+        # itself is bad and cannot reward correct lists longer than the demonstrations.
+        kind = kind.removeprefix("extra_")
     out = list(chosen)
     if kind == "drop" and len(chosen) > 1:
         del out[rng.randrange(len(out))]
@@ -131,7 +144,7 @@ def _rejected_for(rng: random.Random, cat: str, chosen: list[str]) -> list[str] 
         out.insert(rng.randrange(len(out) + 1), rng.choice(others))
     elif kind == "other_category":
         other = rng.choice([c for c in CATEGORIES if c != cat])
-        out = rng.sample(CATEGORIES[other], len(chosen))
+        out = catalogue_sample(rng, other, len(chosen))
     elif kind == "refuse":
         return None
     else:
@@ -149,7 +162,7 @@ def _rows(pool: list[tuple[str, str]], n: int, rng: random.Random, rejection_rng
     lengths, weights = zip(*CHOSEN_LENGTH_WEIGHTS.items())
     for i in range(n):
         prompt, cat = pool[i % len(pool)]
-        chosen = rng.sample(CATEGORIES[cat], rng.choices(lengths, weights)[0])
+        chosen = catalogue_sample(rng, cat, rng.choices(lengths, weights)[0])
         rejected = _rejected_for(rejection_rng, cat, chosen)
         rows.append({"prompt": prompt, "chosen": format_items(chosen),
                      "rejected": format_items(rejected or [])})

@@ -4,7 +4,7 @@ Like the pretrained models DeepSpeed-Chat starts from, it has world knowledge bu
 pretrained on plain sentences about the task's categories ("Some birds are owl, crow and swan."),
 never on "Human: ... Assistant:" dialogues, so step 1 has to teach the format. It ships in
 `dschat/assets/tiny-llama/` as an ordinary Hugging Face model directory; `make_builtin_model` re-creates
-it (`python scripts/make_builtin_model.py`, ~1 minute on 2 CPU cores).
+it (`python scripts/make_builtin_model.py`, ~2 minutes on 2 idle CPU cores).
 """
 
 from __future__ import annotations
@@ -56,11 +56,11 @@ def knowledge_sentences(n: int, seed: int) -> list[str]:
     """Plain sentences about the builtin categories (the builtin model's pretraining text).
 
     Facts ("A pear belongs to the fruits.") and sentences naming distinct members ("Some birds are owl,
-    crow and swan."), never a dialogue: the base model knows the categories, not how to answer.
+    crow and swan.", members in catalogue order), never a dialogue: the base model knows the categories, not how to answer.
     """
     import random
 
-    from dschat.utils.data.builtin_task import CATEGORIES
+    from dschat.utils.data.builtin_task import CATEGORIES, catalogue_sample
 
     rng = random.Random(seed)
     facts = ("The {word} is one of the {cat}.", "A {word} belongs to the {cat}.", "Among the {cat} is the {word}.")
@@ -71,7 +71,7 @@ def knowledge_sentences(n: int, seed: int) -> list[str]:
         if rng.random() < 0.3:
             out.append(rng.choice(facts).format(cat=cat, word=rng.choice(CATEGORIES[cat])))
         else:
-            words = rng.sample(CATEGORIES[cat], rng.randint(2, 7))
+            words = catalogue_sample(rng, cat, rng.randint(2, 7))
             out.append(rng.choice(groups).format(cat=cat, items=", ".join(words[:-1]) + " and " + words[-1]))
     return out
 
