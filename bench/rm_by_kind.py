@@ -1,0 +1,64 @@
+"""Reward-model diagnostics on the builtin task: pairwise accuracy per kind of rejected answer, and the
+mean score of correct catalogue-order lists by length (does the model reward lists longer than the
+demonstrations?).
+
+    python bench/rm_by_kind.py --model output/reward-models/builtin [--pairs 600]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training" / "step2_reward_model_finetuning"))
+
+from rw_eval import load_reward_model, score  # noqa: E402
+
+from dschat.utils.cli import run_main  # noqa: E402
+from dschat.utils.data import builtin_task as bt  # noqa: E402
+
+
+def rejection_kind(prompt: str, chosen: str, rejected: str) -> str:
+    """Which of builtin_task.REJECTION_KINDS turned `chosen` into `rejected` (read off the two answers)."""
+    cat = bt.category_of(prompt)
+    good, bad = bt.parse_items(chosen), bt.parse_items(rejected)
+    if rejected.strip() == bt.format_items([]).strip():
+        return "refuse"
+    if len(bad) != len(good):
+        return "drop" if len(bad) < len(good) else ("extra_repeat" if len(set(bad)) < len(bad) else "extra_wrong")
+    if len(set(bad)) < len(bad):
+        return "repeat"
+    return "other_category" if not set(bad) & set(bt.CATEGORIES[cat]) else "wrong"
+
+
+def main() -> None:
+    """Print accuracy per rejection kind and mean score by list length."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="A step-2 output folder.")
+    p.add_argument("--pairs", type=int, default=600, help="Held-out builtin pairs scored.")
+    p.add_argument("--max_len", type=int, default=8, help="Longest correct list scored.")
+    args = p.parse_args()
+    model, tokenizer = load_reward_model(args.model)
+    hits = defaultdict(list)
+    for row in bt.builtin_dataset()["eval"][: args.pairs]:
+        kind = rejection_kind(row["prompt"], row["chosen"], row["rejected"])
+        hits[kind].append(score(model, tokenizer, row["prompt"], row["chosen"])
+                          > score(model, tokenizer, row["prompt"], row["rejected"]))
+    for kind in bt.REJECTION_KINDS:
+        if hits[kind]:
+            print(f"{kind:15s} pairs {len(hits[kind]):4d}  accuracy {sum(hits[kind]) / len(hits[kind]):.3f}")
+    total = [h for v in hits.values() for h in v]
+    print(f"{'all':15s} pairs {len(total):4d}  accuracy {sum(total) / len(total):.3f}")
+    rng, prompts = random.Random(0), bt.heldout_prompts(n=20)
+    for k in range(1, args.max_len + 1):
+        scores = [score(model, tokenizer, q, bt.format_items(bt.catalogue_sample(rng, bt.category_of(q), k)))
+                  for q in prompts]
+        print(f"correct list of {k} items: mean score {sum(scores) / len(scores):8.3f}")
+
+
+if __name__ == "__main__":
+    run_main(main)
