@@ -350,6 +350,9 @@ def test_step3_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
     assert step3(resumed, 4, "--resume").wait(300) == 0, (tmp_path / "resumed-4.log").read_text()[-3000:]
     assert ref.wait(300) == 0, (tmp_path / "full-4.log").read_text()[-3000:]
     assert "resuming from" in (tmp_path / "resumed-4.log").read_text()
+    # Resuming with settings that move the data position is refused, naming the setting.
+    assert step3(resumed, 5, "--resume", "--seed", "7").wait(300) != 0
+    assert "seed: checkpoint 1234, now 7" in (tmp_path / "resumed-5.log").read_text()
 
     from safetensors.torch import load_file
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from typing import Any
 
@@ -64,13 +63,10 @@ class RLHFRun:
         """Greedy answers to held-out prompts: reward score, KL to the reference, and the judge (builtin)."""
         a, e = self.args, self.engine
         model, synced = self.trainer.generator.model_for_eval()
-        world, rank = dist.world_size(), dist.rank()
-        per_rank = math.ceil(len(self.prompts) / world)
-        mine = (self.prompts[rank * per_rank:(rank + 1) * per_rank] + self.prompts[:per_rank])[:per_rank]
-        n_real = max(0, min(per_rank, len(self.prompts) - rank * per_rank))
+        mine, n_real = dist.shard(self.prompts)
         sums = torch.zeros(4, dtype=torch.float64)
         examples = []
-        for start in range(0, per_rank, a.per_device_generation_batch_size):
+        for start in range(0, len(mine), a.per_device_generation_batch_size):
             batch = mine[start:start + a.per_device_generation_batch_size]
             ids = [prompt_ids(self.tokenizer, p) for p in batch]
             prompt = pad_sequences(ids, self.tokenizer.pad_token_id, left=True).to(self.dev)
@@ -112,7 +108,13 @@ class RLHFRun:
     def train(self) -> None:
         """Epochs of: generate --generation_batches rollouts, then --ppo_epochs of PPO updates over them."""
         a = self.args
-        state = checkpoint.resume_state(a, self._engines()) if a.resume else {"epoch": 0, "batch": 0}
+        # Settings that fix the data position; a resumed run must use the same ones.
+        key = {"world_size": dist.world_size(), "per_device_generation_batch_size": a.per_device_generation_batch_size,
+               "generation_batches": a.generation_batches, "seed": a.seed, "batches_per_epoch": self.batches_per_epoch}
+        state = {"epoch": 0, "batch": 0}
+        if a.resume:
+            state = checkpoint.resume_state(a, self._engines())
+            checkpoint.check_compatible(state, key, a.output_dir)
         if a.resume and "kl_ctl" in state:
             self.trainer.kl_ctl.load_state_dict(state["kl_ctl"])
             self.step = state["step"]
@@ -135,12 +137,12 @@ class RLHFRun:
                     exp = buffer[-1]
                     self.logger.write(f"  sample: {self.tokenizer.decode(exp['seq'][0], skip_special_tokens=True)!r}")
                 buffer = []
-                if a.enable_test_mode and self.step >= a.test_stop_step:
-                    break
                 if a.save_interval and a.output_dir and self.step % a.save_interval == 0:
                     checkpoint.save(a.output_dir, self._engines(),
                                     {"epoch": epoch, "batch": i + 1, "step": self.step,
-                                     "kl_ctl": self.trainer.kl_ctl.state_dict()})
+                                     "kl_ctl": self.trainer.kl_ctl.state_dict(), "resume_key": key})
+                if a.enable_test_mode and self.step >= a.test_stop_step:
+                    break
             self.evaluate(f"epoch {epoch + 1}")
         self.logger.close()
 

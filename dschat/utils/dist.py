@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import glob
+import math
 import os
 import socket
 from typing import Any
@@ -93,6 +94,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_dist() and world_size() > 1:
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t
+
+
+def shard(items: list[Any]) -> tuple[list[Any], int]:
+    """This rank's share of `items` and how many of them are real.
+
+    Every rank gets the same number of items (ZeRO-3 generation needs every rank to run the same calls);
+    ranks whose share runs past the end are padded with items from the start, which callers ignore.
+    """
+    per_rank = math.ceil(len(items) / world_size())
+    start = rank() * per_rank
+    mine = (items[start: start + per_rank] + items[:per_rank])[:per_rank]
+    return mine, max(0, min(per_rank, len(items) - start))
 
 
 def print_rank0(*args: Any, **kwargs: Any) -> None:

@@ -56,11 +56,7 @@ def judge_eval(model, tokenizer, prompts: list[str], max_new_tokens: int, dev: t
     """Mean judge score of greedy answers; prompts are sharded over ranks and the sums all-reduced."""
     from dschat.utils.data.builtin_task import judge
 
-    world, rank = dist.world_size(), dist.rank()
-    per_rank = math.ceil(len(prompts) / world)
-    # Every rank runs the same number of generate calls (ZeRO-3 needs it); the padding repeats prompt 0.
-    mine = (prompts[rank * per_rank: (rank + 1) * per_rank] + prompts[:per_rank])[:per_rank]
-    n_real = max(0, min(per_rank, len(prompts) - rank * per_rank))
+    mine, n_real = dist.shard(prompts)
     answers = generate_answers(model, tokenizer, mine, max_new_tokens, batch_size, dev, synced)
     scores = [judge(p, a) for p, a in zip(mine[:n_real], answers[:n_real])]
     totals = dist.all_reduce_sum(torch.tensor([sum(scores), len(scores)], dtype=torch.float64, device=dev))
