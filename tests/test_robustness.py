@@ -291,6 +291,10 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, data_dir, z
     assert all(torch.equal(a[k], b[k]) for k in a)
     metrics = json.loads((resumed / "dschat_metrics.json").read_text())
     assert metrics["steps"] == 15 and metrics["skipped_updates"] == 0
+    # The eval history survives the kill: the resumed run reports the same start as the uninterrupted one.
+    full_evals = json.loads((full / "dschat_metrics.json").read_text())["evals"]
+    assert [e["when"] for e in metrics["evals"]] == [e["when"] for e in full_evals]
+    assert metrics["evals"][0] == full_evals[0]
     # outputs are safetensors only; the checkpoints (DeepSpeed .pt files) are read with weights_only=True
     for folder in (full, resumed):
         assert not [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")
@@ -350,6 +354,8 @@ def test_step3_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
     assert step3(resumed, 4, "--resume").wait(300) == 0, (tmp_path / "resumed-4.log").read_text()[-3000:]
     assert ref.wait(300) == 0, (tmp_path / "full-4.log").read_text()[-3000:]
     assert "resuming from" in (tmp_path / "resumed-4.log").read_text()
+    evals = [json.loads((d / "actor" / "dschat_metrics.json").read_text())["evals"] for d in (full, resumed)]
+    assert evals[1][0] == evals[0][0] and evals[1][0]["when"] == "start (SFT)"
     # Resuming with settings that move the data position is refused, naming the setting.
     assert step3(resumed, 5, "--resume", "--seed", "7").wait(300) != 0
     assert "seed: checkpoint 1234, now 7" in (tmp_path / "resumed-5.log").read_text()

@@ -115,6 +115,8 @@ class RLHFRun:
         if a.resume:
             state = checkpoint.resume_state(a, self._engines())
             checkpoint.check_compatible(state, key, a.output_dir)
+            # The first run's evaluations (its "start (SFT)" one included) replace the resumed model's.
+            self.history[:] = state.get("history", self.history)
         if a.resume and "kl_ctl" in state:
             self.trainer.kl_ctl.load_state_dict(state["kl_ctl"])
             self.step = state["step"]
@@ -140,7 +142,8 @@ class RLHFRun:
                 if a.save_interval and a.output_dir and self.step % a.save_interval == 0:
                     checkpoint.save(a.output_dir, self._engines(),
                                     {"epoch": epoch, "batch": i + 1, "step": self.step,
-                                     "kl_ctl": self.trainer.kl_ctl.state_dict(), "resume_key": key})
+                                     "kl_ctl": self.trainer.kl_ctl.state_dict(), "resume_key": key,
+                                     "history": self.history})
                 if a.enable_test_mode and self.step >= a.test_stop_step:
                     break
             self.evaluate(f"epoch {epoch + 1}")

@@ -8,15 +8,38 @@ the previous output stays whole. Interrupted runs exit with 128 + the signal num
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from dschat.utils.args import FlagError
 from dschat.utils.checkpoint import CheckpointError
 from dschat.utils.data.raw_datasets import DatasetError
 from dschat.utils.loop import NonFiniteLossError
 from dschat.utils.model.model_utils import ModelPathError
+
+
+def parse_step_args(p: argparse.ArgumentParser, argv: list[str] | None,
+                    check: Callable[[argparse.Namespace], None]) -> argparse.Namespace:
+    """Add DeepSpeed's config flags to a step's parser, parse `argv`, and run the step's flag checks."""
+    import deepspeed
+
+    args = deepspeed.add_config_arguments(p).parse_args(argv)
+    check(args)
+    return args
+
+
+def run_step(run: Any, start: str = "start") -> None:
+    """Every step's body: evaluate the starting model, train, save, print the summary (rank 0)."""
+    from dschat.utils import dist
+
+    run.evaluate(start)
+    run.train()
+    run.save()
+    dist.print_rank0(run.summary())
+
 
 USER_ERRORS = (FlagError, DatasetError, ModelPathError, NonFiniteLossError, CheckpointError)
 

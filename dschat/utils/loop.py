@@ -57,8 +57,14 @@ def resume_key(args: argparse.Namespace, loader: DataLoader) -> dict[str, Any]:
 
 def train_epochs(engine, loader, loss_fn: Callable[[Any, dict], tuple[torch.Tensor, dict[str, float]]],
                  evaluate: Callable[[str], None], args: argparse.Namespace, logger: Logger,
-                 dev: torch.device, shown: tuple[str, ...] = ("loss",)) -> dict[str, Any]:
-    """Run `args.num_train_epochs` epochs; `loss_fn(engine, batch)` gives (loss, scalars to log)."""
+                 dev: torch.device, shown: tuple[str, ...] = ("loss",),
+                 history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run `args.num_train_epochs` epochs; `loss_fn(engine, batch)` gives (loss, scalars to log).
+
+    `history` (the run's eval results) goes into every checkpoint and is restored in place on --resume, so a
+    resumed run's summary still starts from the model the first run started from.
+    """
+    history = [] if history is None else history
     guard = NanGuard(args.max_bad_steps)
     key = resume_key(args, loader)
     nan_at = {int(x) for x in os.environ.get(NAN_ENV, "").split(",") if x.strip()}
@@ -67,6 +73,7 @@ def train_epochs(engine, loader, loss_fn: Callable[[Any, dict], tuple[torch.Tens
     if args.resume:
         state = checkpoint.resume_state(args, {"train": engine})
         checkpoint.check_compatible(state, key, args.output_dir)
+        history[:] = state.get("history", history)
     step, micro = engine.global_steps, 0
     if step:
         logger.bar.update(step)
@@ -94,7 +101,8 @@ def train_epochs(engine, loader, loss_fn: Callable[[Any, dict], tuple[torch.Tens
                 evaluate(f"step {step}")
             if args.save_interval and args.output_dir and step % args.save_interval == 0:
                 checkpoint.save(args.output_dir, {"train": engine},
-                                {"epoch": epoch, "batch": i + 1, "step": step, "resume_key": key})
+                                {"epoch": epoch, "batch": i + 1, "step": step, "resume_key": key,
+                                 "history": history})
             if step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
         evaluate(f"epoch {epoch + 1}")

@@ -176,7 +176,7 @@ class RewardRun:
     def train(self) -> None:
         """All epochs, with the periodic evaluations and checkpoints the flags ask for."""
         self.result = train_epochs(self.engine, self.train_loader, self.loss, self.evaluate, self.args,
-                                   self.logger, self.dev, shown=("loss", "acc"))
+                                   self.logger, self.dev, shown=("loss", "acc"), history=self.history)
         self.logger.close()
 
     def save(self) -> None:

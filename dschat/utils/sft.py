@@ -101,7 +101,7 @@ class SFTRun:
     def train(self) -> None:
         """All epochs, with the periodic evaluations and checkpoints the flags ask for."""
         self.result = train_epochs(self.engine, self.train_loader, lm_loss, self.evaluate, self.args,
-                                   self.logger, self.dev, shown=("loss",))
+                                   self.logger, self.dev, shown=("loss",), history=self.history)
         self.logger.close()
 
     def save(self) -> None:

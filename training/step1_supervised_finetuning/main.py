@@ -8,16 +8,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dschat.utils import dist  # noqa: E402
 from dschat.utils.args import add_data_args, add_model_args, add_run_args, check_common_args  # noqa: E402
-from dschat.utils.cli import run_main  # noqa: E402
+from dschat.utils.cli import parse_step_args, run_main, run_step  # noqa: E402
 from dschat.utils.sft import SFTRun  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Step-1 flags: DeepSpeed-Chat's, plus evaluation, checkpoint and safety flags."""
-    import deepspeed
-
     p = argparse.ArgumentParser(description=__doc__)
     add_data_args(p, step=1)
     add_model_args(p, lr=1e-3)
@@ -30,19 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_judge_prompts", type=int, default=64,
                    help="Held-out builtin prompts answered greedily and scored by the judge at each eval.")
     p.add_argument("--max_new_tokens", type=int, default=32, help="Answer length for judge evaluation.")
-    p = deepspeed.add_config_arguments(p)
-    args = p.parse_args(argv)
-    check_common_args(args)
-    return args
+    return parse_step_args(p, argv, check_common_args)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Setup, train, evaluate, save."""
-    run = SFTRun(parse_args(argv))
-    run.evaluate("start")
-    run.train()
-    run.save()
-    dist.print_rank0(run.summary())
+    run_step(SFTRun(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dschat.utils import dist  # noqa: E402
 from dschat.utils.args import add_data_args, add_model_args, add_run_args, check_common_args  # noqa: E402
-from dschat.utils.cli import run_main  # noqa: E402
+from dschat.utils.cli import parse_step_args, run_main, run_step  # noqa: E402
 from dschat.utils.reward import RewardRun  # noqa: E402
 
 LR_HELP = ("Learning rate. The default 1e-3 suits the builtin tiny model (5 epochs); DeepSpeed-Chat's 5e-5 "
@@ -23,8 +22,6 @@ LR_HELP = ("Learning rate. The default 1e-3 suits the builtin tiny model (5 epoc
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Step-2 flags: DeepSpeed-Chat's, plus loss choice, evaluation, checkpoint and safety flags."""
-    import deepspeed
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p, step=2)
     add_model_args(p, lr=1e-3, lr_help=LR_HELP)
@@ -37,19 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "divergence: DeepSpeed-Chat's per-token loss over the span where the answers differ.")
     p.add_argument("--margin", type=float, default=0.0, help="Margin of the pairwise loss (ignored by divergence).")
     p.set_defaults(num_train_epochs=5)  # DeepSpeed-Chat: 1, for large pretrained models
-    p = deepspeed.add_config_arguments(p)
-    args = p.parse_args(argv)
-    check_common_args(args)
-    return args
+    return parse_step_args(p, argv, check_common_args)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Setup, evaluate, train, save, summarise."""
-    run = RewardRun(parse_args(argv))
-    run.evaluate("start")
-    run.train()
-    run.save()
-    dist.print_rank0(run.summary())
+    run_step(RewardRun(parse_args(argv)))
 
 
 if __name__ == "__main__":

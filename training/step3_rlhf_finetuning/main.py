@@ -9,16 +9,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dschat.rlhf.ppo_run import RLHFRun  # noqa: E402
-from dschat.utils import dist  # noqa: E402
 from dschat.utils.args import SCHEDULERS, add_data_args, add_lora_args, add_run_args  # noqa: E402
-from dschat.utils.cli import run_main  # noqa: E402
+from dschat.utils.cli import parse_step_args, run_main, run_step  # noqa: E402
 from dschat.utils.rlhf_args import add_ppo_args, check_rlhf_args  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Every DeepSpeed-Chat step-3 flag, plus its hard-coded PPO constants and our additions."""
-    import deepspeed
-
     p = argparse.ArgumentParser(description=__doc__)
     add_data_args(p, step=3)
     p.add_argument("--unsupervised_dataset_name", type=str, default=None,
@@ -52,19 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         add_lora_args(p, f"{role}_")
     add_ppo_args(p)
     add_run_args(p, tb_default="step3_tensorboard")
-    p = deepspeed.add_config_arguments(p)
-    args = p.parse_args(argv)
-    check_rlhf_args(args)
-    return args
+    return parse_step_args(p, argv, check_rlhf_args)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Setup, evaluate the SFT actor, PPO, evaluate, save."""
-    run = RLHFRun(parse_args(argv))
-    run.evaluate("start (SFT)")
-    run.train()
-    run.save()
-    dist.print_rank0(run.summary())
+    run_step(RLHFRun(parse_args(argv)), "start (SFT)")
 
 
 if __name__ == "__main__":
