@@ -214,7 +214,17 @@ def test_atomic_dir_failure_or_ctrl_c_leaves_the_old_folder(tmp_path):
         assert (out / "config.json").read_text() == "old" and temps(out) == []
     with save.atomic_dir(str(tmp_path / "fresh" / "model")) as tmp:  # a new path, parents created
         (tmp / "config.json").write_text("new")
+        (tmp / "model.safetensors").touch(mode=0o600)  # as transformers' own atomic write leaves it
     assert (tmp_path / "fresh" / "model" / "config.json").read_text() == "new"
+    # The saved folder gets the umask's permissions, not mkdtemp's 0700 (others on a shared box can read it).
+    umask = os.umask(0o022)
+    try:
+        with save.atomic_dir(str(tmp_path / "shared")) as tmp:
+            (tmp / "model.safetensors").touch(mode=0o600)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "shared" / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 def test_stale_temps_are_removed_but_not_a_concurrent_save(tmp_path):

@@ -93,6 +93,19 @@ def model_config(path: str, trust_remote_code: bool = False):
         raise ModelPathError(f"cannot read a model config from {path}: {err}") from err
 
 
+def dense_gguf_kwargs() -> dict[str, Any]:
+    """from_pretrained kwargs that unpack a GGUF file into a plain dense model (trainable and saveable).
+
+    transformers 5 otherwise keeps the quantizer attached (or the weights in GGUF blocks where it has a
+    kernel), and save_pretrained then refuses the model as "quantized with gguf and not serializable".
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # transformers 4.x dequantises GGUF files and attaches no quantizer
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def load_model(model_class, path: str, tokenizer=None, dropout: float | None = None,
                dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                config_updates: dict[str, Any] | None = None, **kwargs):
@@ -113,6 +126,8 @@ def load_model(model_class, path: str, tokenizer=None, dropout: float | None = N
                 setattr(config, key, dropout)
     if tokenizer is not None:
         config.pad_token_id = tokenizer.pad_token_id
+    if "gguf_file" in extra:
+        extra = extra | dense_gguf_kwargs()
     try:
         model = model_class.from_pretrained(directory, config=config, dtype=dtype,
                                             trust_remote_code=trust_remote_code, **extra, **kwargs)

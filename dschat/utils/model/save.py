@@ -126,6 +126,15 @@ def _carry_over(old: Path, new: Path) -> None:
         os.replace(entry, new / entry.name)
 
 
+def _umask_permissions(folder: Path) -> None:
+    """Give a saved folder the permissions a plain mkdir/open would (mkdtemp and some writers use 0700/0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `out_dir` by rename, else it is removed."""
@@ -136,6 +145,7 @@ def atomic_dir(out_dir: str) -> Iterator[Path]:
     swapped = False
     try:
         yield tmp
+        _umask_permissions(tmp)
         if os.environ.get(SLOW_SAVE_ENV):
             time.sleep(float(os.environ[SLOW_SAVE_ENV]))
         if not out.exists():
