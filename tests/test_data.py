@@ -51,6 +51,9 @@ def test_builtin_dataset_properties():
     rejected = [bt.judge(r["prompt"], r["rejected"]) for r in data["train"]]
     assert all(c > r for c, r in zip(chosen, rejected))
     assert sum(chosen) / len(chosen) <= 0.75
+    # No list length appears only among rejected answers (the reward model would learn length is bad).
+    longest = max(bt.CHOSEN_LENGTH_WEIGHTS)
+    assert max(len(bt.parse_items(r["rejected"])) for r in data["train"]) == longest
     for row in data["train"][:500]:  # chosen answers list distinct items in catalogue order
         order = [bt.CATEGORIES[bt.category_of(row["prompt"])].index(i) for i in bt.parse_items(row["chosen"])]
         assert order == sorted(set(order))
