@@ -51,6 +51,8 @@ def init_distributed() -> None:
 
     if is_dist():
         return
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        _skip_shm_op()
     if "RANK" in os.environ:
         deepspeed.init_distributed(verbose=False)
     else:  # not started by a launcher: be a world of one
@@ -64,6 +66,20 @@ def init_distributed() -> None:
                 if attempt == 2:
                     raise
     atexit.register(_remove_shm_buffers, os.environ.get("MASTER_PORT", ""), rank())
+
+
+def _skip_shm_op() -> None:
+    """A world of one has nothing to all-reduce: skip DeepSpeed's CPU shared-memory op.
+
+    On CPU, DeepSpeed JIT-compiles that op (1-2 minutes on a fresh machine) and maps a 69 MB /dev/shm
+    buffer for every process group, even for a single process; without it, torch.distributed is used.
+    """
+    import importlib
+
+    # importlib, not `import deepspeed.comm.torch as m`: the package's `torch` attribute is torch itself.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch, "build_shm_op"):
+        ds_torch.build_shm_op = lambda: None
 
 
 def _remove_shm_buffers(port: str, this_rank: int) -> None:
