@@ -462,6 +462,10 @@ def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     shutil.copytree(BUILTIN_MODEL_DIR, reward)
     cfg = json.loads((reward / "config.json").read_text())
     (reward / "config.json").write_text(json.dumps(cfg | {"architectures": ["LlamaForSequenceClassification"]}))
+    step3_out = tmp / "step3_out"
+    (step3_out / "critic").mkdir(parents=True)
+    shutil.copytree(BUILTIN_MODEL_DIR, step3_out / "actor")
+    (step3_out / "critic" / "config.json").write_text("{}")
     (tmp / "a_file").write_text("x")
     (tmp / "adapter_folder").mkdir()
     (tmp / "adapter_folder" / "adapter_model.safetensors").write_text("")
@@ -476,6 +480,7 @@ def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "model_hub_name_offline": (["--model_name_or_path", "nosuch-org/nosuch-model"], "not reachable"),
         "model_bad_config": (["--model_name_or_path", str(bad_cfg)], "not a valid JSON"),
         "model_no_config": (["--model_name_or_path", str(no_cfg)], "holds no config.json"),
+        "step3_output_folder": (["--model_name_or_path", str(step3_out)], f"pass {step3_out / 'actor'}"),
         "reward_model_as_causal_lm": (["--model_name_or_path", str(reward)], "LlamaForSequenceClassification"),
         "fp16_on_cpu": (["--dtype", "fp16"], "--dtype fp16 is not supported on CPU"),
         "batch_size_0": (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1"),

@@ -168,14 +168,15 @@ class RLHFRun:
                 stats.append(s)
         train_time = time.time() - start
         self.step += 1
-        gen_time = sum(b["gen_time"] for b in buffer)
+        gen_time = sum(b["gen_time"] for b in buffer)  # sampling only
+        experience_time = sum(b["experience_time"] for b in buffer)  # sampling + the four models' forwards
         answer_tokens = sum(b["action_mask"].sum().item() for b in buffer)
         trained_tokens = sum(b["attention_mask"].sum().item() for b in micro) * a.ppo_epochs
         logged = {k: sum(s[k] for s in stats) / max(len(stats), 1) for k in (stats[0] if stats else {})}
         logged |= rollout | {
             "answer_len": answer_tokens / sum(b["scores"].numel() for b in buffer),
-            "gen_time_s": gen_time, "train_time_s": train_time,
-            "gen_tokens_per_s": answer_tokens / max(sum(b["pure_gen_time"] for b in buffer), 1e-9),
+            "gen_time_s": gen_time, "experience_time_s": experience_time, "train_time_s": train_time,
+            "gen_tokens_per_s": answer_tokens / max(gen_time, 1e-9),
             "train_tokens_per_s": trained_tokens / max(train_time, 1e-9)}
         self.logger.step(self.step, {f"train/{k}": v for k, v in logged.items()},
                          ("train/reward_score", "train/kl", "train/answer_len", "train/gen_time_s",

@@ -75,7 +75,7 @@ class PPOTrainer:
         e.actor.train()
         return {"seq": seq, "attention_mask": attention_mask, "prompt_len": p, "action_mask": action_mask,
                 "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": scores,
-                "gen_time": time.time() - start, "pure_gen_time": gen_time}
+                "experience_time": time.time() - start, "gen_time": gen_time}
 
     @torch.no_grad()
     def add_advantages(self, batches: list[dict[str, Any]]) -> dict[str, float]:

@@ -25,7 +25,10 @@ def split_model_path(path: str) -> tuple[str, dict[str, Any]]:
         return str(Path(path).resolve().parent), {"gguf_file": Path(path).name}
     if os.path.isdir(path):
         if not (Path(path) / "config.json").exists():
-            raise ModelPathError(f"{path} is a folder but holds no config.json: not a Hugging Face model directory")
+            inside = [d.name for d in sorted(Path(path).iterdir()) if (d / "config.json").exists()]
+            hint = f"; it holds the model folders {', '.join(inside)} (a step-3 output?): pass {Path(path) / inside[0]}" \
+                if inside else ""
+            raise ModelPathError(f"{path} is a folder but holds no config.json: not a Hugging Face model directory{hint}")
         return path, {}
     if os.path.exists(path) or path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
         raise ModelPathError(f"model path not found or not a model directory: {path}")
