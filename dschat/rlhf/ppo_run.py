@@ -117,9 +117,9 @@ class RLHFRun:
             checkpoint.check_compatible(state, key, a.output_dir)
             # The first run's evaluations (its "start (SFT)" one included) replace the resumed model's.
             self.history[:] = state.get("history", self.history)
-        if a.resume and "kl_ctl" in state:
-            self.trainer.kl_ctl.load_state_dict(state["kl_ctl"])
-            self.step = state["step"]
+            if "kl_ctl" in state:
+                self.trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+                self.step = state["step"]
         for epoch in range(state["epoch"], a.num_train_epochs):
             self.prompt_loader.sampler.set_epoch(epoch)
             unsup = iter(self.unsup_loader) if self.unsup_loader is not None else None

@@ -55,8 +55,9 @@ def make_builtin_model(out_dir: str = BUILTIN_MODEL_DIR, seed: int = 0) -> None:
 def knowledge_sentences(n: int, seed: int) -> list[str]:
     """Plain sentences about the builtin categories (the builtin model's pretraining text).
 
-    Facts ("A pear belongs to the fruits.") and sentences naming distinct members ("Some birds are owl,
-    crow and swan.", members in catalogue order), never a dialogue: the base model knows the categories, not how to answer.
+    Facts ("A pear belongs to the fruits.") and sentences naming distinct members in catalogue order
+    ("Some birds are owl, crow and swan."), never a dialogue: the base model knows the categories, not how
+    to answer.
     """
     import random
 
