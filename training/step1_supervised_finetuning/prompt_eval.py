@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from dschat.utils.cli import run_main  # noqa: E402
-from dschat.utils.data.collators import pad_sequences  # noqa: E402
 from dschat.utils.data.data_utils import prompt_ids  # noqa: E402
 from dschat.utils.model.builtin_model import resolve_builtin  # noqa: E402
 from dschat.utils.model.model_utils import load_model, load_tokenizer  # noqa: E402
@@ -85,8 +84,7 @@ def answers(path: str, prompts: list[str], kwargs: dict[str, object], seed: int)
         ids = torch.tensor([prompt_ids(tokenizer, prompt)])
         seqs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id, **kwargs)
-        out.append(tokenizer.batch_decode(pad_sequences(list(seqs[:, ids.shape[1]:]), tokenizer.pad_token_id),
-                                          skip_special_tokens=True))
+        out.append(tokenizer.batch_decode(seqs[:, ids.shape[1]:], skip_special_tokens=True))
     return out
 
 
