@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dschat.utils import e2e  # noqa: E402
+from dschat.cli import e2e  # noqa: E402
 
 EPILOG = f"""\
 models:

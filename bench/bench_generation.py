@@ -21,13 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from dschat.rlhf.hybrid import Generator  # noqa: E402
-from dschat.utils import dist  # noqa: E402
-from dschat.utils.data.builtin_task import heldout_prompts  # noqa: E402
-from dschat.utils.data.collators import pad_sequences  # noqa: E402
-from dschat.utils.ds_utils import get_train_ds_config  # noqa: E402
-from dschat.utils.model.model_utils import create_hf_model, load_tokenizer  # noqa: E402
-from dschat.utils.training import build_engine, device  # noqa: E402
+from dschat.data.builtin_task import heldout_prompts  # noqa: E402
+from dschat.data.collators import pad_sequences  # noqa: E402
+from dschat.models.loading import create_hf_model, load_tokenizer  # noqa: E402
+from dschat.runtime import dist  # noqa: E402
+from dschat.runtime.ds_config import get_train_ds_config  # noqa: E402
+from dschat.runtime.engine import build_engine, device  # noqa: E402
+from dschat.trainers.rollout import Generator  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +43,8 @@ def main() -> None:
     dist.init_distributed()
     torch.manual_seed(0)
     tok = load_tokenizer(args.model, padding_side="left")
-    cfg = get_train_ds_config(False, "fp32", args.zero_stage, args.batch, 1, dist.world_size())
+    cfg = get_train_ds_config(stage=args.zero_stage, dtype="fp32", micro_batch=args.batch,
+                              world_size=dist.world_size())
     model = create_hf_model(AutoModelForCausalLM, args.model, tok, cfg, torch.float32)
     engine = build_engine(model, cfg, 1e-5, 0.0, 1e-5, "constant", 0, 10)
     ids = [tok(q)["input_ids"] for q in heldout_prompts(n=args.batch)]

@@ -64,7 +64,7 @@ def summarise(name: str, step_times: list[float], answer_lens: list[float], warm
 
 def phase3_prompts(seed: int) -> list[str]:
     """The builtin task's phase-3 train prompts, exactly the rows step 3 trains on with default flags."""
-    from dschat.utils.data.data_utils import phase_rows
+    from dschat.data.phases import phase_rows
 
     return [r["prompt"] for r in phase_rows(["dschat/builtin"], "2,4,4", 3, seed)["train"]]
 

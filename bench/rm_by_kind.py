@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training" / "step2
 
 from rw_eval import load_reward_model, score  # noqa: E402
 
-from dschat.utils.cli import run_main  # noqa: E402
-from dschat.utils.data import builtin_task as bt  # noqa: E402
+from dschat.cli.entry import run_main  # noqa: E402
+from dschat.data import builtin_task as bt  # noqa: E402
 
 
 def rejection_kind(prompt: str, chosen: str, rejected: str) -> str:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from dschat.runtime.errors import ModelPathError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Where e2e_rlhf.py puts the final actor (relative to where it was run, normally the repo root).
 DEFAULT_ACTOR = Path("output") / "step3-models" / "builtin" / "actor"  # where e2e_rlhf.py puts it
@@ -96,8 +98,8 @@ def load_chat_model(path: str, device: str, dtype, trust_remote_code: bool = Fal
     """(model in eval mode on `device`, tokenizer) for a model directory, .gguf file or 'builtin'."""
     from transformers import AutoModelForCausalLM
 
-    from dschat.utils.model.builtin_model import resolve_builtin
-    from dschat.utils.model.model_utils import ModelPathError, load_model, load_tokenizer
+    from dschat.models.builtin import resolve_builtin
+    from dschat.models.loading import load_model, load_tokenizer
 
     try:
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, padding_side="left")

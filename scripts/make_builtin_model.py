@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dschat.utils.model.builtin_model import BUILTIN_MODEL_DIR, make_builtin_model  # noqa: E402
+from dschat.models.builtin import BUILTIN_MODEL_DIR, make_builtin_model  # noqa: E402
 
 if __name__ == "__main__":
     out = sys.argv[1] if len(sys.argv) > 1 else BUILTIN_MODEL_DIR

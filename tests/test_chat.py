@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dschat.utils.model.builtin_model import BUILTIN_MODEL_DIR  # noqa: E402
+from dschat.models.builtin import BUILTIN_MODEL_DIR  # noqa: E402
 from inference import chatbot  # noqa: E402
 
 CHAT = str(REPO / "chat.py")
@@ -166,7 +166,7 @@ def test_streaming_never_shows_a_new_human_turn():
 
 
 def test_stop_criterion_fires_on_a_new_turn():
-    from dschat.utils.model.model_utils import load_tokenizer
+    from dschat.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer("builtin")
     prompt = tokenizer("Human: hi Assistant:", return_tensors="pt")["input_ids"]
@@ -208,7 +208,7 @@ def test_eof_ends_the_session(monkeypatch):
 
 
 def test_chat_template_is_used_when_the_tokenizer_has_one():
-    from dschat.utils.model.model_utils import load_tokenizer
+    from dschat.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer("builtin")
     assert not chatbot.use_chat_template(tokenizer, "auto")

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from dschat.utils.data import builtin_task as bt
-from dschat.utils.data.collators import PromptCollator, RewardCollator, SFTCollator
-from dschat.utils.data.data_utils import load_phase_data, phase_indices, phase_rows, tokenize_row
-from dschat.utils.data.raw_datasets import DatasetError, load_raw, read_json_rows
-from dschat.utils.model.model_utils import load_tokenizer
+from dschat.data import builtin_task as bt
+from dschat.data.collators import PromptCollator, RewardCollator, SFTCollator
+from dschat.data.phases import DataSettings, load_phase_data, phase_indices, phase_rows, tokenize_row
+from dschat.data.sources import load_raw, read_json_rows
+from dschat.models.loading import load_tokenizer
+from dschat.runtime.errors import DatasetError
 
 SHARED_HH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
 
@@ -23,9 +24,10 @@ def tokenizer():
 
 
 def settings(paths, phase=1, **kw):
-    base = {"data_path": paths, "data_split": "2,4,4", "phase": phase, "seed": 1234, "sft_only_data_path": [],
+    base = {"data_path": tuple(paths), "data_split": "2,4,4", "phase": phase, "seed": 1234, "sft_only_data_path": (),
             "max_seq_len": 64, "max_prompt_len": 48, "train_on_prompt": False}
-    return base | kw
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+    return DataSettings(**(base | kw))
 
 
 # ---- builtin task and judge ------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dschat.utils import dist
+from dschat.runtime import dist
 
 
 @pytest.mark.parametrize("world,items,expected", [

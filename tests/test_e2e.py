@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import e2e_rlhf
-from dschat.utils import e2e
+from dschat.cli import e2e
 
 REPO = Path(__file__).resolve().parents[1]
 S1 = REPO / "training/step1_supervised_finetuning/training_scripts"
@@ -108,7 +108,7 @@ def test_step_command(monkeypatch, tmp_path):
 
 
 def test_done_marker_matches_save():
-    from dschat.utils.model.save import DONE_MARKER
+    from dschat.models.export import DONE_MARKER
 
     assert e2e.DONE_MARKER == DONE_MARKER
 

@@ -5,21 +5,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dschat.rlhf.kl_controller import AdaptiveKLController, FixedKLController, make_kl_controller
-from dschat.rlhf.ppo_math import (
+from dschat.algos.advantages import compute_rewards, gae_advantages
+from dschat.algos.kl import (
     KL_ESTIMATORS,
-    action_mask_from_tokens,
-    compute_rewards,
-    entropy_from_logits,
-    gae_advantages,
+    AdaptiveKLController,
+    FixedKLController,
     kl_penalty,
-    logprobs_from_logits,
-    masked_mean,
-    masked_sum,
-    masked_whiten,
-    policy_loss,
-    value_loss,
+    make_kl_controller,
 )
+from dschat.algos.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from dschat.algos.masked import action_mask_from_tokens, masked_mean, masked_sum, masked_whiten
 
 
 def close(actual, expected, atol=1e-6):
@@ -257,7 +252,7 @@ def test_fixed_kl_controller_and_factory():
 
 
 def test_exact_kl_by_hand():
-    from dschat.rlhf.ppo_math import exact_kl
+    from dschat.algos.kl import exact_kl
 
     p = torch.tensor([[[0.5, 0.5]]]).log()
     q = torch.tensor([[[0.25, 0.75]]]).log()

@@ -18,21 +18,13 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dschat.utils.data.collators import pad_sequences  # noqa: E402
-from dschat.utils.data.data_utils import phase_rows, tokenize_row  # noqa: E402
-from dschat.utils.model.builtin_model import BUILTIN_MODEL_DIR  # noqa: E402
-from dschat.utils.model.model_utils import load_tokenizer  # noqa: E402
-from dschat.utils.model.reward_model import (  # noqa: E402
-    create_reward_model,
-    divergence_loss,
-    divergence_span,
-    end_index,
-    end_scores,
-    head_name,
-    pairwise_accuracy,
-    pairwise_loss,
-    token_values,
-)
+from dschat.algos.losses import divergence_loss, divergence_span, pairwise_accuracy, pairwise_loss  # noqa: E402
+from dschat.algos.masked import end_index, end_scores  # noqa: E402
+from dschat.data.collators import pad_sequences  # noqa: E402
+from dschat.data.phases import phase_rows, tokenize_row  # noqa: E402
+from dschat.models.builtin import BUILTIN_MODEL_DIR  # noqa: E402
+from dschat.models.heads import create_reward_model, head_name, token_values  # noqa: E402
+from dschat.models.loading import load_tokenizer  # noqa: E402
 
 STEP2 = REPO / "training" / "step2_reward_model_finetuning"
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")  # the launcher installed beside this python
@@ -220,8 +212,8 @@ def test_reward_model_has_one_label_and_pad_id(reward_model, tokenizer):
 def test_save_load_round_trip_with_plain_transformers(tmp_path, tokenizer, lora):
     from transformers import AutoModelForSequenceClassification
 
-    from dschat.utils.model.save import save_hf_model
-    from dschat.utils.training import apply_lora
+    from dschat.models.export import save_hf_model
+    from dschat.models.lora import apply_lora
 
     torch.manual_seed(1)
     model = create_reward_model(BUILTIN_MODEL_DIR, tokenizer, {}, torch.float32)

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dschat.utils import checkpoint
-from dschat.utils.args import FlagError
-from dschat.utils.model import save
-from dschat.utils.model.builtin_model import BUILTIN_MODEL_DIR
+from dschat.models import export as save
+from dschat.models.builtin import BUILTIN_MODEL_DIR
+from dschat.runtime import checkpoint
+from dschat.runtime.errors import FlagError, ModelPathError
 
 REPO = Path(__file__).resolve().parents[1]
 STEP1 = REPO / "training/step1_supervised_finetuning/main.py"
@@ -406,7 +406,7 @@ DRIVER = r'''
 import json, os, runpy, sys, time, traceback
 sys.path.insert(0, os.getcwd())
 import deepspeed, transformers, datasets  # noqa: E401,F401  imported once; every case is a fork
-import dschat.utils.sft, dschat.utils.cli  # noqa: E401,F401
+import dschat.trainers.sft, dschat.cli.entry  # noqa: E401,F401
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed  # noqa: F401  (lazy modules)
 from deepspeed.accelerator import get_accelerator
 get_accelerator()
@@ -435,7 +435,7 @@ for name, (argv, extra_env) in cases.items():
             traceback.print_exc()
         finally:
             import atexit
-            atexit._run_exitfuncs()  # as a normal exit would (dschat.utils.dist removes DeepSpeed's /dev/shm buffer)
+            atexit._run_exitfuncs()  # as a normal exit would (dschat.runtime.dist removes DeepSpeed's /dev/shm buffer)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
@@ -595,7 +595,7 @@ def test_remote_code_never_runs_without_the_flag(tmp_path):
     fails with a clear ModelPathError and the code is never imported."""
     from transformers import AutoModelForCausalLM
 
-    from dschat.utils.model.model_utils import ModelPathError, load_model, model_config
+    from dschat.models.loading import load_model, model_config
 
     folder = tmp_path / "remote"
     folder.mkdir()

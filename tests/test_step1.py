@@ -40,7 +40,7 @@ def test_lora_is_merged_on_save(tmp_path):
          "--only_optimize_lora", "--lora_learning_rate", "1e-2", *QUICK_STEP1])
     state = load_file(str(out / "model.safetensors"))
     assert not [k for k in state if "lora" in k]
-    from dschat.utils.model.builtin_model import BUILTIN_MODEL_DIR
+    from dschat.models.builtin import BUILTIN_MODEL_DIR
 
     original = load_file(f"{BUILTIN_MODEL_DIR}/model.safetensors")
     q = "model.layers.0.self_attn.q_proj.weight"

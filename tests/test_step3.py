@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from dschat.utils.model.builtin_model import BUILTIN_MODEL_DIR
+from dschat.models.builtin import BUILTIN_MODEL_DIR
 from tests.helpers import STEP3, metrics, run
 
 QUICK_STEP3 = ["--actor_model_name_or_path", "builtin", "--critic_model_name_or_path", "builtin",
@@ -17,17 +17,17 @@ QUICK_STEP3 = ["--actor_model_name_or_path", "builtin", "--critic_model_name_or_
 
 
 def test_hybrid_generation_matches_plain_at_zero0():
-    from dschat.rlhf.hybrid import Generator
-    from dschat.utils import dist
-    from dschat.utils.data.builtin_task import heldout_prompts
-    from dschat.utils.data.collators import pad_sequences
-    from dschat.utils.ds_utils import get_train_ds_config
-    from dschat.utils.model.model_utils import create_hf_model, load_tokenizer
-    from dschat.utils.training import build_engine
+    from dschat.data.builtin_task import heldout_prompts
+    from dschat.data.collators import pad_sequences
+    from dschat.models.loading import create_hf_model, load_tokenizer
+    from dschat.runtime import dist
+    from dschat.runtime.ds_config import get_train_ds_config
+    from dschat.runtime.engine import build_engine
+    from dschat.trainers.rollout import Generator
 
     dist.init_distributed()
     tok = load_tokenizer("builtin", padding_side="left")
-    cfg = get_train_ds_config(False, "fp32", 0, 4, 1, 1)
+    cfg = get_train_ds_config(stage=0, dtype="fp32", micro_batch=4, world_size=1)
     engine = build_engine(create_hf_model(AutoModelForCausalLM, "builtin", tok, cfg, torch.float32), cfg,
                           1e-3, 0.0, 1e-3, "constant", 0, 10)
     engine.module.train()
@@ -37,7 +37,7 @@ def test_hybrid_generation_matches_plain_at_zero0():
     outs = []
     for hybrid in (False, True):
         torch.manual_seed(7)
-        outs.append(Generator(engine, tok, hybrid, 0).generate(prompt, mask, do_sample=True, max_new_tokens=12))
+        outs.append(Generator(engine, tok, hybrid, 0).generate(prompt, mask, do_sample=True, max_new_tokens=12).seq)
     assert torch.equal(outs[0], outs[1])
     assert engine.module.training  # generation left the actor in training mode
 

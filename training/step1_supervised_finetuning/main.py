@@ -8,9 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dschat.utils.args import add_data_args, add_model_args, add_run_args, check_common_args  # noqa: E402
-from dschat.utils.cli import parse_step_args, run_main, run_step  # noqa: E402
-from dschat.utils.sft import SFTRun  # noqa: E402
+from dschat.cli.args import add_data_args, add_model_args, add_run_args, check_common_args  # noqa: E402
+from dschat.cli.entry import parse_step_args, run_main, run_step  # noqa: E402
+from dschat.trainers.sft import SFTRun  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

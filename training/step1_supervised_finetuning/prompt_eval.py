@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from dschat.utils.cli import run_main  # noqa: E402
-from dschat.utils.data.data_utils import prompt_ids  # noqa: E402
-from dschat.utils.model.builtin_model import resolve_builtin  # noqa: E402
-from dschat.utils.model.model_utils import load_model, load_tokenizer  # noqa: E402
+from dschat.cli.entry import run_main  # noqa: E402
+from dschat.data.phases import prompt_ids  # noqa: E402
+from dschat.models.builtin import resolve_builtin  # noqa: E402
+from dschat.models.loading import load_model, load_tokenizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,7 +91,7 @@ def answers(path: str, prompts: list[str], kwargs: dict[str, object], seed: int)
 def main(argv: list[str] | None = None) -> None:
     """Print both models' answers per prompt (and judge scores on builtin prompts)."""
     args = parse_args(argv)
-    from dschat.utils.data.builtin_task import heldout_prompts, judge
+    from dschat.data.builtin_task import heldout_prompts, judge
 
     builtin = not args.prompt
     prompts = heldout_prompts(n=args.num_prompts) if builtin else args.prompt

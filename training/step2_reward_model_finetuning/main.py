@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dschat.utils.args import add_data_args, add_model_args, add_run_args, check_common_args  # noqa: E402
-from dschat.utils.cli import parse_step_args, run_main, run_step  # noqa: E402
-from dschat.utils.reward import RewardRun  # noqa: E402
+from dschat.cli.args import add_data_args, add_model_args, add_run_args, check_common_args  # noqa: E402
+from dschat.cli.entry import parse_step_args, run_main, run_step  # noqa: E402
+from dschat.trainers.reward import RewardRun  # noqa: E402
 
 LR_HELP = ("Learning rate. The default 1e-3 suits the builtin tiny model (5 epochs); DeepSpeed-Chat's 5e-5 "
            "is for 350M+ pretrained models: use ~5e-5..1e-5 (and 1 epoch) for those, as the scripts do.")

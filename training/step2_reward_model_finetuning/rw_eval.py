@@ -16,9 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from dschat.utils.cli import run_main  # noqa: E402
-from dschat.utils.data.data_utils import prompt_ids  # noqa: E402
-from dschat.utils.model.model_utils import ModelPathError, load_tokenizer, model_config, split_model_path  # noqa: E402
+from dschat.cli.entry import run_main  # noqa: E402
+from dschat.data.phases import prompt_ids  # noqa: E402
+from dschat.models.loading import load_tokenizer, model_config, split_model_path  # noqa: E402
+from dschat.runtime.errors import ModelPathError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"==================Eval result============================\nprompt: {prompt}\n"
                   f"response: {response}\nscore: {score(model, tokenizer, prompt, response, args.max_seq_len):.4f}")
         return
-    from dschat.utils.data.builtin_task import builtin_dataset, judge
+    from dschat.data.builtin_task import builtin_dataset, judge
 
     for row in builtin_dataset()["eval"][: args.num_examples]:
         print(f"==================Eval result============================\nprompt: {row['prompt']}")

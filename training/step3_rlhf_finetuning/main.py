@@ -8,10 +8,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dschat.rlhf.ppo_run import RLHFRun  # noqa: E402
-from dschat.utils.args import SCHEDULERS, add_data_args, add_lora_args, add_run_args  # noqa: E402
-from dschat.utils.cli import parse_step_args, run_main, run_step  # noqa: E402
-from dschat.utils.rlhf_args import add_ppo_args, check_rlhf_args  # noqa: E402
+from dschat.cli.args import SCHEDULERS, add_data_args, add_lora_args, add_run_args  # noqa: E402
+from dschat.cli.entry import parse_step_args, run_main, run_step  # noqa: E402
+from dschat.cli.rlhf_args import add_ppo_args, check_rlhf_args  # noqa: E402
+from dschat.trainers.ppo_run import RLHFRun  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,0 +1,115 @@
+"""Flag groups shared by the three training steps (DeepSpeed-Chat's names and meanings).
+
+Defaults point at the builtin model and dataset so every entry point runs with no arguments. Where a
+default differs from DeepSpeed-Chat's it is because DeepSpeed-Chat's suits 1B+ pretrained models; the
+help text says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dschat.models.builtin import BUILTIN_MODEL_DIR
+from dschat.models.export import check_output_dir
+from dschat.runtime.errors import FlagError
+
+SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+
+
+
+def add_data_args(p: argparse.ArgumentParser, step: int) -> None:
+    """--data_path, --data_split, --data_output_path (and --sft_only_data_path for step 1)."""
+    p.add_argument("--data_path", nargs="*", default=["dschat/builtin"],
+                   help="Datasets: registered names (dschat/builtin, Dahoas/rm-static, ...), local/jsonfile, "
+                        "or paths to .json/.jsonl(.gz) files or save_to_disk folders.")
+    p.add_argument("--data_split", type=str, default="2,4,4",
+                   help="Shares of every dataset for phases 1,2,3 (SFT, reward, PPO); e.g. 2,4,4 gives "
+                        "phase 1 20%%, phase 2 40%%, phase 3 40%%.")
+    p.add_argument("--data_output_path", type=str, default="/tmp/data_files/",
+                   help="Node-local folder for the tokenised-data cache (Arrow, keyed by a hash of all settings).")
+    if step == 1:
+        p.add_argument("--sft_only_data_path", nargs="*", default=[],
+                       help="Single-response datasets used only in phase 1.")
+
+
+def add_model_args(p: argparse.ArgumentParser, lr: float, lr_help: str | None = None) -> None:
+    """Model path, batch sizes, optimisation and schedule flags of steps 1 and 2."""
+    p.add_argument("--model_name_or_path", type=str, default=BUILTIN_MODEL_DIR,
+                   help="HF model directory, hub name, .gguf file, or 'builtin' (the default tiny Llama).")
+    p.add_argument("--per_device_train_batch_size", type=int, default=16)
+    p.add_argument("--per_device_eval_batch_size", type=int, default=16)
+    p.add_argument("--max_seq_len", type=int, default=512,
+                   help="Longest prompt+answer in tokens; batches are padded only to their own longest row.")
+    p.add_argument("--learning_rate", type=float, default=lr, help=lr_help)
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--num_train_epochs", type=int, default=1)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULERS)
+    p.add_argument("--num_warmup_steps", type=int, default=0)
+    p.add_argument("--dropout", type=float, default=None, help="Override the model's dropout rates.")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
+    p.add_argument("--offload", action="store_true", help="ZeRO-Offload of optimizer state and parameters to CPU.")
+    add_lora_args(p, "")
+
+
+def add_lora_args(p: argparse.ArgumentParser, prefix: str) -> None:
+    """--{prefix}lora_dim, --{prefix}lora_module_name, --{prefix}lora_learning_rate (peft LoRA)."""
+    p.add_argument(f"--{prefix}lora_dim", type=int, default=0, help="LoRA rank; 0 disables LoRA.")
+    p.add_argument(f"--{prefix}lora_module_name", type=str, default="layers.",
+                   help="LoRA goes on every Linear whose module name contains this (DeepSpeed-Chat's "
+                        "'decoder.layers.' is OPT-only; 'layers.' covers OPT and Llama).")
+    p.add_argument(f"--{prefix}lora_learning_rate", type=float, default=5e-4)
+
+
+def add_run_args(p: argparse.ArgumentParser, tb_default: str) -> None:
+    """Output, seed, precision, logging, evaluation cadence, checkpoints and safety flags."""
+    p.add_argument("--output_dir", type=str, default=None, help="Where the final model goes (no save if unset).")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher.")
+    p.add_argument("--dtype", type=str, default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="auto: bf16 on GPUs that support it, else fp32 (DeepSpeed-Chat defaults to fp16 and "
+                        "has no fp32; fp16 is refused on CPU).")
+    p.add_argument("--only_optimize_lora", action="store_true")
+    p.add_argument("--compute_fp32_loss", action="store_true",
+                   help="With bf16/fp16: compute step 1's loss and step 3's log-probs from fp32 logits "
+                        "(DeepSpeed-Chat's meaning; fp32 runs always do, step 2 always scores in fp32).")
+    p.add_argument("--enable_tensorboard", action="store_true")
+    p.add_argument("--tensorboard_path", type=str, default=tb_default)
+    p.add_argument("--add_eot_token", action="store_true",
+                   help="Accepted for compatibility: every answer already ends with the tokenizer's EOS.")
+    p.add_argument("--eval_interval", type=int, default=0, help="Also evaluate every N steps (0: epochs only).")
+    p.add_argument("--eval_iters", type=int, default=100, help="At most this many eval batches per evaluation.")
+    p.add_argument("--save_interval", type=int, default=0,
+                   help="Write a resumable checkpoint every N steps to <output_dir>/checkpoints (0: never).")
+    p.add_argument("--resume", action="store_true", help="Continue from the last checkpoint in <output_dir>.")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="Allow model code from the model directory to run (off by default).")
+    p.add_argument("--max_bad_steps", type=int, default=5,
+                   help="Stop after this many consecutive updates with a NaN/inf loss (each is skipped).")
+
+
+def check_common_args(args: argparse.Namespace, model_dirs: tuple[str, ...] = ("",)) -> None:
+    """Flag checks shared by all steps (batch sizes, LoRA, checkpoints, `model_dirs` under --output_dir)."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "per_device_generation_batch_size", "per_device_training_batch_size"):
+        if getattr(args, name, 1) < 1:
+            raise FlagError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    lora_dims = [getattr(args, k, 0) for k in ("lora_dim", "actor_lora_dim", "critic_lora_dim")]
+    if getattr(args, "only_optimize_lora", False) and not any(lora_dims):
+        raise FlagError("--only_optimize_lora needs LoRA: set --lora_dim (or --actor_lora_dim/--critic_lora_dim) > 0")
+    for name in ("save_interval", "eval_interval"):
+        if getattr(args, name, 0) < 0:
+            raise FlagError(f"--{name} must be 0 (off) or positive (got {getattr(args, name)})")
+    if getattr(args, "num_train_epochs", 1) < 1:
+        raise FlagError(f"--num_train_epochs must be at least 1 (got {args.num_train_epochs}); a run that trains "
+                        f"nothing would replace the output with an untrained model")
+    if getattr(args, "max_bad_steps", 1) < 1:
+        raise FlagError(f"--max_bad_steps must be at least 1 (got {args.max_bad_steps})")
+    if not getattr(args, "output_dir", None):
+        for name in ("resume", "save_interval"):
+            if getattr(args, name, None):
+                raise FlagError(f"--{name} needs --output_dir (checkpoints live in <output_dir>/checkpoints)")
+        return
+    for sub in model_dirs:
+        check_output_dir(f"{args.output_dir}/{sub}" if sub else args.output_dir)

@@ -1,0 +1,288 @@
+"""What e2e_rlhf.py needs besides its flags: model names to training scripts and output folders, completion
+checks, running a step's script with one live progress line, and the final summary.
+
+Kept free of torch/deepspeed imports so `e2e_rlhf.py --help` and the skip logic stay instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+DONE_MARKER = "dschat_complete.json"  # == dschat.models.export.DONE_MARKER (tests/test_e2e.py checks)
+STEP_DIRS = {1: "training/step1_supervised_finetuning", 2: "training/step2_reward_model_finetuning",
+             3: "training/step3_rlhf_finetuning"}
+OUT_KINDS = {1: "actor-models", 2: "reward-models", 3: "step3-models"}
+STEP_NAMES = {1: "SFT", 2: "Reward model", 3: "RLHF"}
+BUILTIN_NAMES = ("builtin", "dschat/builtin")
+EXTRA_ARGS_ENV = "DSCHAT_E2E_EXTRA_ARGS_STEP{}"
+PROGRESS_RE = re.compile(r"step\d[^:\r\n]{0,40}:\s*\d+%\|")
+WHAT_CHANGED = {1: "start: base model, end: SFT", 2: "start: untrained head, end: trained",
+                3: "start: SFT actor, end: RLHF actor"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A --actor-model/--reward-model value: its family, size, output-folder name and path to train from."""
+
+    arg: str
+    family: str  # "builtin", "opt", "llama2" or "other"
+    size: str  # "1.3b", "7b", ... ("" for builtin/other)
+    name: str  # folder name under <out>/{actor,reward,step3}-models
+    path: str  # what a generic script trains from
+
+
+def sanitize(name: str) -> str:
+    """A safe folder name from a model path or hub name (its basename, odd characters replaced)."""
+    base = Path(name.rstrip("/")).name or "model"
+    base = re.sub(r"\.gguf$", "", base, flags=re.I)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "model"
+
+
+def resolve_model(arg: str) -> ModelSpec:
+    """Classify a model name: builtin, an OPT size (1.3b, opt-1.3b, facebook/opt-1.3b), Llama-2, or other."""
+    if arg in BUILTIN_NAMES:
+        return ModelSpec(arg, "builtin", "", "builtin", "builtin")
+    if os.path.exists(arg):  # a local folder or file is always trained as given
+        return ModelSpec(arg, "other", "", sanitize(os.path.abspath(arg)), os.path.abspath(arg))
+    m = re.fullmatch(r"(?:facebook/)?(?:opt-)?(\d+(?:\.\d+)?[mb])", arg, flags=re.I)
+    if m:
+        size = m.group(1).lower()
+        return ModelSpec(arg, "opt", size, size, f"facebook/opt-{size}")
+    m = re.fullmatch(r"(?:meta-llama/)?llama-?2-(\d+b)(?:-hf)?", arg, flags=re.I)
+    if m:
+        size = m.group(1).lower()
+        return ModelSpec(arg, "llama2", size, f"llama2-{size}", arg)
+    return ModelSpec(arg, "other", "", sanitize(arg), arg)
+
+
+def output_dirs(out: Path, actor: ModelSpec, reward: ModelSpec) -> dict[int, Path]:
+    """DeepSpeed-Chat's output layout: <out>/actor-models/<a>, <out>/reward-models/<r>, <out>/step3-models/<a>."""
+    return {1: out / OUT_KINDS[1] / actor.name, 2: out / OUT_KINDS[2] / reward.name,
+            3: out / OUT_KINDS[3] / actor.name}
+
+
+def pick_script(step: int, spec: ModelSpec, deployment: str, num_gpus: int | None = None) -> tuple[Path, list[str]]:
+    """The training script for `spec` in `step` and the positional args it takes after OUTPUT ZERO_STAGE:
+    the model path for run_generic.sh and for every step-2 script (their optional $3 BASE_MODEL, passed
+    always so that extra flags never land in $3). Step 3 is given the actor's spec and takes none."""
+    scripts = REPO / STEP_DIRS[step] / "training_scripts"
+    candidates: list[Path] = []
+    if spec.family == "builtin":
+        if num_gpus and num_gpus > 1:
+            candidates.append(scripts / f"run_tiny_cpu_{num_gpus}ranks.sh")
+        candidates.append(scripts / "run_tiny_cpu.sh")
+    elif spec.family == "opt":
+        candidates.append(scripts / "opt" / deployment / f"run_{spec.size}.sh")
+    elif spec.family == "llama2":
+        candidates.append(scripts / "llama2" / f"run_llama2_{spec.size}.sh")
+    for script in candidates:
+        if script.is_file():
+            return script, ([spec.path] if step == 2 else [])
+    generic = scripts / "run_generic.sh"
+    if not generic.is_file():
+        raise FileNotFoundError(f"no training script for {spec.arg!r} in {scripts} (looked for "
+                                f"{', '.join(str(c.relative_to(scripts)) for c in candidates + [generic])})")
+    return generic, ([] if step == 3 else [spec.path])
+
+
+def step_command(step: int, script: Path, model_args: list[str], dirs: dict[int, Path],
+                 zero_stages: tuple[str, str]) -> list[str]:
+    """`bash script ...` with DeepSpeed-Chat's positional args, then $DSCHAT_E2E_EXTRA_ARGS_STEP<N>."""
+    extra = shlex.split(os.environ.get(EXTRA_ARGS_ENV.format(step), ""))
+    if step == 3:
+        positional = [str(dirs[1]), str(dirs[2]), zero_stages[0], zero_stages[1], str(dirs[3])]
+    else:
+        positional = [str(dirs[step]), zero_stages[step - 1], *model_args]
+    return ["bash", str(script), *positional, *extra]
+
+
+def marker_paths(step: int, out_dir: Path) -> list[Path]:
+    """Completion markers that must exist for a step to count as done (step 3: actor and critic)."""
+    dirs = [out_dir / "actor", out_dir / "critic"] if step == 3 else [out_dir]
+    return [d / DONE_MARKER for d in dirs]
+
+
+def is_done(step: int, out_dir: Path) -> bool:
+    """Whether the step's output holds its completion marker(s), written last by an atomic save."""
+    return all(p.is_file() for p in marker_paths(step, out_dir))
+
+
+def done_time(step: int, out_dir: Path) -> float:
+    """When the step finished (mtime of its newest marker); 0 if not done."""
+    return max(p.stat().st_mtime for p in marker_paths(step, out_dir)) if is_done(step, out_dir) else 0.0
+
+
+def invalidate(step: int, out_dir: Path) -> None:
+    """Remove the markers and old log before (re)running a step, so a killed re-run never counts as done."""
+    for p in [*marker_paths(step, out_dir), out_dir / "training.log"]:
+        p.unlink(missing_ok=True)
+
+
+def latest_progress(text: str) -> str | None:
+    """The newest tqdm segment ("step1 SFT:  45%|...| 67/150 [...]") in a log tail, or None."""
+    for segment in reversed(re.split(r"[\r\n]", text)):
+        m = PROGRESS_RE.search(segment)
+        if m:
+            return segment[m.start():].strip()
+    return None
+
+
+def fmt_time(seconds: float) -> str:
+    """H:MM:SS."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def read_tail(path: Path, size: int = 16384) -> str:
+    """The last `size` bytes of a log as text ("" while it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+            return f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
+def terminate_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the script and everything it started, then SIGKILL what is left after `grace` seconds."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def run_with_progress(cmd: list[str], cwd: Path, log: Path, label: str, env: dict[str, str],
+                      interval: float | None = None) -> tuple[int, float]:
+    """Run `cmd`, showing one live line (the log's latest progress bar or the elapsed time); (status, seconds).
+
+    On a terminal the line is redrawn with \\r; otherwise a line is printed every `interval` seconds (30).
+    """
+    tty = sys.stdout.isatty()
+    interval = interval if interval is not None else (0.5 if tty else 30.0)
+    start, last_print, last_line = time.time(), 0.0, ""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env)
+    try:
+        while proc.poll() is None:
+            time.sleep(0.5)
+            now = time.time()
+            if now - last_print < interval:
+                continue
+            last_print = now
+            bar = latest_progress(read_tail(log))
+            line = f"[{label} {fmt_time(now - start)}] {bar or 'running (no progress bar yet)'}"
+            if tty:
+                width = shutil.get_terminal_size().columns - 1
+                print("\r" + line[:width] + "\x1b[K", end="", flush=True)
+            elif line != last_line:
+                print(line, flush=True)
+            last_line = line
+    except BaseException:
+        terminate_tree(proc)
+        raise
+    finally:
+        if tty and last_line:
+            print(flush=True)
+    return proc.returncode, time.time() - start
+
+
+def last_lines(path: Path, n: int = 20) -> list[str]:
+    """The last `n` lines of a log, each progress-bar line reduced to its final \\r segment."""
+    try:
+        text = path.read_bytes()[-65536:].decode("utf-8", "replace")
+    except FileNotFoundError:
+        return [f"(no log at {path})"]
+    return [line.split("\r")[-1].rstrip() for line in text.splitlines()][-n:]
+
+
+def failure_hints(lines: list[str], step: int) -> list[str]:
+    """What to try after a failed step: the error line, and memory advice when it looks like OOM."""
+    hints = []
+    errors = [ln for ln in lines if re.search(r"(^error:|Error\b|Exception\b|Killed)", ln)]
+    if errors:
+        hints.append(f"error line: {errors[-1].strip()}")
+    text = "\n".join(lines).lower()
+    oom = any(k in text for k in ("out of memory", "outofmemory", "cannot allocate memory", "killed"))
+    env = EXTRA_ARGS_ENV.format(step)
+    flag = "--per_device_generation_batch_size/--per_device_training_batch_size" if step == 3 \
+        else "--per_device_train_batch_size"
+    tips = (f"a smaller batch ({flag}), a higher ZeRO stage (--actor-zero-stage/--reward-zero-stage), "
+            f"{'--actor_gradient_checkpointing' if step == 3 else '--gradient_checkpointing'}, or LoRA with "
+            f"--only_optimize_lora; pass main.py flags through {env}=\"...\"")
+    hints.append(("it looks like it ran out of memory; try " if oom else "if it ran out of memory, try ") + tips)
+    return hints
+
+
+def read_metrics(step: int, out_dir: Path) -> dict[str, Any]:
+    """The dschat_metrics.json a step wrote ({} if absent or unreadable)."""
+    path = (out_dir / "actor" if step == 3 else out_dir) / "dschat_metrics.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(name, start, end) for every number in the first and last evaluation, plus step-level numbers."""
+    evals = [e for e in metrics.get("evals", []) if isinstance(e, dict)]
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    rows = []
+    for key in dict.fromkeys([*first, *last]):
+        a, b = first.get(key), last.get(key)
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b)):
+            rows.append((key, a, b))
+    if "chosen_judge" in metrics:
+        rows.append(("chosen_judge", None, metrics["chosen_judge"]))
+    return rows
+
+
+def fmt_value(v: Any) -> str:
+    """A number with 4 significant digits; '-' for missing."""
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def summary_table(results: dict[int, dict[str, Any]]) -> str:
+    """The end-of-run table: each step's wall time and its start/end metrics."""
+    lines = [f"{'Step':<16}{'Wall time':<20}{'Metric':<18}{'Start':>12}{'End':>12}"]
+    for step, r in sorted(results.items()):
+        when = r.get("status", "")
+        wall = r.get("wall_time_s")
+        time_col = (fmt_time(wall) if wall is not None else "-") + (f" ({when})" if when != "ran" else "")
+        rows = metric_rows(r.get("metrics", {})) or [("(no metrics)", None, None)]
+        for i, (name, a, b) in enumerate(rows):
+            head = (f"{step} {STEP_NAMES[step]}", time_col) if i == 0 else ("", "")
+            lines.append(f"{head[0]:<16}{head[1]:<20}{name:<18}{fmt_value(a):>12}{fmt_value(b):>12}")
+        lines.append(f"{'':<36}({WHAT_CHANGED[step]})")
+    return "\n".join(lines)
+
+
+def tensorboard_dirs(dirs: list[Path]) -> list[Path]:
+    """Folders under the step outputs that hold TensorBoard event files."""
+    found = {p.parent for d in dirs if d.is_dir() for p in d.rglob("events.out.tfevents*")}
+    return sorted(found)

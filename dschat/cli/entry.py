@@ -1,0 +1,82 @@
+"""Entry-point wrapper: expected failures become one clear line on stderr, not a library traceback.
+
+User errors (bad flags, bad data, bad model paths, a run of NaN losses, an unreadable checkpoint) exit
+with status 2. SIGTERM (what `kill`, schedulers and the deepspeed launcher send) is turned into an
+exception like Ctrl-C, so cleanup code runs: a model save in progress removes its temporary folder and
+the previous output stays whole. Interrupted runs exit with 128 + the signal number (130 Ctrl-C, 143 SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from dschat.runtime.errors import DschatError
+
+
+def parse_step_args(p: argparse.ArgumentParser, argv: list[str] | None,
+                    check: Callable[[argparse.Namespace], None]) -> argparse.Namespace:
+    """Add DeepSpeed's config flags to a step's parser, parse `argv`, and run the step's flag checks."""
+    import deepspeed
+
+    args = deepspeed.add_config_arguments(p).parse_args(argv)
+    check(args)
+    return args
+
+
+def run_step(run: Any, start: str = "start") -> None:
+    """Every step's body: evaluate the starting model, train, save, print the summary (rank 0)."""
+    from dschat.runtime import dist
+
+    run.evaluate(start)
+    run.train()
+    run.save()
+    dist.print_rank0(run.summary())
+
+
+USER_ERRORS = (DschatError,)
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM."""
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+def one_line(message: str) -> str:
+    """A message with its line breaks (library errors have many) folded into " | "."""
+    return " | ".join(line.strip() for line in message.strip().splitlines() if line.strip())
+
+
+def _end_progress_bars() -> None:
+    """Close open tqdm bars, so an error line starts on a line of its own."""
+    try:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+    except Exception:  # never let cosmetics hide the error itself
+        pass
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Call `main()`; a user error prints `error: <message>` and exits with status 2."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        main()
+    except USER_ERRORS as err:
+        _end_progress_bars()
+        print(f"error: {one_line(str(err))}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt as err:
+        name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C", 130)
+        _end_progress_bars()
+        print(f"error: interrupted ({name}); partial saves were removed, finished outputs and the last "
+              f"checkpoint are intact (rerun with --resume to continue from it)", file=sys.stderr, flush=True)
+        sys.exit(code)

@@ -1,0 +1,94 @@
+"""Step-3 flags: DeepSpeed-Chat's, its hard-coded PPO constants as flags, and our additions."""
+
+from __future__ import annotations
+
+import argparse
+
+from dschat.algos.advantages import ADVANTAGE_ESTIMATORS
+from dschat.algos.kl import KL_ESTIMATORS
+from dschat.cli.args import check_common_args
+from dschat.runtime.errors import FlagError
+
+
+def add_ppo_args(p: argparse.ArgumentParser) -> None:
+    """Learning rates, hybrid-engine and memory flags, PPO constants, sampling and evaluation."""
+    p.add_argument("--actor_learning_rate", type=float, default=2e-4,
+                   help="DeepSpeed-Chat's 9.65e-6 suits 1B+ models; the tiny builtin actor needs more.")
+    p.add_argument("--critic_learning_rate", type=float, default=5e-4,
+                   help="DeepSpeed-Chat uses 5e-6 for 350M critics; the tiny builtin critic needs more.")
+    he = p.add_argument_group("generation")
+    he.add_argument("--enable_hybrid_engine", action="store_true",
+                    help="Generate with a hook-free twin of the actor (gathered once per rollout, LoRA merged).")
+    he.add_argument("--unpin_actor_parameters", action="store_true", help="Accepted for compatibility.")
+    he.add_argument("--release_inference_cache", action="store_true",
+                    help="Drop the generation twin after every rollout (saves memory, costs a rebuild).")
+    he.add_argument("--inference_tp_size", type=int, default=1, help="Must be 1 (tensor-parallel generation is not built).")
+    he.add_argument("--tp_gather_partition_size", type=int, default=8, help="Accepted for compatibility.")
+    he.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature for rollouts.")
+    he.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling for rollouts.")
+    mem = p.add_argument_group("memory")
+    mem.add_argument("--offload", action="store_true")
+    mem.add_argument("--offload_reference_model", action="store_true")
+    mem.add_argument("--offload_reward_model", action="store_true")
+    mem.add_argument("--enable_ema", action="store_true", help="Keep an EMA (0.992) of the actor, saved as actor_ema.")
+    mem.add_argument("--enable_mixed_precision_lora", action="store_true",
+                     help="DeepSpeed-Chat's MixZ++ (quantised frozen weights); not supported here, refused.")
+    ppo = p.add_argument_group("PPO (DeepSpeed-Chat hard-codes these; defaults are its values)")
+    ppo.add_argument("--kl_ctl", type=float, default=0.1, help="KL penalty coefficient beta (initial if adaptive).")
+    ppo.add_argument("--clip_reward_value", type=float, default=5.0)
+    ppo.add_argument("--cliprange", type=float, default=0.2)
+    ppo.add_argument("--cliprange_value", type=float, default=0.2)
+    ppo.add_argument("--gamma", type=float, default=1.0)
+    ppo.add_argument("--lam", type=float, default=0.95)
+    ppo.add_argument("--kl_estimator", type=str, default="k1", choices=sorted(KL_ESTIMATORS))
+    ppo.add_argument("--target_kl", type=float, default=None,
+                     help="Use Ziegler et al.'s adaptive KL controller with this target (per sequence).")
+    ppo.add_argument("--kl_horizon", type=int, default=10000)
+    ppo.add_argument("--entropy_coef", type=float, default=0.0)
+    ppo.add_argument("--normalize_reward", action=argparse.BooleanOptionalAction, default=True,
+                     help="Standardise reward scores with the mean/std step 2 stored (reward_stats.json) before "
+                          "--clip_reward_value clips them, so the clip means the same for any reward model's scale "
+                          "(default on; --no_normalize_reward gives DeepSpeed-Chat's raw scores). Reward models "
+                          "without reward_stats.json are used raw.")
+    ppo.add_argument("--align_overflow", action="store_true",
+                     help="DeepSpeed-Chat's fp16 flag; refused here: each engine's loss scaler skips its own "
+                          "overflowed steps, and a non-finite actor or critic loss skips both updates.")
+    ppo.add_argument("--advantage_estimator", type=str, default="gae", choices=sorted(ADVANTAGE_ESTIMATORS),
+                     help="How advantages are computed; gae (PPO with a critic) is DeepSpeed-Chat's. Critic-free "
+                          "estimators build no critic.")
+    ppo.add_argument("--n_samples_per_prompt", type=int, default=1,
+                     help="Answers sampled per prompt in one rollout (group estimators compare them).")
+    out = p.add_argument_group("output")
+    out.add_argument("--print_answers", action="store_true")
+    out.add_argument("--print_answers_interval", type=int, default=1)
+    out.add_argument("--enable_test_mode", action="store_true")
+    out.add_argument("--test_stop_step", type=int, default=0)
+    out.add_argument("--num_judge_prompts", type=int, default=64)
+
+
+def check_rlhf_args(args: argparse.Namespace) -> None:
+    """Reject flag combinations that cannot work, naming the flags; derive the actor's accumulation."""
+    check_common_args(args, model_dirs=("actor", "critic", "actor_ema"))
+    if args.inference_tp_size > 1:
+        if args.actor_zero_stage != 3:
+            raise FlagError("--inference_tp_size > 1 requires --actor_zero_stage 3")
+        raise FlagError("--inference_tp_size > 1: tensor-parallel generation is not supported; use 1")
+    if args.align_overflow:
+        raise FlagError("--align_overflow is not supported: each engine's fp16 loss scaler skips its own overflowed "
+                        "steps, and a non-finite actor or critic loss already skips both updates; drop the flag")
+    for name in ("ppo_epochs", "generation_batches", "n_samples_per_prompt", "max_answer_seq_len",
+                 "max_prompt_seq_len", "num_train_epochs"):
+        if getattr(args, name) < 1:
+            raise FlagError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.enable_mixed_precision_lora:
+        raise FlagError("--enable_mixed_precision_lora (MixZ++) is not supported; drop the flag")
+    rollout = args.per_device_generation_batch_size * args.generation_batches * args.n_samples_per_prompt
+    if rollout % args.per_device_training_batch_size:
+        raise FlagError(f"--per_device_generation_batch_size x --generation_batches x --n_samples_per_prompt "
+                        f"({rollout}) must be a multiple of --per_device_training_batch_size "
+                        f"({args.per_device_training_batch_size})")
+    if bool(args.unsupervised_dataset_name) != bool(args.unsupervised_dataset_config_name) and \
+            args.unsupervised_dataset_name and not args.unsupervised_dataset_name.endswith((".txt", ".json", ".jsonl")):
+        raise FlagError("a hub --unsupervised_dataset_name needs --unsupervised_dataset_config_name too")
+    # PTX adds a second backward per step, so the actor accumulates twice as many micro-batches.
+    args.actor_gradient_accumulation_steps = args.gradient_accumulation_steps * (2 if args.unsupervised_dataset_name else 1)

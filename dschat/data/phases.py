@@ -1,0 +1,203 @@
+"""Phase splits, tokenisation and the on-disk cache of tokenised phase datasets.
+
+`--data_split 2,4,4` has DeepSpeed-Chat's meaning: every dataset's train and eval rows are permuted with
+the seed and cut into three disjoint shares; phase p (1 SFT, 2 reward, 3 PPO) uses share p. Tokenised
+results are Arrow datasets (`datasets.map` + `save_to_disk`, no pickles) in a folder of
+`--data_output_path` named by a hash of everything that changes them; the folder appears by rename,
+so no rank ever reads a half-written cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dschat.data.sources import Row, load_raw
+from dschat.runtime import dist
+from dschat.runtime.errors import DatasetError
+
+CACHE_VERSION = 1
+SPLITS = ("train", "eval")
+BUILTIN_NAMES = ("dschat/builtin", "builtin")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Everything that decides one phase's tokenised data (and so its cache key)."""
+
+    data_path: tuple[str, ...]
+    data_split: str
+    phase: int
+    seed: int
+    sft_only_data_path: tuple[str, ...] = ()
+    max_seq_len: int = 512  # steps 1-2: longest prompt + answer
+    max_prompt_len: int = 256  # step 3: longest prompt
+    train_on_prompt: bool = False
+
+    def key(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict (lists for tuples)."""
+        out = asdict(self)
+        return out | {"data_path": list(self.data_path), "sft_only_data_path": list(self.sft_only_data_path)}
+
+    @property
+    def uses_builtin(self) -> bool:
+        """Whether the builtin task is among the datasets (then the judge can score answers)."""
+        return uses_builtin_data(self.data_path)
+
+
+def uses_builtin_data(data_path: list[str] | tuple[str, ...]) -> bool:
+    """Whether the builtin task is among `data_path` (then the judge can score answers)."""
+    return any(p in BUILTIN_NAMES for p in data_path)
+
+
+def parse_split(data_split: str) -> list[float]:
+    """"2,4,4" -> [0.2, 0.4, 0.4] (any number of non-negative parts with a positive sum)."""
+    try:
+        parts = [float(s) for s in data_split.split(",")]
+    except ValueError as err:
+        raise DatasetError(f"--data_split '{data_split}': expected comma-separated numbers like 2,4,4") from err
+    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise DatasetError(f"--data_split '{data_split}': expected three non-negative numbers with a positive sum")
+    return [p / sum(parts) for p in parts]
+
+
+def phase_indices(n: int, shares: list[float], phase: int, seed: int) -> np.ndarray:
+    """Indices of phase `phase` (1-based): a seeded permutation of range(n) cut by cumulative shares."""
+    order = np.random.RandomState(seed).permutation(n)
+    bounds = [0] + [int(round(sum(shares[: i + 1]) * n)) for i in range(len(shares))]
+    bounds[-1] = n
+    return order[bounds[phase - 1]: bounds[phase]]
+
+
+def phase_rows(data_paths: list[str], data_split: str, phase: int, seed: int,
+               sft_only_paths: list[str] = ()) -> dict[str, list[Row]]:
+    """The raw rows phase `phase` gets from every dataset (SFT-only ones feed phase 1 entirely)."""
+    shares = parse_split(data_split)
+    out: dict[str, list[Row]] = {s: [] for s in SPLITS}
+    sources = [(p, shares) for p in data_paths] + ([(p, [1.0, 0.0, 0.0]) for p in sft_only_paths])
+    for path, path_shares in sources:
+        raw = load_raw(path, seed)
+        for split in SPLITS:
+            rows = raw[split]
+            if phase > 1 and path_shares is shares:
+                missing = next((i for i, r in enumerate(rows) if r["rejected"] is None), None)
+                if missing is not None:
+                    raise DatasetError(f"{path}: row {missing} of '{split}' has no 'rejected' answer; "
+                                       f"single-response data belongs in --sft_only_data_path")
+            idx = phase_indices(len(rows), path_shares, phase, seed)
+            out[split].extend(rows[i] for i in idx)
+    return out
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt, with the model's BOS when its tokenizer adds one."""
+    return tokenizer(prompt)["input_ids"]
+
+
+def tokenize_row(row: Row, tokenizer, phase: int, max_seq_len: int, max_prompt_len: int,
+                 train_on_prompt: bool) -> dict[str, Any] | None:
+    """Token ids for one row in phase `phase`; None when the row does not fit the length limits."""
+    prompt = prompt_ids(tokenizer, row["prompt"])
+    eos = [tokenizer.eos_token_id]
+    if phase == 3:
+        return {"prompt_ids": prompt} if len(prompt) <= max_prompt_len else None
+    if len(prompt) >= max_seq_len:
+        return None
+    chosen = (prompt + _encode(tokenizer, row["chosen"]) + eos)[:max_seq_len]
+    if phase == 1:
+        labels = list(chosen) if train_on_prompt else [-100] * len(prompt) + chosen[len(prompt):]
+        return {"input_ids": chosen, "labels": labels}
+    rejected = (prompt + _encode(tokenizer, row["rejected"]) + eos)[:max_seq_len]
+    return {"chosen_ids": chosen, "rejected_ids": rejected, "prompt_len": len(prompt)}
+
+
+def _source_stamps(settings: DataSettings) -> list[Any]:
+    """What identifies each source's content: size and mtime of local files, the builtin task's code."""
+    from dschat.data import builtin_task
+
+    stamps: list[Any] = []
+    for path in list(settings.data_path) + list(settings.sft_only_data_path):
+        if os.path.exists(path):
+            files = [path] if os.path.isfile(path) else sorted(str(f) for f in Path(path).rglob("*") if f.is_file())
+            stamps.append([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])
+        elif path in BUILTIN_NAMES:
+            stamps.append(hashlib.sha256(Path(builtin_task.__file__).read_bytes()).hexdigest())
+    return stamps
+
+
+def cache_key(settings: DataSettings, tokenizer) -> str:
+    """A hash of everything that changes the tokenised result (settings, tokenizer vocabulary, version)."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    identity = {**settings.key(), "tokenizer_class": type(tokenizer).__name__, "sources": _source_stamps(settings),
+                "vocab_sha": hashlib.sha256(vocab.encode()).hexdigest(),
+                "special": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+                "version": CACHE_VERSION}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _build(folder: Path, settings: DataSettings, tokenizer) -> None:
+    """Tokenise the phase rows and move the result into `folder` atomically."""
+    from datasets import Dataset
+
+    rows = phase_rows(list(settings.data_path), settings.data_split, settings.phase, settings.seed,
+                      list(settings.sft_only_data_path))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        stats = {}
+        for split in SPLITS:
+            encoded = [tokenize_row(r, tokenizer, settings.phase, settings.max_seq_len, settings.max_prompt_len,
+                                    settings.train_on_prompt)
+                       for r in rows[split]]
+            kept = [e for e in encoded if e is not None]
+            if not kept and (split == "train" or rows[split]):
+                phase3 = settings.phase == 3
+                limit = "--max_prompt_seq_len" if phase3 else "--max_seq_len"
+                value = settings.max_prompt_len if phase3 else settings.max_seq_len
+                raise DatasetError(f"{', '.join(settings.data_path)}: no usable {split} rows for phase "
+                                   f"{settings.phase}: {len(rows[split])} rows, all dropped for length "
+                                   f"({limit}={value})")
+            Dataset.from_list(kept).save_to_disk(str(tmp / split))
+            stats[split] = {"rows": len(rows[split]), "dropped_for_length": len(encoded) - len(kept)}
+        (tmp / "settings.json").write_text(json.dumps({"settings": settings.key(), "stats": stats}, indent=1))
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "settings.json").exists():
+                raise
+            shutil.rmtree(tmp)  # another job built the same cache meanwhile; theirs is identical
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_phase_data(settings: DataSettings, tokenizer, output_path: str) -> dict[str, Any]:
+    """{"train": Dataset, "eval": Dataset, "stats": ...} for one phase, built once per node and cached."""
+    from datasets import load_from_disk
+
+    folder = Path(output_path) / f"phase{settings.phase}_{cache_key(settings, tokenizer)}"
+    error = None
+    if dist.local_rank() == 0 and not folder.exists():
+        try:
+            _build(folder, settings, tokenizer)
+        except DatasetError as err:
+            error = str(err)
+    # Every rank learns whether the builders succeeded, so a bad dataset stops all ranks at once.
+    errors = [e for e in dist.all_gather_object(error) if e]
+    if errors:
+        raise DatasetError(errors[0])
+    info = json.loads((folder / "settings.json").read_text())
+    return {split: load_from_disk(str(folder / split)) for split in SPLITS} | {"stats": info["stats"],
+                                                                               "folder": str(folder)}

@@ -1,0 +1,242 @@
+"""Dataset adapters: every source becomes rows {"prompt", "chosen", "rejected"} in "train"/"eval" splits.
+
+One registry maps a `--data_path` name to a loader; local files and folders are recognised by path.
+Prompts follow DeepSpeed-Chat's contract ("Human: ... Assistant:"), responses start with a space.
+`rejected` is None for single-response (SFT-only) sources.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dschat.runtime.errors import DatasetError
+
+Row = dict[str, Any]
+Splits = dict[str, list[Row]]
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+
+def _hh_split(dialogue: str, where: str) -> tuple[str, str]:
+    """Split an Anthropic-HH dialogue at its last "\\n\\nAssistant:" into (prompt, response)."""
+    cut = dialogue.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise DatasetError(f"{where}: HH-format dialogue has no '\\n\\nAssistant:' turn")
+    cut += len(HH_ASSISTANT)
+    return dialogue[:cut], dialogue[cut:]
+
+
+def normalize_row(raw: Any, where: str) -> Row | None:
+    """A prompt/chosen/rejected row from one raw record (pairwise, HH dialogue or prompt/response).
+
+    None for an HH record whose final answer is empty (the public HH data has a few); explicit
+    prompt/chosen/rejected fields must not be empty.
+    """
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    if "prompt" in raw:
+        chosen = raw.get("chosen", raw.get("response"))
+        row = {"prompt": raw["prompt"], "chosen": chosen, "rejected": raw.get("rejected")}
+    elif "chosen" in raw and "rejected" in raw:  # Anthropic HH: whole dialogues
+        prompt, chosen = _hh_split(_text(raw, "chosen", where), where)
+        # The prompt is the chosen dialogue's; in the public data a few rejected dialogues differ earlier.
+        _, rejected = _hh_split(_text(raw, "rejected", where), where)
+        row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        if not chosen.strip() or not rejected.strip():
+            return None
+    else:
+        raise DatasetError(f"{where}: missing field 'prompt' (or 'chosen'/'rejected' HH dialogues); "
+                           f"fields present: {sorted(raw)}")
+    for field in ("prompt", "chosen"):
+        _text(row, field, where)
+    if row["rejected"] is not None:
+        _text(row, "rejected", where)
+    return row
+
+
+def _text(row: dict, field: str, where: str) -> str:
+    """`row[field]` as a non-empty string, or a DatasetError naming the field."""
+    value = row.get(field)
+    if value is None:
+        raise DatasetError(f"{where}: missing field '{field}'")
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DatasetError(f"{where}: field '{field}' is empty")
+    return value
+
+
+def read_json_rows(path: str) -> list[Row]:
+    """Rows of a .json (list of objects) or .jsonl file, optionally gzipped, validated line by line."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: cannot read: {err}") from err
+    if not text.strip():
+        raise DatasetError(f"{path}: file is empty")
+    stem = path[:-3] if path.endswith(".gz") else path
+    if stem.endswith(".json") and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
+        rows = [normalize_row(r, f"{path}: item {i}") for i, r in enumerate(records)]
+        return [r for r in rows if r is not None]
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path}:{lineno}: invalid JSON: {err.msg}") from err
+        row = normalize_row(record, f"{path}:{lineno}")
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def carve_eval(rows: list[Row], seed: int, fraction: float = 0.1) -> Splits:
+    """Split one list of rows into train/eval (DeepSpeed-Chat's "9:1" for sources without an eval split)."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(rows) * fraction)) if len(rows) > 1 else 0
+    return {"train": [rows[i] for i in order[n_eval:]], "eval": [rows[i] for i in order[:n_eval]]}
+
+
+def _from_hf(ds: Any, name: str, seed: int, convert: Callable[[dict], Row | None]) -> Splits:
+    """Rows from a `datasets` Dataset or DatasetDict, converted record by record (None skips a record)."""
+    from datasets import DatasetDict
+
+    def rows_of(split_ds: Any, split: str) -> list[Row]:
+        out = []
+        for i, record in enumerate(split_ds):
+            row = convert(record)
+            row = normalize_row(row, f"{name} [{split} row {i}]") if row is not None else None
+            if row is not None:
+                out.append(row)
+        return out
+
+    if isinstance(ds, DatasetDict):
+        train_key = "train" if "train" in ds else next(iter(ds))
+        eval_key = next((k for k in ("test", "eval", "validation") if k in ds), None)
+        if eval_key is None:
+            return carve_eval(rows_of(ds[train_key], train_key), seed)
+        return {"train": rows_of(ds[train_key], train_key), "eval": rows_of(ds[eval_key], eval_key)}
+    return carve_eval(rows_of(ds, "train"), seed)
+
+
+def load_local(path: str, seed: int) -> Splits:
+    """A local .json/.jsonl(.gz) file, a folder with train/eval JSON files, or a save_to_disk folder."""
+    p = Path(path)
+    if p.is_file():
+        return carve_eval(read_json_rows(path), seed)
+    if (p / "dataset_dict.json").exists() or (p / "dataset_info.json").exists():
+        from datasets import load_from_disk
+
+        return _from_hf(load_from_disk(path), path, seed, lambda r: r)
+    files = {split: next((p / f"{stem}{ext}" for stem in names for ext in (".json", ".jsonl", ".jsonl.gz")
+                          if (p / f"{stem}{ext}").exists()), None)
+             for split, names in (("train", ("train",)), ("eval", ("eval", "test", "validation")))}
+    if files["train"] is None:
+        raise DatasetError(f"{path}: folder has no train.json/train.jsonl and is not a datasets save_to_disk folder")
+    train = read_json_rows(str(files["train"]))
+    if files["eval"] is None:
+        return carve_eval(train, seed)
+    return {"train": train, "eval": read_json_rows(str(files["eval"]))}
+
+
+def _builtin(seed: int) -> Splits:
+    """The builtin "name some <category>" task (see builtin_task.py)."""
+    from dschat.data.builtin_task import builtin_dataset
+
+    return builtin_dataset()
+
+
+def _hub(name: str, convert: Callable[[dict], Row | None]) -> Callable[[int], Splits]:
+    """A loader for a hub dataset with a field mapping."""
+
+    def load(seed: int) -> Splits:
+        from datasets import load_dataset
+
+        try:
+            ds = load_dataset(name)
+        except Exception as err:  # offline machines fail deep inside datasets; say what to do instead
+            raise DatasetError(f"cannot load hub dataset '{name}' ({type(err).__name__}: {err}); without a hub, "
+                               f"pass a local .json/.jsonl file or a save_to_disk folder to --data_path") from err
+        return _from_hf(ds, name, seed, convert)
+
+    return load
+
+
+def _pairwise(r: dict) -> Row:
+    return {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+
+
+def _rlhf_reward(r: dict) -> Row:
+    return {"prompt": r["prompt"], "chosen": r["chosen"].split("Assistant:")[-1],
+            "rejected": r["rejected"].split("Assistant:")[-1]}
+
+
+def _synthetic_gptj(r: dict) -> Row:
+    return {"prompt": " Human: " + r["prompt"] + " Assistant:", "chosen": " " + r["chosen"],
+            "rejected": " " + r["rejected"]}
+
+
+def _webgpt(r: dict) -> Row | None:
+    if r["score_0"] == r["score_1"]:
+        return None
+    strip = lambda s: re.sub(r" [\(\[].*?[\)\]]", "", s).strip()  # noqa: E731 (citations)
+    better, worse = ("answer_0", "answer_1") if r["score_0"] > r["score_1"] else ("answer_1", "answer_0")
+    return {"prompt": " Human: " + r["question"]["full_text"] + " Assistant:",
+            "chosen": " " + strip(r[better]), "rejected": " " + strip(r[worse])}
+
+
+def _shp(r: dict) -> Row:
+    better, worse = ("human_ref_A", "human_ref_B") if r["labels"] == 1 else ("human_ref_B", "human_ref_A")
+    return {"prompt": " Human: " + r["history"] + " Assistant:", "chosen": " " + r[better],
+            "rejected": " " + r[worse]}
+
+
+def _sharegpt_like(r: dict) -> Row:
+    return {"prompt": r["prompt"], "chosen": r["label"], "rejected": None}
+
+
+def _zhihu(r: dict) -> Row:
+    return {"prompt": " Human: " + r["INSTRUCTION"] + " Assistant:", "chosen": " " + r["RESPONSE"],
+            "rejected": None}
+
+
+LOADERS: dict[str, Callable[[int], Splits]] = {
+    "dschat/builtin": _builtin,
+    "builtin": _builtin,
+    "Dahoas/rm-static": _hub("Dahoas/rm-static", _pairwise),
+    "Dahoas/full-hh-rlhf": _hub("Dahoas/full-hh-rlhf", _pairwise),
+    "Dahoas/synthetic-instruct-gptj-pairwise": _hub("Dahoas/synthetic-instruct-gptj-pairwise", _synthetic_gptj),
+    "yitingxie/rlhf-reward-datasets": _hub("yitingxie/rlhf-reward-datasets", _rlhf_reward),
+    "openai/webgpt_comparisons": _hub("openai/webgpt_comparisons", _webgpt),
+    "stanfordnlp/SHP": _hub("stanfordnlp/SHP", _shp),
+    "pvduy/sharegpt_alpaca_oa_vicuna_format": _hub("pvduy/sharegpt_alpaca_oa_vicuna_format", _sharegpt_like),
+    "wangrui6/Zhihu-KOL": _hub("wangrui6/Zhihu-KOL", _zhihu),
+}
+
+
+def load_raw(name: str, seed: int) -> Splits:
+    """The train/eval rows of one `--data_path` entry: a registered name, "local/jsonfile", or a path."""
+    if name in LOADERS:
+        return LOADERS[name](seed)
+    if name == "local/jsonfile":  # DeepSpeed-Chat's convention: ./data/{train,eval}.json
+        return load_local("data", seed)
+    if os.path.exists(name):
+        return load_local(name, seed)
+    raise DatasetError(f"unknown dataset '{name}' in --data_path: not a registered name ({', '.join(LOADERS)}, "
+                       f"local/jsonfile) and no such file or folder")

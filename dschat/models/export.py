@@ -1,0 +1,213 @@
+"""Saving plain Hugging Face model directories from training engines, at every ZeRO stage, atomically.
+
+A save never leaves a half-written model at the output path: the model is written to a hidden sibling
+folder `.<name>.tmp-*`, which then takes the output's place in one atomic rename (Linux: renameat2
+RENAME_EXCHANGE; elsewhere two renames). Entries of the old folder that are not model files (the
+`training.log` the training scripts write there, `checkpoints/`, TensorBoard folders, notes) move into the
+new folder; the old weights, configs and tokenizer files do not, so no stale shard or adapter survives
+(a folder that held no model keeps everything the new model does not overwrite). A run killed mid-save
+leaves the old folder whole plus a `.<name>.tmp-<pid>-*` sibling, which the next save into the same path
+removes once that process is gone.
+
+Test hook: `DSCHAT_TEST_SLOW_SAVE=<seconds>` sleeps after the model is written and before the rename,
+so tests can kill a run in the middle of a save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fnmatch
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dschat.models.lora import merge_lora_state_dict
+from dschat.runtime import dist
+from dschat.runtime.errors import FlagError
+
+DONE_MARKER = "dschat_complete.json"
+SLOW_SAVE_ENV = "DSCHAT_TEST_SLOW_SAVE"
+# Files of a model directory: a new save replaces them all, so none of the old folder's is kept.
+MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.json",
+               "*.model", "*.tiktoken", "*.jinja", "vocab.*", "merges.txt")
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "adapter_*")
+
+
+def _owner_alive(path: Path) -> bool:
+    """Whether the process named in a `.<name>.tmp-<pid>-*` / `.<name>.old-<pid>` folder still runs."""
+    tail = path.name.rsplit(".tmp-", 1)[-1] if ".tmp-" in path.name else path.name.rsplit(".old-", 1)[-1]
+    pid = tail.split("-", 1)[0]
+    if not pid.isdigit():  # no pid in the name: treat as alive only if younger than a minute
+        return time.time() - path.stat().st_mtime < 60
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def is_model_file(name: str, patterns: tuple[str, ...] = MODEL_FILES) -> bool:
+    """Whether a file name belongs to a saved model (weights, config, tokenizer, our markers)."""
+    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+
+def is_model_dir(path: Path) -> bool:
+    """Whether a folder holds a saved model (a config.json or our completion marker)."""
+    return (path / "config.json").exists() or (path / DONE_MARKER).exists()
+
+
+def check_output_dir(out_dir: str) -> None:
+    """Refuse an output path that is a file, or a folder with weights (.gguf, adapter, ...) but no model."""
+    # Saving there would mix those weights with the new model. Cheap: the steps call it before training.
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FlagError(f"--output_dir {out_dir} exists and is not a folder")
+    if not out.is_dir() or is_model_dir(out):
+        return
+    weights = sorted(p.name for p in out.iterdir() if p.is_file() and is_model_file(p.name, WEIGHT_FILES))
+    if weights:
+        raise FlagError(f"--output_dir {out_dir} holds weight files but no model ({', '.join(weights[:5])}"
+                        f"{', ...' if len(weights) > 5 else ''}); use a new or empty folder")
+
+
+def clean_stale_temps(out: Path) -> list[Path]:
+    """Remove `.<name>.tmp-<pid>-*`/`.old-<pid>` siblings of `out` whose process is gone; returns them."""
+    # They are left by runs killed mid-save. If `out` itself is missing, a stale `.old-*` is put back first.
+    def stale(pattern: str) -> list[Path]:
+        return sorted(p for p in out.parent.glob(pattern) if p.is_dir() and not _owner_alive(p))
+
+    if not out.exists():  # killed between the two renames of the fallback swap: the old model comes back
+        olds = sorted(stale(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            os.replace(olds[-1], out)
+    removed = []
+    for path in stale(f".{out.name}.tmp-*") + stale(f".{out.name}.old-*"):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2); False where the OS cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Move the old folder's non-model entries (logs, checkpoints/, TensorBoard) into the new one."""
+    # From a folder that held no model, everything the new model does not overwrite moves.
+    model = is_model_dir(old)
+    for entry in old.iterdir():
+        if (new / entry.name).exists() or (model and entry.is_file() and is_model_file(entry.name)):
+            continue
+        os.replace(entry, new / entry.name)
+
+
+def _umask_permissions(folder: Path) -> None:
+    """Give a saved folder the permissions a plain mkdir/open would (mkdtemp and some writers use 0700/0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `out_dir` by rename, else it is removed."""
+    out = Path(out_dir).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    swapped = False
+    try:
+        yield tmp
+        _umask_permissions(tmp)
+        if os.environ.get(SLOW_SAVE_ENV):
+            time.sleep(float(os.environ[SLOW_SAVE_ENV]))
+        if not out.exists():
+            os.replace(tmp, out)
+            return
+        if _exchange(tmp, out):  # one atomic step: `out` is the new model, `tmp` holds the old folder
+            old = tmp
+        else:
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+        swapped = True
+        _carry_over(old, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if not swapped:  # after the swap `tmp` is the old folder: a later save removes what is left of it
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DeepSpeed engine (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU state dict on rank 0 ({} elsewhere); ZeRO-3 partitions are gathered one parameter at a time."""
+    import deepspeed
+
+    module = unwrap(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        if hasattr(param, "ds_id"):
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if dist.is_rank0():
+                    out[name] = param.data.detach().cpu().clone()
+        elif dist.is_rank0():
+            out[name] = param.data.detach().cpu().clone()
+    if dist.is_rank0():
+        keys = module.state_dict().keys()
+        out.update({n: b.detach().cpu().clone() for n, b in module.named_buffers() if n in keys})
+    return out
+
+
+def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: str, extra_json: dict[str, Any] | None = None) -> None:
+    """Write `model` (engine or module; LoRA merged) with its tokenizer as a plain HF directory, atomically.
+
+    Every rank must call this (ZeRO-3 gathers are collective); only rank 0 writes. `extra_json` maps file
+    names to JSON content stored beside the model. A completion marker is written last.
+    """
+    module = unwrap(model)
+    state = gathered_state_dict(module)
+    if dist.is_rank0():
+        base = module
+        if hasattr(module, "peft_config"):
+            state = merge_lora_state_dict(state, module.peft_config["default"])
+            base = module.get_base_model()
+        with atomic_dir(out_dir) as tmp:
+            base.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            for name, content in (extra_json or {}).items():
+                (tmp / name).write_text(json.dumps(content, indent=1))
+            (tmp / DONE_MARKER).write_text(json.dumps({"complete": True}))
+    dist.barrier()

@@ -1,0 +1,70 @@
+"""The reward (and critic) model: a plain `AutoModelForSequenceClassification` with one label, and its
+per-token values (the losses on them live in `dschat.algos.losses`).
+
+Unlike DeepSpeed-Chat's RewardModel wrapper (AutoModel + a hand-made `v_head`), the head is the one
+transformers builds for the architecture (`score` for Llama, OPT, Mistral, Qwen, GPT-2 ...), so a saved
+reward model is a standard sequence-classification checkpoint: `AutoModelForSequenceClassification.
+from_pretrained(dir)` loads it, head included, with nothing from this project, and its pooled logit is
+the same end score `end_scores(token_values(...))` gives here (`dschat.algos.masked.end_scores`).
+
+End positions come from the attention mask (the rightmost 1), not from token ids, so left padding, right
+padding and OPT-style sequences whose BOS id equals the pad id all work; DeepSpeed-Chat's
+`--num_padding_at_beginning` is not needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HEAD_NAMES = ("score", "classifier")
+
+
+def create_reward_model(path: str, tokenizer, ds_config: dict, dtype: torch.dtype = torch.float32,
+                        dropout: float | None = None, trust_remote_code: bool = False,
+                        gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """A one-label sequence-classification model from a causal-LM or reward-model path (head kept if saved)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from dschat.models.loading import create_hf_model
+
+    # A causal LM gets a freshly initialised head (created inside zero.Init under ZeRO-3, in the model's
+    # dtype); a previous reward model keeps its trained head. load_model sets config.pad_token_id.
+    return create_hf_model(AutoModelForSequenceClassification, path, tokenizer, ds_config, dtype, dropout,
+                           gradient_checkpointing, trust_remote_code, config_updates={"num_labels": 1})
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a DeepSpeed engine (`.module`) and/or a peft wrapper."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):  # peft.PeftModel
+        model = model.get_base_model()
+    return model
+
+
+def head_name(model: torch.nn.Module) -> str:
+    """Attribute name of the scalar head of a (wrapped) sequence-classification model ("score" usually)."""
+    inner = hf_model(model)
+    for name in HEAD_NAMES:
+        if isinstance(getattr(inner, name, None), torch.nn.Module):
+            return name
+    raise ValueError(f"{type(inner).__name__} has no sequence-classification head ({', '.join(HEAD_NAMES)})")
+
+
+def token_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] scalar value of every position (the head applied to every hidden state).
+
+    `model` may be the HF model, a peft PeftModel or a DeepSpeed engine around either. The model's own
+    forward runs (so ZeRO-3's gather/release hooks see a normal top-level call) and a forward hook on the
+    head captures its per-token output before transformers pools it down to one score per sequence.
+    """
+    head = getattr(hf_model(model), head_name(model))
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _mod, _inp, out: captured.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        handle.remove()
+    values = captured[-1]
+    if values.dim() != 3 or values.shape[-1] != 1:
+        raise ValueError(f"expected per-token head output [B, L, 1], got {tuple(values.shape)}")
+    return values.squeeze(-1)

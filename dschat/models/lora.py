@@ -1,0 +1,47 @@
+"""LoRA through peft: wrapping a model's Linear layers, and folding adapters back into plain weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dschat.runtime.errors import FlagError
+
+
+def apply_lora(model: torch.nn.Module, dim: int, module_name: str, only_optimize_lora: bool,
+               flag: str = "--lora_module_name", keep_trainable: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Wrap `model` with peft LoRA of rank `dim` on every Linear whose name contains `module_name`."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = [name for name, mod in model.named_modules()
+               if isinstance(mod, torch.nn.Linear) and module_name in name
+               and not any(name.endswith(k) for k in keep_trainable)]
+    if not targets:
+        raise FlagError(f"{flag} '{module_name}' matches no Linear layer of {type(model).__name__}")
+    # lora_alpha=1 gives DeepSpeed-Chat's scaling of 1/r.
+    config = LoraConfig(r=dim, lora_alpha=1, lora_dropout=0.0, target_modules=targets,
+                        modules_to_save=list(keep_trainable) or None)
+    model = get_peft_model(model, config)
+    if not only_optimize_lora:  # DeepSpeed-Chat trains the base weights too unless told otherwise
+        for name, param in model.named_parameters():
+            if "lora_" not in name:
+                param.requires_grad_(True)
+    return model
+
+
+def merge_lora_state_dict(state: dict[str, torch.Tensor], peft_config: Any) -> dict[str, torch.Tensor]:
+    """Fold LoRA weights into their base Linear (W + scale * B @ A) and drop peft's name prefixes."""
+    scale = peft_config.lora_alpha / peft_config.r
+    merged: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if ".lora_A." in name or ".lora_B." in name or ".original_module." in name:
+            continue
+        if ".base_layer.weight" in name:
+            stem = name.split(".base_layer.weight")[0]
+            lora_a = state[next(k for k in state if k.startswith(stem + ".lora_A."))]
+            lora_b = state[next(k for k in state if k.startswith(stem + ".lora_B."))]
+            tensor = (tensor.float() + scale * (lora_b.float() @ lora_a.float())).to(tensor.dtype)
+        clean = name.replace(".base_layer", "").replace(".modules_to_save.default", "")
+        merged[clean.removeprefix("base_model.model.")] = tensor
+    return merged

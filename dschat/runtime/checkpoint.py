@@ -1,0 +1,149 @@
+"""Resumable checkpoints: DeepSpeed engine state (model, optimizer, scheduler) per engine, plus our own
+state (data position, RNG, KL controller) as JSON. Loading never unpickles arbitrary objects: DeepSpeed's
+files are read with `torch.load(weights_only=True)`.
+
+Layout: <output_dir>/checkpoints/step<N>/{<engine name>/..., state.json}; `latest` names the newest.
+A checkpoint folder counts only once `state.json` exists, which is written last, so a kill while saving
+leaves the previous checkpoint as the one `--resume` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dschat.runtime import dist
+from dschat.runtime.errors import CheckpointError
+
+
+def _deepspeed_types() -> list[Any]:
+    """The plain DeepSpeed types (and builtins) its checkpoints pickle besides tensors and containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address, set]
+
+
+def _safe_load(path: str, map_location=None) -> Any:
+    """torch.load with weights_only=True (DeepSpeed's own loader allows arbitrary pickles)."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # an unsafe pickle, a truncated file: say which file and why, in one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        why = "refused to unpickle a type that is not allowed" if "weights_only" in str(err) else "cannot load"
+        raise CheckpointError(f"{path}: {why}: {first}") from err
+
+
+def _use_safe_loader(engine) -> None:
+    engine.checkpoint_engine.load = _safe_load
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": repr(random.getstate()), "numpy": [int(x) for x in keys], "numpy_pos": int(pos),
+             "numpy_gauss": [int(has_gauss), float(gauss)], "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    random.setstate(ast.literal_eval(state["python"]))
+    has_gauss, gauss = state.get("numpy_gauss", [0, 0.0])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], has_gauss, gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def check_compatible(state: dict[str, Any], expected: dict[str, Any], folder: Path | str = "") -> None:
+    """Raise CheckpointError when settings saved in `state["resume_key"]` differ from `expected`."""
+    saved = state.get("resume_key", {})
+    diff = [f"{k}: checkpoint {saved[k]!r}, now {v!r}" for k, v in expected.items() if k in saved and saved[k] != v]
+    if diff:
+        raise CheckpointError(f"--resume: checkpoint {folder} was written with other settings ({'; '.join(diff)}); "
+                              f"resume with the same settings or start a new --output_dir")
+
+
+def save(output_dir: str, engines: dict[str, Any], state: dict[str, Any]) -> Path:
+    """Write a checkpoint of `engines` and `state` (JSON-able) for step state["step"]; all ranks call it."""
+    root = Path(output_dir) / "checkpoints"
+    folder = root / f"step{state['step']}"
+    if dist.is_rank0() and folder.exists():
+        shutil.rmtree(folder)
+    dist.barrier()
+    for name, engine in engines.items():
+        engine.save_checkpoint(str(folder / name), tag="state", save_latest=False)
+    rngs = dist.all_gather_object(_rng_state())
+    if dist.is_rank0():
+        tmp = folder / "state.json.tmp"
+        tmp.write_text(json.dumps({**state, "world_size": dist.world_size(), "rng": rngs}))
+        tmp.replace(folder / "state.json")
+        (root / "latest.tmp").write_text(folder.name)
+        (root / "latest.tmp").replace(root / "latest")
+        for old in root.glob("step*"):  # keep only the newest complete checkpoint
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return folder
+
+
+def latest(output_dir: str) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    root = Path(output_dir) / "checkpoints"
+    name = (root / "latest").read_text().strip() if (root / "latest").exists() else None
+    if name and (root / name / "state.json").exists():
+        return root / name
+    done = sorted((p for p in root.glob("step*") if (p / "state.json").exists()),
+                  key=lambda p: int(p.name[4:]))
+    return done[-1] if done else None
+
+
+def load(folder: Path, engines: dict[str, Any]) -> dict[str, Any]:
+    """Restore `engines` and this rank's RNG from `folder`; returns the saved state."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder}/state.json: cannot read: {err}") from err
+    saved_world = state.get("world_size", len(state["rng"]))
+    if saved_world != dist.world_size():
+        raise CheckpointError(f"--resume: checkpoint {folder} was written by {saved_world} rank(s), this run has "
+                              f"{dist.world_size()}; resume with the same number of ranks")
+    for name, engine in engines.items():
+        _use_safe_loader(engine)
+        path, _ = engine.load_checkpoint(str(folder / name), tag="state")
+        if path is None:
+            raise CheckpointError(f"checkpoint {folder / name} could not be loaded")
+    _set_rng_state(state["rng"][dist.rank()])
+    return state
+
+
+def resume_state(output_dir: str | None, engines: dict[str, Any], expected: dict[str, Any]) -> dict[str, Any]:
+    """With --resume: load the latest checkpoint under `output_dir` (or say there is none).
+
+    `expected` holds the settings that fix the data position; a checkpoint written with others is refused.
+    """
+    if not output_dir:
+        raise CheckpointError("--resume needs --output_dir (checkpoints live in <output_dir>/checkpoints)")
+    folder = latest(output_dir)
+    if folder is None:
+        dist.print_rank0(f"--resume: no checkpoint in {output_dir}/checkpoints; starting from scratch")
+        return {"epoch": 0, "batch": 0, "step": 0}
+    # Compare settings before loading engines: a mismatch must not leave half-restored engines behind.
+    try:
+        saved = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder}/state.json: cannot read: {err}") from err
+    check_compatible(saved, expected, folder)
+    dist.print_rank0(f"resuming from {folder}")
+    return load(folder, engines)

@@ -1,0 +1,152 @@
+"""Process-group helpers that also work in a single process without torch.distributed.
+
+Every collective of the package goes through this module. Tensors are moved to the process group's
+communication device first (NCCL only takes CUDA tensors, gloo only CPU ones) and the result comes back
+on the caller's device, so callers never need to know which backend runs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import glob
+import math
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+
+def is_dist() -> bool:
+    """Whether a torch.distributed process group is up."""
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank (0 without a process group)."""
+    return tdist.get_rank() if is_dist() else int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    """Rank within this node (LOCAL_RANK from the launcher, 0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return tdist.get_world_size() if is_dist() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_rank0() -> bool:
+    """Whether this is global rank 0."""
+    return rank() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Start the process group (gloo on CPU, nccl on CUDA), also for a plain single-process `python main.py`."""
+    import deepspeed
+
+    if is_dist():
+        return
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        _skip_shm_op()
+    if "RANK" in os.environ:
+        deepspeed.init_distributed(verbose=False)
+    else:  # not started by a launcher: be a world of one
+        for attempt in range(3):
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            try:
+                deepspeed.init_distributed(verbose=False)
+                break
+            except tdist.DistNetworkError:  # the free port was taken before we bound it; pick another
+                if attempt == 2:
+                    raise
+    atexit.register(_remove_shm_buffers, os.environ.get("MASTER_PORT", ""), rank())
+
+
+def _skip_shm_op() -> None:
+    """A world of one has nothing to all-reduce: skip DeepSpeed's CPU shared-memory op.
+
+    On CPU, DeepSpeed JIT-compiles that op (1-2 minutes on a fresh machine) and maps a 69 MB /dev/shm
+    buffer for every process group, even for a single process; without it, torch.distributed is used.
+    """
+    import importlib
+
+    # importlib, not `import deepspeed.comm.torch as m`: the package's `torch` attribute is torch itself.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch, "build_shm_op"):
+        ds_torch.build_shm_op = lambda: None
+
+
+def _remove_shm_buffers(port: str, this_rank: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce leaves a 69 MB /dev/shm file per rank and port; remove ours."""
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_{this_rank}"):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def barrier() -> None:
+    """Wait for all ranks (no-op in a single process)."""
+    if is_dist():
+        tdist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order."""
+    if not is_dist() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+DEVICE_BACKENDS = {"nccl": "cuda", "hccl": "npu", "xccl": "xpu", "ccl": "xpu"}
+
+
+def comm_device() -> torch.device:
+    """The device the process group's backend communicates from (CUDA for NCCL, CPU for gloo)."""
+    kind = DEVICE_BACKENDS.get(str(tdist.get_backend()).lower()) if is_dist() else None
+    if kind is None:
+        return torch.device("cpu")
+    return torch.device(kind, getattr(torch, kind).current_device())
+
+
+def to_comm(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` on the communication device, for a collective to work on in place."""
+    return t.detach().to(comm_device(), copy=True)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over ranks, on `t`'s device (a new tensor; `t` is left as it was)."""
+    if not (is_dist() and world_size() > 1):
+        return t.detach().clone()
+    work = to_comm(t)
+    tdist.all_reduce(work, op=tdist.ReduceOp.SUM)
+    return work.to(t.device)
+
+
+def shard(items: list[Any]) -> tuple[list[Any], int]:
+    """This rank's share of `items` and how many of them are real.
+
+    Every rank gets the same number of items (ZeRO-3 generation needs every rank to run the same calls);
+    ranks whose share runs past the end are padded with items from the start, which callers ignore.
+    """
+    per_rank = math.ceil(len(items) / world_size())
+    start = rank() * per_rank
+    mine = (items[start: start + per_rank] + items[:per_rank])[:per_rank]
+    return mine, max(0, min(per_rank, len(items) - start))
+
+
+def print_rank0(*args: Any, **kwargs: Any) -> None:
+    """print() on global rank 0 only, flushed."""
+    if is_rank0():
+        print(*args, **kwargs, flush=True)

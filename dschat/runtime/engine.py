@@ -1,0 +1,96 @@
+"""The DeepSpeed door: device, precision, process set-up, optimizer groups and `deepspeed.initialize`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from dschat.runtime import dist
+from dschat.runtime.errors import FlagError
+
+NO_DECAY = ("bias", "layer_norm.weight", "layernorm.weight", "norm.weight", "ln_f.weight")
+
+
+def device() -> torch.device:
+    """This rank's accelerator device (CPU when DeepSpeed picked its CPU accelerator)."""
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device("cpu") if name == "cpu" else torch.device(name, dist.local_rank())
+
+
+def resolve_dtype(dtype: str) -> str:
+    """"auto" -> bf16 on a GPU that supports it, else fp32; fp16 on CPU is an error naming --dtype."""
+    on_cpu = device().type == "cpu"
+    if dtype == "auto":
+        return "bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "fp32"
+    if dtype == "fp16" and on_cpu:
+        raise FlagError("--dtype fp16 is not supported on CPU (DeepSpeed refuses it); use --dtype fp32 or bf16")
+    return dtype
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype for "fp32"/"bf16"/"fp16"."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float, lora_lr: float) -> list[dict[str, Any]]:
+    """Trainable parameters in three groups: decayed, LoRA (own learning rate), not decayed."""
+    groups: dict[str, list[torch.nn.Parameter]] = {"decay": [], "lora": [], "no_decay": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = "lora" if "lora_" in name else "no_decay" if any(k in name for k in NO_DECAY) else "decay"
+        groups[key].append(param)
+    out = [{"params": groups["decay"], "weight_decay": weight_decay},
+           {"params": groups["lora"], "weight_decay": weight_decay, "lr": lora_lr},
+           {"params": groups["no_decay"], "weight_decay": 0.0}]
+    return [g for g in out if g["params"]]
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float, lora_lr: float,
+                 scheduler_type: str, warmup_steps: int, total_steps: int):
+    """deepspeed.initialize with AdamW (betas 0.9, 0.95) and an HF learning-rate schedule."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    params = optimizer_groups(model, weight_decay, lora_lr)
+    if not params:
+        raise FlagError("no trainable parameters (check --only_optimize_lora and the LoRA flags)")
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))
+    scheduler = get_scheduler(scheduler_type, optimizer, num_warmup_steps=warmup_steps,
+                              num_training_steps=max(total_steps, 1))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=ds_config, dist_init_required=False)
+    return engine
+
+
+def build_frozen_engine(model: torch.nn.Module, ds_config: dict):
+    """deepspeed.initialize for a model that is never trained (reference, reward)."""
+    import deepspeed
+
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, dist_init_required=False)
+    engine.eval()
+    return engine
+
+
+def to_device(batch: dict[str, Any], dev: torch.device) -> dict[str, Any]:
+    """Move every tensor of a batch to `dev`."""
+    return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def setup(dtype: str, seed: int | None) -> str:
+    """Process group, seeds and thread count for a training run; returns the resolved dtype."""
+    resolved = resolve_dtype(dtype)  # cheap flag checks before slow imports and the process group
+    from transformers import set_seed
+
+    dist.init_distributed()
+    if "OMP_NUM_THREADS" not in os.environ and device().type == "cpu":
+        # Ranks sharing a CPU must not oversubscribe it: spinning threads made runs 10x slower here.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_ranks, 1)))
+    set_seed(seed if seed is not None else 1234)
+    return resolved

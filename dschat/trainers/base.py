@@ -1,0 +1,129 @@
+"""The run set-up that steps 1 and 2 (and DPO) share: one trained model on one phase's data.
+
+A subclass says which phase and collator it uses, how to build its model and what its loss is; this class
+does the rest: process set-up, tokenizer, cached phase data, loaders, DeepSpeed config and engine (LoRA
+included), progress bar, the shared epoch loop and the saved metrics. The argparse Namespace stops here:
+below this, functions get what they need by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+from dschat.data.loaders import make_loader, steps_per_epoch
+from dschat.data.phases import DataSettings, load_phase_data
+from dschat.models.export import save_hf_model
+from dschat.models.loading import load_tokenizer
+from dschat.models.lora import apply_lora
+from dschat.runtime import dist
+from dschat.runtime.ds_config import get_train_ds_config
+from dschat.runtime.engine import build_engine, device, setup, torch_dtype
+from dschat.runtime.errors import FlagError
+from dschat.runtime.logger import Logger
+from dschat.trainers.loop import LoopSettings, train_epochs
+
+
+def loop_settings(args: argparse.Namespace) -> LoopSettings:
+    """The shared loop's settings from a step's flags."""
+    return LoopSettings(num_train_epochs=args.num_train_epochs,
+                        per_device_train_batch_size=args.per_device_train_batch_size,
+                        gradient_accumulation_steps=args.gradient_accumulation_steps, seed=args.seed,
+                        max_bad_steps=args.max_bad_steps, eval_interval=args.eval_interval,
+                        save_interval=args.save_interval, output_dir=args.output_dir, resume=args.resume,
+                        print_loss=getattr(args, "print_loss", False))
+
+
+class OneModelRun:
+    """Tokenizer, phase data, loaders, one DeepSpeed engine and its training loop."""
+
+    phase: int = 1
+    name: str = "step"
+    shown: tuple[str, ...] = ("loss",)
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.start = args, time.time()
+        self.dtype = setup(args.dtype, args.seed)
+        self.dev = device()
+        self.tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+        self.data_settings = DataSettings(
+            data_path=tuple(args.data_path), data_split=args.data_split, phase=self.phase, seed=args.seed,
+            sft_only_data_path=tuple(getattr(args, "sft_only_data_path", ()) if self.phase == 1 else ()),
+            max_seq_len=args.max_seq_len, train_on_prompt=getattr(args, "train_on_prompt", False))
+        data = load_phase_data(self.data_settings, self.tokenizer, args.data_output_path)
+        self.collator = self.make_collator()
+        self.train_loader = make_loader(data["train"], self.collator, args.per_device_train_batch_size, True,
+                                        args.seed)
+        self.eval_loader = make_loader(data["eval"], self.collator, args.per_device_eval_batch_size, False,
+                                       args.seed)
+        tb = args.tensorboard_path if args.enable_tensorboard else None
+        ds_config = get_train_ds_config(stage=args.zero_stage, dtype=self.dtype,
+                                        micro_batch=args.per_device_train_batch_size, world_size=dist.world_size(),
+                                        grad_accum=args.gradient_accumulation_steps, offload=args.offload,
+                                        tensorboard_path=tb, tb_name=f"{self.name}_model")
+        model = self.build_model(ds_config, torch_dtype(self.dtype))
+        if args.lora_dim > 0:
+            model = apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora,
+                               keep_trainable=self.keep_trainable(model))
+        self.total_steps = args.num_train_epochs * steps_per_epoch(self.train_loader, args.gradient_accumulation_steps)
+        self.engine = build_engine(model, ds_config, args.learning_rate, args.weight_decay, args.lora_learning_rate,
+                                   args.lr_scheduler_type, args.num_warmup_steps, self.total_steps)
+        self.logger = Logger(self.total_steps, self.description(), f"{tb}/{self.name}_tensorboard" if tb else None)
+        self.loop = loop_settings(args)
+        self.history: list[dict[str, Any]] = []
+        self.result: dict[str, Any] = {}
+
+    # --- what a step fills in -------------------------------------------------------------------------------
+    def make_collator(self):
+        """The collator of this step's batches."""
+        raise NotImplementedError
+
+    def build_model(self, ds_config: dict, dtype: torch.dtype) -> torch.nn.Module:
+        """The model to train (loaded inside zero.Init under ZeRO-3)."""
+        raise NotImplementedError
+
+    def keep_trainable(self, model: torch.nn.Module) -> tuple[str, ...]:
+        """Modules that stay fully trainable under LoRA (a reward model's head)."""
+        return ()
+
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, scalars to log) of one batch."""
+        raise NotImplementedError
+
+    def evaluate(self, when: str) -> dict[str, Any]:
+        """Evaluate the current model, append to the history and log it."""
+        raise NotImplementedError
+
+    def description(self) -> str:
+        """Progress-bar label."""
+        return self.name
+
+    # --- shared ---------------------------------------------------------------------------------------------
+    def record(self, metrics: dict[str, Any], when: str) -> dict[str, Any]:
+        """Append an evaluation to the history, log its numbers to TensorBoard and as one line."""
+        metrics["when"] = when
+        self.history.append(metrics)
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        self.logger.scalars(self.engine.global_steps, {f"eval/{k}": v for k, v in numbers.items()})
+        self.logger.write(f"[eval {when}] " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
+        return metrics
+
+    def train(self) -> None:
+        """All epochs, with the periodic evaluations and checkpoints the flags ask for."""
+        self.result = train_epochs(self.engine, self.train_loader, self.loss, self.evaluate, self.loop,
+                                   self.logger, self.dev, shown=self.shown, history=self.history)
+        self.logger.close()
+        if self.result["applied_micro_batches"] == 0 and self.engine.global_steps == 0:
+            raise FlagError(f"{self.name}: no update was applied (--num_train_epochs {self.args.num_train_epochs}, "
+                            f"{self.result['skipped_updates']} skipped as non-finite); nothing was trained, so "
+                            f"nothing is saved")
+
+    def save_model(self, step: int, extra_json: dict[str, Any] | None = None) -> None:
+        """The trained model as a plain HF directory in --output_dir with its metrics (and `extra_json`)."""
+        if self.args.output_dir:
+            metrics = {"step": step, "evals": self.history, **self.result, "wall_time_s": time.time() - self.start}
+            save_hf_model(self.engine, self.tokenizer, self.args.output_dir,
+                          {"dschat_metrics.json": metrics} | (extra_json or {}))

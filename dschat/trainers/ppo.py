@@ -1,0 +1,199 @@
+"""PPO on the RLHF engine: make experience from prompts, then clipped policy (and value) updates.
+
+Tensors of an experience are aligned on answer tokens ("actions"): column t is the t-th answer token,
+its log-prob under actor/ref, the critic's value of the state before it, its reward and advantage.
+Advantages come from the estimator named by --advantage_estimator (`dschat.algos.advantages`); the
+critic exists only when that estimator needs values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dschat.algos.advantages import AdvantageInputs, compute_rewards, get_estimator
+from dschat.algos.kl import make_kl_controller
+from dschat.algos.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
+from dschat.algos.masked import end_scores, masked_mean, masked_sum, masked_whiten
+from dschat.models.heads import token_values
+from dschat.runtime import dist
+from dschat.trainers.loop import NanGuard
+from dschat.trainers.rlhf_engine import RLHFEngine
+from dschat.trainers.rollout import Generator
+
+
+@dataclass(frozen=True)
+class PPOSettings:
+    """Step 3's algorithm settings (DeepSpeed-Chat hard-codes most of them)."""
+
+    advantage_estimator: str = "gae"
+    n_samples_per_prompt: int = 1
+    kl_ctl: float = 0.1
+    target_kl: float | None = None
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"
+    clip_reward_value: float = 5.0
+    normalize_reward: bool = True
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    entropy_coef: float = 0.0
+    unsup_coef: float = 27.8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_answer_seq_len: int = 64
+    fp32_loss: bool = True
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, fp32_loss: bool) -> PPOSettings:
+        """The settings from step 3's flags (same names)."""
+        names = [f for f in cls.__dataclass_fields__ if f != "fp32_loss"]
+        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)}, fp32_loss=fp32_loss)
+
+
+def answer_logits(model, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits [B, A, V] that predict the answer tokens seq[:, P:]."""
+    return model(input_ids=seq, attention_mask=attention_mask, use_cache=False).logits[:, prompt_len - 1: -1]
+
+
+def answer_logprobs(model, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                    with_entropy: bool = False, fp32: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [B, A] of the answer tokens seq[:, P:] under `model` (and their entropies if asked)."""
+    logits = answer_logits(model, seq, attention_mask, prompt_len)
+    logprobs = logprobs_from_logits(logits, seq[:, prompt_len:], upcast=fp32)
+    return logprobs, (entropy_from_logits(logits, upcast=fp32) if with_entropy else None)
+
+
+def answer_values(critic, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """The critic's values [B, A] of the states before each answer token."""
+    return token_values(critic, seq, attention_mask)[:, prompt_len - 1: -1].float()
+
+
+class PPOTrainer:
+    """Experience generation and PPO updates for one RLHFEngine."""
+
+    def __init__(self, engine: RLHFEngine, settings: PPOSettings, hybrid: bool, zero_stage: int,
+                 release_cache: bool = False):
+        self.engine, self.s = engine, settings
+        self.estimator = get_estimator(settings.advantage_estimator)
+        self.tokenizer = engine.tokenizer
+        self.generator = Generator(engine.actor, self.tokenizer, hybrid, zero_stage, release_cache)
+        self.kl_ctl = make_kl_controller(settings.kl_ctl, settings.target_kl, settings.kl_horizon)
+        self.sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
+                         "top_k": 0, "max_new_tokens": settings.max_answer_seq_len}
+
+    def _score(self, seq: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reward-model scores at each sequence's last token: (raw, normalised with step 2's stats if asked)."""
+        raw = end_scores(token_values(self.engine.reward, seq, attention_mask), attention_mask).float()
+        stats = self.engine.reward_stats
+        if self.s.normalize_reward and stats:
+            return raw, (raw - stats["mean"]) / max(stats["std"], 1e-6)
+        return raw, raw
+
+    @torch.no_grad()
+    def generate_experience(self, prompt: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, Any]:
+        """Sample --n_samples_per_prompt answers per prompt and record what PPO needs (log-probs, values, scores)."""
+        start = time.time()
+        n = self.s.n_samples_per_prompt
+        if n > 1:  # a prompt's samples sit next to each other, so a group never spans batches or ranks
+            prompt, prompt_mask = prompt.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
+        rollout = self.generator.generate(prompt, prompt_mask, **self.sampling)
+        gen_time = time.time() - start
+        seq, attention_mask, p = rollout.seq, rollout.attention_mask, rollout.prompt_len
+        e = self.engine
+        e.actor.eval()
+        logprobs, _ = answer_logprobs(e.actor, seq, attention_mask, p, fp32=True)
+        e.actor.train()
+        ref_logprobs, _ = answer_logprobs(e.ref, seq, attention_mask, p, fp32=True)
+        values = None
+        if e.critic is not None:  # old values in eval mode (no dropout), as the actor's old log-probs
+            e.critic.eval()
+            values = answer_values(e.critic, seq, attention_mask, p)
+            e.critic.train()
+        raw_scores, scores = self._score(seq, attention_mask)
+        group = torch.arange(seq.shape[0], device=seq.device) // n  # which prompt of this batch a row answers
+        return {"seq": seq, "attention_mask": attention_mask, "prompt_len": p, "action_mask": rollout.action_mask,
+                "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": scores,
+                "raw_scores": raw_scores, "group": group, "experience_time": time.time() - start,
+                "gen_time": gen_time}
+
+    @torch.no_grad()
+    def add_advantages(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+        """Token rewards (score + KL penalty), the estimator's advantages, whitened over every batch and rank."""
+        s = self.s
+        sums = torch.zeros(4, dtype=torch.float64)  # KL, raw score, normalised score, sequences
+        for exp in batches:
+            rewards, kl = compute_rewards(exp["logprobs"], exp["ref_logprobs"], exp["action_mask"], exp["scores"],
+                                          self.kl_ctl.value, s.clip_reward_value, s.kl_estimator)
+            inputs = AdvantageInputs(rewards=rewards, action_mask=exp["action_mask"],
+                                     scores=exp["scores"].float().clamp(-s.clip_reward_value, s.clip_reward_value),
+                                     group=exp["group"], values=exp["values"], gamma=s.gamma, lam=s.lam)
+            exp["advantages"], exp["returns"] = self.estimator.fn(inputs)
+            sums += torch.stack([masked_sum(kl, exp["action_mask"]).double().cpu(),
+                                 exp["raw_scores"].double().sum().cpu(), exp["scores"].double().sum().cpu(),
+                                 torch.tensor(exp["scores"].numel(), dtype=torch.float64)])
+        if self.estimator.whiten:  # over the whole rollout (all buffered batches, all ranks), not per micro-batch
+            flat_adv = torch.cat([exp["advantages"].flatten() for exp in batches])
+            flat_mask = torch.cat([exp["action_mask"].flatten() for exp in batches])
+            whitened = masked_whiten(flat_adv, flat_mask)
+            offset = 0
+            for exp in batches:
+                n = exp["advantages"].numel()
+                exp["advantages"] = whitened[offset: offset + n].view_as(exp["advantages"])
+                offset += n
+        kl_sum, raw_sum, score_sum, n_seq = dist.all_reduce_sum(sums).tolist()
+        self.kl_ctl.update(kl_sum / n_seq, int(n_seq))
+        out = {"kl": kl_sum / n_seq, "reward_score": raw_sum / n_seq, "kl_coef": self.kl_ctl.value}
+        if self.s.normalize_reward and self.engine.reward_stats:
+            out["reward_score_normalised"] = score_sum / n_seq
+        return out
+
+    def train_rlhf(self, exp: dict[str, Any], guard: NanGuard) -> dict[str, float] | None:
+        """One PPO update of the actor (and the critic) on a micro-batch; None when skipped as non-finite.
+
+        Both losses are checked (on every rank) before any backward, so a NaN update is never applied, and
+        actor and critic are skipped together.
+        """
+        s, e = self.s, self.engine
+        mask, p = exp["action_mask"], exp["prompt_len"]
+        # Normalise by the global token count so the loss does not depend on how the batch is sharded.
+        tokens = dist.all_reduce_sum(mask.sum().double().reshape(1)).item() / dist.world_size()
+        logprobs, entropy = answer_logprobs(e.actor, exp["seq"], exp["attention_mask"], p, s.entropy_coef > 0,
+                                            s.fp32_loss)
+        pg_loss, stats = policy_loss(logprobs, exp["logprobs"], exp["advantages"], mask, s.cliprange,
+                                     token_count=tokens)
+        actor_loss = pg_loss
+        if entropy is not None:
+            actor_loss = actor_loss - s.entropy_coef * masked_sum(entropy, mask) / tokens
+        losses = [actor_loss]
+        if e.critic is not None:
+            values = answer_values(e.critic, exp["seq"], exp["attention_mask"], p)
+            vf_loss, vf_stats = value_loss(values, exp["values"], exp["returns"], mask, s.cliprange_value,
+                                           token_count=tokens)
+            losses.append(vf_loss)
+            stats |= vf_stats | {"critic_loss": vf_loss.detach()}
+        if not guard.ok(*losses):
+            return None
+        e.actor.backward(actor_loss)
+        e.actor.step()
+        if e.critic is not None:
+            e.critic.backward(losses[1])
+            e.critic.step()
+        stats["actor_loss"] = pg_loss.detach()
+        if entropy is not None:
+            stats["entropy"] = masked_mean(entropy.detach(), mask)
+        return {k: float(v) for k, v in stats.items()}
+
+    def train_unsupervised(self, batch: dict[str, torch.Tensor], guard: NanGuard) -> float | None:
+        """PTX: language-model loss on unsupervised text, scaled by --unsup_coef (None when non-finite)."""
+        loss = self.engine.actor(**batch, use_cache=False).loss * self.s.unsup_coef
+        if not guard.ok(loss):
+            return None
+        self.engine.actor.backward(loss)
+        self.engine.actor.step()
+        return loss.item()

@@ -1,0 +1,252 @@
+"""Step 3 as named stages: data, engines, the rollout/update loop, evaluation and saving."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from dschat.algos.advantages import get_estimator
+from dschat.algos.kl import exact_kl
+from dschat.algos.masked import end_scores
+from dschat.data.builtin_task import heldout_chosen_judge, heldout_prompts, judge
+from dschat.data.collators import PromptCollator
+from dschat.data.loaders import make_loader
+from dschat.data.phases import DataSettings, load_phase_data
+from dschat.data.ptx import unsupervised_loader
+from dschat.models.export import save_hf_model
+from dschat.models.heads import token_values
+from dschat.models.loading import load_tokenizer
+from dschat.runtime import checkpoint, dist
+from dschat.runtime.engine import device, setup, to_device
+from dschat.runtime.errors import FlagError
+from dschat.runtime.logger import Logger
+from dschat.trainers.loop import NanGuard
+from dschat.trainers.ppo import PPOSettings, PPOTrainer, answer_logits
+from dschat.trainers.rlhf_engine import RLHFEngine, check_same_tokenizer
+from dschat.trainers.rollout import decode_answers, encode_prompts, generate_rollout
+
+
+class RLHFRun:
+    """One PPO run: prompts, engines, trainer, evaluation history."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.start = args, time.time()
+        self.dtype = setup(args.dtype, args.seed)
+        self.dev = device()
+        self.tokenizer = load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code, padding_side="left")
+        check_same_tokenizer(self.tokenizer, args.actor_model_name_or_path, args.critic_model_name_or_path,
+                             args.trust_remote_code)
+        self.data_settings = DataSettings(data_path=tuple(args.data_path), data_split=args.data_split, phase=3,
+                                          seed=args.seed, max_prompt_len=args.max_prompt_seq_len)
+        data = load_phase_data(self.data_settings, self.tokenizer, args.data_output_path)
+        self.prompt_loader = make_loader(data["train"], PromptCollator(self.tokenizer.pad_token_id),
+                                         args.per_device_generation_batch_size, True, args.seed)
+        self.unsup_loader = None
+        if args.unsupervised_dataset_name:
+            self.unsup_loader = unsupervised_loader(args.unsupervised_dataset_name,
+                                                    args.unsupervised_dataset_config_name, self.tokenizer,
+                                                    args.max_prompt_seq_len + args.max_answer_seq_len,
+                                                    args.per_device_training_batch_size, args.seed)
+        self.ptx_drawn = 0  # PTX batches used so far (restored on resume, so no text is used twice)
+        self._ptx: Iterator | None = None
+        self.batches_per_epoch = len(self.prompt_loader)
+        rows_per_rollout = args.per_device_generation_batch_size * args.generation_batches * args.n_samples_per_prompt
+        micro_per_rollout = rows_per_rollout // args.per_device_training_batch_size
+        cycles = args.num_train_epochs * self.batches_per_epoch // args.generation_batches
+        total = max(1, cycles * micro_per_rollout * args.ppo_epochs // args.gradient_accumulation_steps)
+        estimator = get_estimator(args.advantage_estimator)
+        self.engine = RLHFEngine(args, self.tokenizer, self.dtype, total, with_critic=estimator.needs_critic)
+        # DeepSpeed-Chat's --compute_fp32_loss: without it the actor's log-probs keep the model's dtype.
+        settings = PPOSettings.from_args(args, fp32_loss=args.compute_fp32_loss or self.dtype == "fp32")
+        self.trainer = PPOTrainer(self.engine, settings, args.enable_hybrid_engine, args.actor_zero_stage,
+                                  args.release_inference_cache)
+        self.builtin = self.data_settings.uses_builtin
+        self.prompts = heldout_prompts(n=args.num_judge_prompts) if self.builtin else \
+            [self.tokenizer.decode(r["prompt_ids"], skip_special_tokens=True)
+             for r in data["eval"].select(range(min(args.num_judge_prompts, len(data["eval"]))))]
+        tb = f"{args.tensorboard_path}/step3_tensorboard" if args.enable_tensorboard else None
+        self.logger = Logger(cycles, "step3 PPO", tb)
+        self.history: list[dict[str, Any]] = []
+        self.guard = NanGuard(args.max_bad_steps)
+        self.step = 0
+        self.updates = 0  # actor updates applied (a run that applies none saves nothing)
+
+    @torch.no_grad()
+    def evaluate(self, when: str) -> dict[str, Any]:
+        """Greedy answers to held-out prompts: raw reward score, KL to the reference, and the judge (builtin)."""
+        a, e = self.args, self.engine
+        model, synced = self.trainer.generator.model_for_eval()
+        mine, n_real = dist.shard(self.prompts)
+        sums = torch.zeros(4, dtype=torch.float64)
+        examples = []
+        for start in range(0, len(mine), a.per_device_generation_batch_size):
+            batch = mine[start:start + a.per_device_generation_batch_size]
+            prompt, prompt_mask = encode_prompts(self.tokenizer, batch, self.dev)
+            r = generate_rollout(model, self.tokenizer, prompt, prompt_mask, synced, do_sample=False,
+                                 max_new_tokens=a.max_answer_seq_len)
+            e.actor.eval()
+            kl = exact_kl(answer_logits(e.actor, r.seq, r.attention_mask, r.prompt_len),
+                          answer_logits(e.ref, r.seq, r.attention_mask, r.prompt_len)) * r.action_mask
+            e.actor.train()
+            scores = end_scores(token_values(e.reward, r.seq, r.attention_mask), r.attention_mask).float()
+            answers = decode_answers(self.tokenizer, r)
+            valid = torch.tensor([start + i < n_real for i in range(len(batch))], dtype=torch.float64)
+            judged = torch.tensor([judge(q, ans) if self.builtin else 0.0 for q, ans in zip(batch, answers)],
+                                  dtype=torch.float64)
+            sums += torch.stack([(scores.double().cpu() * valid).sum(), (kl.sum(1).double().cpu() * valid).sum(),
+                                 (judged * valid).sum(), valid.sum()])
+            examples += list(zip(batch, answers))[:2]
+        s = dist.all_reduce_sum(sums)
+        metrics = {"when": when, "reward_score": (s[0] / s[3]).item(), "kl": (s[1] / s[3]).item()}
+        if self.builtin:
+            metrics["judge"] = (s[2] / s[3]).item()
+        self.history.append(metrics)
+        self.logger.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items() if k != "when"})
+        for prompt, answer in examples[:2]:
+            self.logger.write(f"  {prompt!r} -> {answer!r}")
+        self.logger.write(f"[eval {when}] " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "when"))
+        return metrics
+
+    def _next_ptx(self) -> dict[str, torch.Tensor]:
+        """The next PTX batch; the text loader starts a new (reshuffled) pass when one ends."""
+        while True:
+            if self._ptx is None:
+                self.unsup_loader.sampler.set_epoch(self.ptx_drawn)
+                self._ptx = iter(self.unsup_loader)
+            try:
+                batch = next(self._ptx)
+                self.ptx_drawn += 1
+                return to_device(batch, self.dev)
+            except StopIteration:
+                self._ptx = None
+
+    def train(self) -> None:
+        """Epochs of: generate --generation_batches rollouts, then --ppo_epochs of PPO updates over them."""
+        a = self.args
+        # Settings that fix the data position; a resumed run must use the same ones.
+        key = {"world_size": dist.world_size(), "per_device_generation_batch_size": a.per_device_generation_batch_size,
+               "generation_batches": a.generation_batches, "seed": a.seed, "batches_per_epoch": self.batches_per_epoch}
+        state = {"epoch": 0, "batch": 0}
+        if a.resume:
+            state = checkpoint.resume_state(a.output_dir, self.engine.trained_engines(), key)
+            # The first run's evaluations (its "start (SFT)" one included) replace the resumed model's.
+            self.history[:] = state.get("history", self.history)
+            if "kl_ctl" in state:
+                self.trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+                self.step = state["step"]
+                self.updates = state.get("updates", self.step)
+            for _ in range(state.get("ptx_drawn", 0)):  # the same PTX text order as an uninterrupted run
+                self._next_ptx()
+        stop = False
+        for epoch in range(state["epoch"], a.num_train_epochs):
+            self.prompt_loader.sampler.set_epoch(epoch)
+            buffer: list[dict[str, Any]] = []
+            for i, batch in enumerate(self.prompt_loader):
+                if epoch == state["epoch"] and i < state["batch"]:
+                    continue
+                batch = to_device(batch, self.dev)
+                buffer.append(self.trainer.generate_experience(batch["prompt"], batch["prompt_att_mask"]))
+                if len(buffer) < a.generation_batches:
+                    continue
+                self._update(buffer)
+                if a.print_answers and self.step % a.print_answers_interval == 0:
+                    exp = buffer[-1]
+                    self.logger.write(f"  sample: {self.tokenizer.decode(exp['seq'][0], skip_special_tokens=True)!r}")
+                buffer = []
+                if a.save_interval and a.output_dir and self.step % a.save_interval == 0:
+                    checkpoint.save(a.output_dir, self.engine.trained_engines(),
+                                    {"epoch": epoch, "batch": i + 1, "step": self.step, "updates": self.updates,
+                                     "kl_ctl": self.trainer.kl_ctl.state_dict(), "resume_key": key,
+                                     "history": self.history, "ptx_drawn": self.ptx_drawn})
+                if a.enable_test_mode and self.step >= a.test_stop_step:
+                    stop = True
+                    break
+            self.evaluate(f"epoch {epoch + 1}")
+            if stop:
+                break
+        self.logger.close()
+
+    def _update(self, buffer: list[dict[str, Any]]) -> None:
+        """PPO epochs over the buffered experience, in micro-batches of --per_device_training_batch_size."""
+        a = self.args
+        rollout = self.trainer.add_advantages(buffer)
+        start = time.time()
+        micro = split_micro_batches(buffer, a.per_device_training_batch_size)
+        stats: list[dict[str, float]] = []
+        for _ in range(a.ppo_epochs):
+            for mb in micro:
+                s = self.trainer.train_rlhf(mb, self.guard)
+                if s is None:
+                    self.logger.write(f"non-finite PPO loss: update skipped ({self.guard.total} in all)")
+                    continue
+                self.updates += 1
+                if self.unsup_loader is not None:  # each PPO micro-batch gets its own PTX micro-batch
+                    unsup = self.trainer.train_unsupervised(self._next_ptx(), self.guard)
+                    if unsup is not None:
+                        s["unsup_loss"] = unsup
+                self.engine.update_ema()
+                stats.append(s)
+        train_time = time.time() - start
+        self.step += 1
+        gen_time = sum(b["gen_time"] for b in buffer)  # sampling only
+        experience_time = sum(b["experience_time"] for b in buffer)  # sampling + the models' forwards
+        answer_tokens = sum(b["action_mask"].sum().item() for b in buffer)
+        trained_tokens = sum(b["attention_mask"].sum().item() for b in micro) * a.ppo_epochs
+        logged = {k: sum(s[k] for s in stats if k in s) / max(len(stats), 1) for k in (stats[0] if stats else {})}
+        logged |= rollout | {
+            "answer_len": answer_tokens / sum(b["scores"].numel() for b in buffer),
+            "gen_time_s": gen_time, "experience_time_s": experience_time, "train_time_s": train_time,
+            "gen_tokens_per_s": answer_tokens / max(gen_time, 1e-9),
+            "train_tokens_per_s": trained_tokens / max(train_time, 1e-9)}
+        self.logger.step(self.step, {f"train/{k}": v for k, v in logged.items()},
+                         ("train/reward_score", "train/kl", "train/answer_len", "train/gen_time_s",
+                          "train/train_time_s"))
+
+    def save(self) -> None:
+        """critic, actor_ema and (last, with the metrics) actor as plain HF directories, LoRA merged."""
+        a = self.args
+        if self.updates == 0 and self.step == 0:
+            raise FlagError(f"step 3: no PPO update was applied ({self.guard.total} skipped as non-finite); nothing "
+                            f"was trained, so nothing is saved")
+        if not a.output_dir:
+            return
+        metrics = {"step": 3, "evals": self.history, "wall_time_s": time.time() - self.start,
+                   "skipped_updates": self.guard.total, "advantage_estimator": a.advantage_estimator,
+                   "critic": self.engine.critic is not None}
+        if self.builtin:
+            metrics["chosen_judge"] = heldout_chosen_judge(len(self.prompts))
+        # The actor's completion marker is written last: it is the one e2e takes as "step 3 done".
+        if self.engine.critic is not None:
+            save_hf_model(self.engine.critic, self.tokenizer, f"{a.output_dir}/critic")
+        if self.engine.ema is not None:
+            save_hf_model(self.engine.ema, self.tokenizer, f"{a.output_dir}/actor_ema")
+        save_hf_model(self.engine.actor, self.tokenizer, f"{a.output_dir}/actor", {"dschat_metrics.json": metrics})
+
+    def summary(self) -> str:
+        """SFT vs RLHF on held-out prompts, next to the chosen demonstrations' judge score."""
+        first, last = self.history[0], self.history[-1]
+        lines = [f"step 3 done in {time.time() - self.start:.0f}s ({self.step} PPO steps, "
+                 f"{self.args.advantage_estimator})",
+                 f"{'held-out prompts':<22}{'SFT (start)':>14}{'RLHF (end)':>14}",
+                 f"{'reward score':<22}{first['reward_score']:>14.3f}{last['reward_score']:>14.3f}",
+                 f"{'KL to reference':<22}{first['kl']:>14.3f}{last['kl']:>14.3f}"]
+        if self.builtin:
+            lines.append(f"{'judge score':<22}{first['judge']:>14.3f}{last['judge']:>14.3f}")
+            lines.append(f"judge score of the chosen demonstrations for these prompts: "
+                         f"{heldout_chosen_judge(len(self.prompts)):.3f}")
+        return "\n".join(lines)
+
+
+def split_micro_batches(buffer: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+    """Re-cut buffered experience batches into micro-batches of `size` rows (tensors only split on dim 0)."""
+    out = []
+    for exp in buffer:
+        n = exp["seq"].shape[0]
+        for s in range(0, n, size):
+            out.append({k: v[s:s + size] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+                        for k, v in exp.items()})
+    return out

@@ -1,0 +1,135 @@
+"""The four (or five) models of PPO RLHF, each its own DeepSpeed engine.
+
+actor   step-1 model, trained (ZeRO --actor_zero_stage, optional LoRA)
+ref     frozen copy of the step-1 model (ZeRO-3 when the actor is ZeRO-3, else 0)
+critic  step-2 reward model, trained, per-token values (ZeRO --critic_zero_stage, optional LoRA);
+        only for estimators that need values (gae)
+reward  frozen step-2 reward model (ZeRO-3 when the critic is ZeRO-3, else 0)
+ema     optional exponential moving average of the actor (--enable_ema)
+This module only builds them; how PPO uses them lives in ppo.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from dschat.models.heads import create_reward_model
+from dschat.models.loading import create_hf_model, load_tokenizer, read_json, split_model_path
+from dschat.models.lora import apply_lora
+from dschat.runtime import dist
+from dschat.runtime.ds_config import get_eval_ds_config, get_train_ds_config
+from dschat.runtime.engine import build_engine, build_frozen_engine, torch_dtype
+from dschat.runtime.errors import FlagError
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of a tokenizer's vocabulary and special tokens (equal fingerprints = same token ids)."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    return hashlib.sha256((vocab + json.dumps(special)).encode()).hexdigest()
+
+
+def check_same_tokenizer(actor_tokenizer, actor_path: str, critic_path: str, trust_remote_code: bool) -> None:
+    """Actor and critic read the same token ids, so they must share a tokenizer; a clear error if not."""
+    critic_tokenizer = load_tokenizer(critic_path, trust_remote_code)
+    if tokenizer_fingerprint(actor_tokenizer) != tokenizer_fingerprint(critic_tokenizer):
+        raise FlagError(f"--actor_model_name_or_path ({actor_path}) and --critic_model_name_or_path "
+                        f"({critic_path}) use different tokenizers (vocabulary or special tokens differ); "
+                        f"PPO scores the actor's token ids with the critic, so both must come from one family")
+
+
+class RLHFEngine:
+    """Builds actor, ref, (ema,) (critic,) and reward engines from step-1 and step-2 outputs.
+
+    `with_critic` comes from the advantage estimator: critic-free estimators build no critic at all.
+    """
+
+    def __init__(self, args: argparse.Namespace, tokenizer, dtype: str, total_steps: int, with_critic: bool = True):
+        self.args, self.tokenizer, self.dtype = args, tokenizer, dtype
+        self.torch_dtype = torch_dtype(dtype)
+        world = dist.world_size()
+        tb = args.tensorboard_path if args.enable_tensorboard else None
+        micro = args.per_device_training_batch_size
+
+        def train_cfg(stage: int, grad_accum: int, name: str) -> dict:
+            return get_train_ds_config(stage=stage, dtype=dtype, micro_batch=micro, world_size=world,
+                                       grad_accum=grad_accum, offload=args.offload, tensorboard_path=tb,
+                                       tb_name=name)
+
+        self.actor = self._actor(train_cfg(args.actor_zero_stage, args.actor_gradient_accumulation_steps,
+                                           "step3_actor"), total_steps)
+        # ref and ema share one frozen-engine config (each engine gets its own copy of the dict).
+        ref_stage = 3 if args.actor_zero_stage == 3 else 0
+        ref_cfg = get_eval_ds_config(stage=ref_stage, dtype=dtype, world_size=world,
+                                     offload=args.offload_reference_model)
+        self.ref = build_frozen_engine(self._causal_lm(copy.deepcopy(ref_cfg)), copy.deepcopy(ref_cfg))
+        self.ema = None
+        if args.enable_ema:
+            ema = self._causal_lm(copy.deepcopy(ref_cfg))
+            if args.actor_lora_dim > 0:
+                ema = apply_lora(ema, args.actor_lora_dim, args.actor_lora_module_name, True, "--actor_lora_module_name")
+            self.ema = build_frozen_engine(ema, copy.deepcopy(ref_cfg))
+        self.critic = None
+        if with_critic:
+            self.critic = self._critic(train_cfg(args.critic_zero_stage, args.gradient_accumulation_steps,
+                                                 "step3_critic"), total_steps)
+        reward_stage = 3 if args.critic_zero_stage == 3 else 0
+        reward_cfg = get_eval_ds_config(stage=reward_stage, dtype=dtype, world_size=world,
+                                        offload=args.offload_reward_model)
+        self.reward = build_frozen_engine(self._reward_model(reward_cfg), reward_cfg)
+        directory, _ = split_model_path(args.critic_model_name_or_path)
+        self.reward_stats = read_json(f"{directory}/reward_stats.json")
+        if args.normalize_reward and not self.reward_stats:
+            dist.print_rank0(f"note: {directory} has no reward_stats.json (not a dschat step-2 output), so reward "
+                             f"scores are used unnormalised")
+
+    def trained_engines(self) -> dict[str, Any]:
+        """The engines a checkpoint holds: actor, critic (if any), ema (if any)."""
+        engines = {"actor": self.actor, "critic": self.critic, "ema": self.ema}
+        return {k: v for k, v in engines.items() if v is not None}
+
+    def _causal_lm(self, ds_config: dict, dropout: float | None = None, grad_ckpt: bool = False):
+        return create_hf_model(AutoModelForCausalLM, self.args.actor_model_name_or_path, self.tokenizer, ds_config,
+                               self.torch_dtype, dropout, grad_ckpt, self.args.trust_remote_code)
+
+    def _reward_model(self, ds_config: dict, dropout: float | None = None, grad_ckpt: bool = False):
+        return create_reward_model(self.args.critic_model_name_or_path, self.tokenizer, ds_config, self.torch_dtype,
+                                   dropout, self.args.trust_remote_code, gradient_checkpointing=grad_ckpt)
+
+    def _actor(self, ds_config: dict, total_steps: int):
+        a = self.args
+        model = self._causal_lm(ds_config, a.actor_dropout, a.actor_gradient_checkpointing)
+        if a.actor_lora_dim > 0:
+            model = apply_lora(model, a.actor_lora_dim, a.actor_lora_module_name, a.only_optimize_lora,
+                               "--actor_lora_module_name")
+        return build_engine(model, ds_config, a.actor_learning_rate, a.actor_weight_decay, a.actor_lora_learning_rate,
+                            a.lr_scheduler_type, a.num_warmup_steps, total_steps)
+
+    def _critic(self, ds_config: dict, total_steps: int):
+        a = self.args
+        model = self._reward_model(ds_config, a.critic_dropout, a.critic_gradient_checkpointing)
+        if a.critic_lora_dim > 0:
+            model = apply_lora(model, a.critic_lora_dim, a.critic_lora_module_name, a.only_optimize_lora,
+                               "--critic_lora_module_name", keep_trainable=("score",))
+        return build_engine(model, ds_config, a.critic_learning_rate, a.critic_weight_decay,
+                            a.critic_lora_learning_rate, a.lr_scheduler_type, a.num_warmup_steps, total_steps)
+
+    @torch.no_grad()
+    def update_ema(self, beta: float = 0.992) -> None:
+        """ema <- beta * ema + (1 - beta) * actor, parameter by parameter (ZeRO-3 partitions gathered)."""
+        import deepspeed
+
+        if self.ema is None:
+            return
+        pairs = zip(self.actor.module.parameters(), self.ema.module.parameters())
+        for param, ema_param in pairs:
+            zero3 = [p for p in (param, ema_param) if hasattr(p, "ds_id")]
+            with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0, enabled=bool(zero3)):
+                ema_param.data.copy_(torch.lerp(param.data.to(ema_param.dtype), ema_param.data, beta))

@@ -1,0 +1,150 @@
+"""Rollout generation for the actor, with and without our hybrid generation mode.
+
+DeepSpeed's HybridEngine breaks on modern transformers decoders, so `--enable_hybrid_engine` gives the
+actor a generation mode of our own: once per rollout the actor's weights are gathered (all ZeRO-3
+partitions in one collective, LoRA folded in) and copied into a plain Hugging Face twin of the model that
+lives outside DeepSpeed: no ZeRO forward hooks, no gradient checkpointing, dropout off, KV cache on. The
+training engine itself is not touched, so the actor goes back to training exactly as it was.
+Measured on CPU, the hooks (not the gathers) are what make ZeRO-3 generation slow; the twin avoids them.
+Cost: one extra full copy of the actor's weights on each rank while it exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from dschat.algos.masked import action_mask_from_tokens
+from dschat.data.collators import pad_sequences
+from dschat.data.phases import prompt_ids
+from dschat.models.export import unwrap
+from dschat.models.lora import merge_lora_state_dict
+from dschat.runtime import dist
+
+
+@dataclass
+class Rollout:
+    """Generated sequences, cut after each answer's first EOS.
+
+    seq [B, P + A] (left-padded prompt, answer, pad after the EOS), attention_mask [B, P + A],
+    action_mask [B, A] (1 on answer tokens through the first EOS), prompt_len P.
+    """
+
+    seq: torch.Tensor
+    attention_mask: torch.Tensor
+    action_mask: torch.Tensor
+    prompt_len: int
+
+
+def encode_prompts(tokenizer, prompts: list[str], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids [B, P] and their attention mask, so that every answer starts at column P."""
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    return (pad_sequences(ids, tokenizer.pad_token_id, left=True).to(dev),
+            pad_sequences([[1] * len(i) for i in ids], 0, left=True).to(dev))
+
+
+def finish_rollout(prompt: torch.Tensor, prompt_mask: torch.Tensor, seq: torch.Tensor, eos_token_id: int,
+                   pad_token_id: int) -> Rollout:
+    """Mask what `generate` wrote after each answer's first EOS: neither an action nor attended to."""
+    p = prompt.shape[1]
+    action_mask = action_mask_from_tokens(seq[:, p:], eos_token_id, pad_token_id)
+    answer = torch.where(action_mask.bool(), seq[:, p:], pad_token_id)
+    return Rollout(torch.cat([prompt, answer], dim=1), torch.cat([prompt_mask, action_mask.long()], dim=1),
+                   action_mask, p)
+
+
+@torch.no_grad()
+def generate_rollout(model, tokenizer, prompt: torch.Tensor, prompt_mask: torch.Tensor, synced: bool = False,
+                     **generate_kwargs) -> Rollout:
+    """`model.generate` on left-padded prompts (in eval mode), cut after each first EOS."""
+    was_training = model.training
+    model.eval()
+    try:
+        seq = model.generate(prompt, attention_mask=prompt_mask, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced, **generate_kwargs)
+    finally:
+        model.train(was_training)
+    return finish_rollout(prompt, prompt_mask, seq, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def decode_answers(tokenizer, rollout: Rollout) -> list[str]:
+    """The answer texts of a rollout (special tokens dropped)."""
+    return tokenizer.batch_decode(rollout.seq[:, rollout.prompt_len:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                     dev: torch.device, synced: bool = False) -> list[str]:
+    """Greedy answers to `prompts` in batches; `synced` for ZeRO-3 modules on several ranks."""
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        prompt, mask = encode_prompts(tokenizer, prompts[start: start + batch_size], dev)
+        rollout = generate_rollout(model, tokenizer, prompt, mask, synced, max_new_tokens=max_new_tokens,
+                                   do_sample=False)
+        answers += decode_answers(tokenizer, rollout)
+    return answers
+
+
+def _gather_all(module: torch.nn.Module):
+    """Context in which every ZeRO-3 parameter of `module` is whole on every rank (no-op otherwise)."""
+    import deepspeed
+
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None) if params else contextlib.nullcontext()
+
+
+class Generator:
+    """Samples answers from the actor engine: plain `generate` on the engine's module, or the hybrid twin."""
+
+    def __init__(self, actor_engine, tokenizer, hybrid: bool, zero_stage: int, release_cache: bool = False):
+        self.actor, self.tokenizer, self.hybrid, self.release_cache = actor_engine, tokenizer, hybrid, release_cache
+        self.synced = zero_stage == 3 and dist.world_size() > 1
+        self.twin: torch.nn.Module | None = None
+
+    def _refresh_twin(self) -> torch.nn.Module:
+        """Copy the actor's current weights (gathered, LoRA merged) into the hook-free twin."""
+        module = unwrap(self.actor)
+        with _gather_all(module), torch.no_grad():
+            state = {n: p.data for n, p in module.named_parameters()}
+            state.update({n: b for n, b in module.named_buffers()})
+            if hasattr(module, "peft_config"):
+                state = merge_lora_state_dict(state, module.peft_config["default"])
+            if self.twin is None:
+                base = module.get_base_model() if hasattr(module, "peft_config") else module
+                config = base.config.__class__.from_dict(base.config.to_dict())
+                config.use_cache = True
+                for key in ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout"):
+                    if hasattr(config, key):
+                        setattr(config, key, 0.0)
+                dtype = next(iter(state.values())).dtype
+                with torch.random.fork_rng(devices=[]):  # building must not shift the sampling RNG
+                    twin = type(base)._from_config(config, dtype=dtype)
+                self.twin = twin.to(next(iter(state.values())).device)
+                self.twin.generation_config = base.generation_config
+                self.twin.requires_grad_(False).eval()
+            missing, _ = self.twin.load_state_dict(state, strict=False)
+            tied = set(getattr(self.twin, "_tied_weights_keys", None) or [])
+            real_missing = [k for k in missing if k not in tied and "lm_head" not in k]
+            if real_missing:
+                raise RuntimeError(f"hybrid generation: actor weights missing in twin: {real_missing[:5]}")
+        return self.twin
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, **sampling) -> Rollout:
+        """Answers to left-padded prompts, cut after the first EOS; `sampling` goes to HF generate."""
+        if self.hybrid:
+            rollout = generate_rollout(self._refresh_twin(), self.tokenizer, prompt, prompt_mask, use_cache=True,
+                                       **sampling)
+            if self.release_cache:
+                self.twin = None
+            return rollout
+        return generate_rollout(unwrap(self.actor), self.tokenizer, prompt, prompt_mask, self.synced,
+                                use_cache=True, **sampling)
+
+    def model_for_eval(self) -> tuple[torch.nn.Module, bool]:
+        """(model, synced) to run greedy evaluation with: the refreshed twin in hybrid mode."""
+        if self.hybrid:
+            return self._refresh_twin(), False
+        return unwrap(self.actor), self.synced
