@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+from tests.helpers import LAUNCHER_VARS
 
 
 @pytest.fixture(autouse=True)

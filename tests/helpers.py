@@ -20,16 +20,20 @@ QUICK_STEP1 = ["--data_split", "1,2,97", "--max_seq_len", "64", "--eval_iters", 
                "--max_new_tokens", "12"]
 
 
-def env() -> dict[str, str]:
-    """Subprocess environment: one thread per process (2 cores shared by ranks), no tokenizer threads."""
+# What the deepspeed launcher (or an in-process world of one) puts in the environment.
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "CROSS_RANK", "CROSS_SIZE")
+
+
+def env(**extra: str) -> dict[str, str]:
+    """Subprocess environment: one thread per process (2 cores shared by ranks), no hub, no tokenizer threads,
+    this interpreter's bin first on PATH, without test hooks or launcher variables; plus `extra`."""
     # This interpreter's bin first: DeepSpeed's JIT-built CPU op is rebuilt whenever the ninja on PATH changes.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     # In-process tests start a world of one; its RANK/MASTER_PORT must not leak into child runs.
-    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                     "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
-    base = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("DSCHAT_TEST_")}
     return base | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-                         "PATH": path}
+                   "HF_HUB_OFFLINE": "1", "PATH": path} | extra
 
 
 def free_port() -> int:

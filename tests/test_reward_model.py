@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,28 +23,16 @@ from dschat.data.phases import phase_rows, tokenize_row  # noqa: E402
 from dschat.models.builtin import BUILTIN_MODEL_DIR  # noqa: E402
 from dschat.models.heads import create_reward_model, head_name, token_values  # noqa: E402
 from dschat.models.loading import load_tokenizer  # noqa: E402
+from tests.helpers import DEEPSPEED, env, free_port  # noqa: E402
 
 STEP2 = REPO / "training" / "step2_reward_model_finetuning"
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")  # the launcher installed beside this python
 HH_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
-
-
-def run_env() -> dict[str, str]:
-    """Environment for training subprocesses: offline, one thread per rank (2 cores), quiet tokenizers."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_step2(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run step 2's main.py (plain python, or under `launcher`) from the repo root; fail with its output."""
     cmd = (launcher or [sys.executable]) + [str(STEP2 / "main.py"), *args]
-    result = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
@@ -256,7 +242,7 @@ def test_one_rank_run_on_builtin_data_raises_accuracy(tmp_path, data_dir):
     assert "pairwise accuracy" in result.stdout and "Spearman" in result.stdout
     # rw_eval loads the saved head and scores the builtin examples; chosen beats rejected on most
     rw = subprocess.run([sys.executable, str(STEP2 / "rw_eval.py"), "--model_name_or_path", str(out),
-                         "--num_examples", "2"], cwd=REPO, env=run_env(), capture_output=True, text=True,
+                         "--num_examples", "2"], cwd=REPO, env=env(), capture_output=True, text=True,
                         timeout=120)
     assert rw.returncode == 0, rw.stderr
     assert rw.stdout.count("good_ans score") == 2 and rw.stdout.count("bad_ans score") == 2
@@ -264,7 +250,7 @@ def test_one_rank_run_on_builtin_data_raises_accuracy(tmp_path, data_dir):
 
 def test_rw_eval_refuses_a_causal_lm():
     rw = subprocess.run([sys.executable, str(STEP2 / "rw_eval.py"), "--model_name_or_path", BUILTIN_MODEL_DIR],
-                        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+                        cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert rw.returncode == 2 and rw.stderr.startswith("error:") and "no reward model" in rw.stderr
 
 

@@ -27,23 +27,13 @@ from dschat.models import export as save
 from dschat.models.builtin import BUILTIN_MODEL_DIR
 from dschat.runtime import checkpoint
 from dschat.runtime.errors import FlagError, ModelPathError
+from tests.helpers import env
 
 REPO = Path(__file__).resolve().parents[1]
 STEP1 = REPO / "training/step1_supervised_finetuning/main.py"
 # ~120 training rows, 15 steps of batch 8; no judge prompts, one eval batch: a run takes ~15 s here.
 TINY = ["--data_split", "1,2,97", "--max_seq_len", "64", "--eval_iters", "1", "--num_judge_prompts", "0",
         "--per_device_train_batch_size", "8", "--dtype", "fp32"]
-
-
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
-                 "CROSS_SIZE")
-
-
-def env(**extra: str) -> dict[str, str]:
-    """Subprocess environment: one thread (the machine's 2 cores are shared), no hub, plus `extra`; without
-    test hooks or the process-group variables an in-process test may have set (dist.init_distributed)."""
-    out = {k: v for k, v in os.environ.items() if not k.startswith("DSCHAT_TEST_") and k not in LAUNCHER_VARS}
-    return out | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"} | extra
 
 
 STARTED: list[subprocess.Popen] = []
@@ -535,6 +525,14 @@ def load_step3_parse_args():
     (["--per_device_generation_batch_size", "0"], "must be at least 1"),
     (["--only_optimize_lora", "--actor_lora_dim", "0"], "--only_optimize_lora needs LoRA"),
     (["--resume"], "--resume needs --output_dir"),
+    (["--align_overflow"], "--align_overflow is not supported"),
+    (["--ppo_epochs", "0"], "--ppo_epochs must be at least 1"),
+    (["--num_train_epochs", "0"], "--num_train_epochs must be at least 1"),
+    (["--advantage_estimator", "grpo"], "set --n_samples_per_prompt 2 or more"),
+    (["--advantage_estimator", "rloo", "--n_samples_per_prompt", "2", "--critic_lora_dim", "4"],
+     "--critic_lora_dim: --advantage_estimator rloo trains no critic"),
+    (["--n_samples_per_prompt", "3", "--per_device_generation_batch_size", "2",
+      "--per_device_training_batch_size", "4"], "must be a multiple"),
 ])
 def test_step3_flag_checks(flags, expected):
     parse_args = load_step3_parse_args()

@@ -57,10 +57,43 @@ def test_lora_ema_ptx_offload(tmp_path):
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(actor[key], base[key])  # trained (LoRA merged in)
     assert not torch.equal(ema[key], actor[key])  # EMA lags the actor
+    assert not torch.equal(ema[key], base[key])  # ... but moved: update_ema ran
     AutoModelForCausalLM.from_pretrained(out / "actor")
     AutoModelForSequenceClassification.from_pretrained(out / "critic")
     m = metrics(out / "actor")
     assert len(m["evals"]) == 2 and "judge" in m["evals"][0]
+
+
+def test_accumulation_generation_batches_ppo_epochs_ptx_and_test_mode_counts(tmp_path):
+    """Each of these paths changes how many updates run; the counts say whether each one worked."""
+    text = tmp_path / "unsup.txt"
+    text.write_text("\n".join(f"A pear belongs to the fruits number {i}." for i in range(200)))
+    out = tmp_path / "s3"
+    run([STEP3, *QUICK_STEP3, "--output_dir", out, "--data_output_path", tmp_path / "data",
+         "--generation_batches", "2", "--ppo_epochs", "2", "--gradient_accumulation_steps", "2",
+         "--num_train_epochs", "2", "--unsupervised_dataset_name", str(text), "--unsup_coef", "0.5"])
+    m = metrics(out / "actor")
+    assert m["ppo_steps"] == 2  # --enable_test_mode --test_stop_step 2 ends the run, not only its first epoch
+    # per step: 2 generation batches x 4 rows = 2 micro-batches of 4, x 2 PPO epochs = 4 updates
+    assert m["ppo_updates"] == 8
+    assert m["ptx_batches"] == 8  # every PPO micro-batch has a PTX micro-batch of its own
+    # 8 PPO + 8 PTX backward passes; accumulation 2, doubled for PTX = 4 micro-batches per optimizer step
+    assert m["actor_optimizer_steps"] == 4
+    assert len(m["evals"]) == 2  # start and the one epoch that ran
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "reinforce_pp"])
+def test_critic_free_estimators_build_and_save_no_critic(tmp_path, estimator):
+    out = tmp_path / "s3"
+    (out / "critic").mkdir(parents=True)  # what an earlier gae run left stays as it was
+    proc = run([STEP3, *QUICK_STEP3, "--output_dir", out, "--data_output_path", tmp_path / "data",
+                "--advantage_estimator", estimator, "--n_samples_per_prompt", "2", "--use_kl_loss",
+                "--kl_estimator", "k3"])
+    assert f"PPO steps, {estimator})" in proc.stdout
+    m = metrics(out / "actor")
+    assert m["advantage_estimator"] == estimator and m["critic"] is False
+    assert not list((out / "critic").iterdir())
+    AutoModelForCausalLM.from_pretrained(out / "actor")
 
 
 @pytest.mark.parametrize("hybrid", [True, False])

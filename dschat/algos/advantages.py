@@ -43,17 +43,19 @@ class AdvantageEstimator:
     fn: EstimatorFn
     needs_critic: bool
     whiten: bool  # advantages whitened over the whole rollout (all batches, all ranks) afterwards
+    needs_group: bool = False  # compares samples of one prompt: needs --n_samples_per_prompt >= 2
 
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
 
 
-def register_estimator(name: str, *, needs_critic: bool, whiten: bool) -> Callable[[EstimatorFn], EstimatorFn]:
+def register_estimator(name: str, *, needs_critic: bool, whiten: bool,
+                       needs_group: bool = False) -> Callable[[EstimatorFn], EstimatorFn]:
     """Decorator that registers an estimator under `name` (the `--advantage_estimator` value)."""
     def wrap(fn: EstimatorFn) -> EstimatorFn:
         if name in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"advantage estimator {name!r} is registered twice")
-        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(name, fn, needs_critic, whiten)
+        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(name, fn, needs_critic, whiten, needs_group)
         return fn
     return wrap
 
@@ -116,3 +118,79 @@ def gae_advantages(
 def _gae(inp: AdvantageInputs) -> tuple[Tensor, Tensor]:
     """GAE (PPO with a critic): advantages and value targets from token rewards and values."""
     return gae_advantages(inp.rewards, inp.values, inp.action_mask, inp.gamma, inp.lam)
+
+
+def group_stats(x: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (mean, unbiased std, size) of x [B] over the rows that share its `group` id [B]."""
+    _, inverse = torch.unique(group, return_inverse=True)
+    n_groups = int(inverse.max().item()) + 1
+    x = x.float()
+    size = torch.zeros(n_groups, device=x.device).index_add_(0, inverse, torch.ones_like(x))
+    mean = torch.zeros(n_groups, device=x.device).index_add_(0, inverse, x) / size
+    ssd = torch.zeros(n_groups, device=x.device).index_add_(0, inverse, (x - mean[inverse]).square())
+    std = (ssd / (size - 1).clamp(min=1)).sqrt()
+    return mean[inverse], std[inverse], size[inverse]
+
+
+def sequence_returns(rewards: Tensor, action_mask: Tensor) -> Tensor:
+    """[B] undiscounted return of each answer: its score plus its (negative) KL penalty, summed over tokens."""
+    return (rewards.float() * as_float_mask(action_mask, rewards.float())).sum(1)
+
+
+def discounted_returns(rewards: Tensor, action_mask: Tensor, gamma: float) -> Tensor:
+    """Token returns G_t = r_t + gamma * G_{t+1} [B, T] within each row's valid tokens; 0 where masked."""
+    mask = as_float_mask(action_mask, rewards.float())
+    rewards = rewards.float() * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return returns
+
+
+def grpo_advantages(rewards: Tensor, action_mask: Tensor, group: Tensor, eps: float = 1e-6) -> Tensor:
+    """GRPO: (R - mean of the prompt's group) / (group std + eps) per answer, on every valid token [B, T]."""
+    ret = sequence_returns(rewards, action_mask)
+    mean, std, _ = group_stats(ret, group)
+    return ((ret - mean) / (std + eps)).unsqueeze(1) * as_float_mask(action_mask, ret)
+
+
+def rloo_advantages(rewards: Tensor, action_mask: Tensor, group: Tensor) -> Tensor:
+    """RLOO: R minus the mean return of the other samples of the same prompt, on every valid token [B, T]."""
+    ret = sequence_returns(rewards, action_mask)
+    mean, _, size = group_stats(ret, group)
+    others = (mean * size - ret) / (size - 1).clamp(min=1)
+    return (ret - others).unsqueeze(1) * as_float_mask(action_mask, ret)
+
+
+def subtract_group_baseline(rewards: Tensor, action_mask: Tensor, scores: Tensor, group: Tensor) -> Tensor:
+    """Token rewards [B, T] whose end score has the mean score of its prompt's group subtracted."""
+    mean, _, _ = group_stats(scores, group)
+    last, has_any = last_valid_index(action_mask)
+    return rewards.float().scatter_add(1, last.unsqueeze(1), (-mean * has_any).unsqueeze(1))
+
+
+@register_estimator("grpo", needs_critic=False, whiten=False, needs_group=True)
+def _grpo(inp: AdvantageInputs) -> tuple[Tensor, None]:
+    """GRPO (Shao et al. 2024): group-normalised outcome returns, no critic."""
+    return grpo_advantages(inp.rewards, inp.action_mask, inp.group), None
+
+
+@register_estimator("rloo", needs_critic=False, whiten=False, needs_group=True)
+def _rloo(inp: AdvantageInputs) -> tuple[Tensor, None]:
+    """RLOO (Ahmadian et al. 2024): leave-one-out baseline over the prompt's samples, no critic."""
+    return rloo_advantages(inp.rewards, inp.action_mask, inp.group), None
+
+
+@register_estimator("reinforce_pp", needs_critic=False, whiten=True)
+def _reinforce_pp(inp: AdvantageInputs) -> tuple[Tensor, None]:
+    """REINFORCE++ (Hu 2025): discounted token returns of KL-shaped rewards, whitened over the batch."""
+    return discounted_returns(inp.rewards, inp.action_mask, inp.gamma), None
+
+
+@register_estimator("reinforce_pp_baseline", needs_critic=False, whiten=True, needs_group=True)
+def _reinforce_pp_baseline(inp: AdvantageInputs) -> tuple[Tensor, None]:
+    """REINFORCE++ with baseline: the group's mean score subtracted first, then as reinforce_pp."""
+    rewards = subtract_group_baseline(inp.rewards, inp.action_mask, inp.scores, inp.group)
+    return discounted_returns(rewards, inp.action_mask, inp.gamma), None

@@ -108,9 +108,12 @@ def step_command(step: int, script: Path, model_args: list[str], dirs: dict[int,
 
 
 def marker_paths(step: int, out_dir: Path) -> list[Path]:
-    """Completion markers that must exist for a step to count as done (step 3: actor and critic)."""
-    dirs = [out_dir / "actor", out_dir / "critic"] if step == 3 else [out_dir]
-    return [d / DONE_MARKER for d in dirs]
+    """Completion markers that must exist for a step to count as done.
+
+    Step 3 saves its critic (when its estimator has one) and EMA before the actor, so the actor's marker,
+    written last, stands for the whole step.
+    """
+    return [(out_dir / "actor" if step == 3 else out_dir) / DONE_MARKER]
 
 
 def is_done(step: int, out_dir: Path) -> bool:

@@ -57,7 +57,11 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
                      help="How advantages are computed; gae (PPO with a critic) is DeepSpeed-Chat's. Critic-free "
                           "estimators build no critic.")
     ppo.add_argument("--n_samples_per_prompt", type=int, default=1,
-                     help="Answers sampled per prompt in one rollout (group estimators compare them).")
+                     help="Answers sampled per prompt in one rollout (grpo, rloo and reinforce_pp_baseline compare "
+                          "them; they need at least 2).")
+    ppo.add_argument("--use_kl_loss", action="store_true",
+                     help="Put the KL to the reference in the actor's loss (coefficient --kl_ctl, estimator "
+                          "--kl_estimator; k3 is the usual choice) instead of in the reward.")
     out = p.add_argument_group("output")
     out.add_argument("--print_answers", action="store_true")
     out.add_argument("--print_answers_interval", type=int, default=1)
@@ -80,6 +84,17 @@ def check_rlhf_args(args: argparse.Namespace) -> None:
                  "max_prompt_seq_len", "num_train_epochs"):
         if getattr(args, name) < 1:
             raise FlagError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    estimator = ADVANTAGE_ESTIMATORS[args.advantage_estimator]
+    if estimator.needs_group and args.n_samples_per_prompt < 2:
+        raise FlagError(f"--advantage_estimator {args.advantage_estimator} compares several answers to one prompt: "
+                        f"set --n_samples_per_prompt 2 or more (got {args.n_samples_per_prompt})")
+    if not estimator.needs_critic:
+        used = [f for f, on in (("--critic_lora_dim", args.critic_lora_dim > 0),
+                                ("--critic_gradient_checkpointing", args.critic_gradient_checkpointing),
+                                ("--critic_dropout", args.critic_dropout is not None)) if on]
+        if used:
+            raise FlagError(f"{', '.join(used)}: --advantage_estimator {args.advantage_estimator} trains no critic; "
+                            f"drop the critic flags (--critic_model_name_or_path is still the reward model)")
     if args.enable_mixed_precision_lora:
         raise FlagError("--enable_mixed_precision_lora (MixZ++) is not supported; drop the flag")
     rollout = args.per_device_generation_batch_size * args.generation_batches * args.n_samples_per_prompt

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from dschat.algos.advantages import AdvantageInputs, compute_rewards, get_estimator
-from dschat.algos.kl import make_kl_controller
+from dschat.algos.kl import kl_penalty, make_kl_controller
 from dschat.algos.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from dschat.algos.masked import end_scores, masked_mean, masked_sum, masked_whiten
 from dschat.models.heads import token_values
@@ -36,6 +36,7 @@ class PPOSettings:
     target_kl: float | None = None
     kl_horizon: int = 10000
     kl_estimator: str = "k1"
+    use_kl_loss: bool = False
     clip_reward_value: float = 5.0
     normalize_reward: bool = True
     cliprange: float = 0.2
@@ -77,12 +78,9 @@ def answer_values(critic, seq: torch.Tensor, attention_mask: torch.Tensor, promp
 class PPOTrainer:
     """Experience generation and PPO updates for one RLHFEngine."""
 
-    def __init__(self, engine: RLHFEngine, settings: PPOSettings, hybrid: bool, zero_stage: int,
-                 release_cache: bool = False):
-        self.engine, self.s = engine, settings
+    def __init__(self, engine: RLHFEngine, settings: PPOSettings, generator: Generator):
+        self.engine, self.s, self.generator = engine, settings, generator
         self.estimator = get_estimator(settings.advantage_estimator)
-        self.tokenizer = engine.tokenizer
-        self.generator = Generator(engine.actor, self.tokenizer, hybrid, zero_stage, release_cache)
         self.kl_ctl = make_kl_controller(settings.kl_ctl, settings.target_kl, settings.kl_horizon)
         self.sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
                          "top_k": 0, "max_new_tokens": settings.max_answer_seq_len}
@@ -128,8 +126,9 @@ class PPOTrainer:
         s = self.s
         sums = torch.zeros(4, dtype=torch.float64)  # KL, raw score, normalised score, sequences
         for exp in batches:
+            kl_coef = 0.0 if s.use_kl_loss else self.kl_ctl.value  # KL in the reward or in the loss, not both
             rewards, kl = compute_rewards(exp["logprobs"], exp["ref_logprobs"], exp["action_mask"], exp["scores"],
-                                          self.kl_ctl.value, s.clip_reward_value, s.kl_estimator)
+                                          kl_coef, s.clip_reward_value, s.kl_estimator)
             inputs = AdvantageInputs(rewards=rewards, action_mask=exp["action_mask"],
                                      scores=exp["scores"].float().clamp(-s.clip_reward_value, s.clip_reward_value),
                                      group=exp["group"], values=exp["values"], gamma=s.gamma, lam=s.lam)
@@ -170,6 +169,10 @@ class PPOTrainer:
         actor_loss = pg_loss
         if entropy is not None:
             actor_loss = actor_loss - s.entropy_coef * masked_sum(entropy, mask) / tokens
+        if s.use_kl_loss:
+            kl_loss = masked_sum(kl_penalty(logprobs, exp["ref_logprobs"], s.kl_estimator), mask) / tokens
+            actor_loss = actor_loss + self.kl_ctl.value * kl_loss
+            stats["kl_loss"] = kl_loss.detach()
         losses = [actor_loss]
         if e.critic is not None:
             values = answer_values(e.critic, exp["seq"], exp["attention_mask"], p)

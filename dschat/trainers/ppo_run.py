@@ -27,7 +27,7 @@ from dschat.runtime.logger import Logger
 from dschat.trainers.loop import NanGuard
 from dschat.trainers.ppo import PPOSettings, PPOTrainer, answer_logits
 from dschat.trainers.rlhf_engine import RLHFEngine, check_same_tokenizer
-from dschat.trainers.rollout import decode_answers, encode_prompts, generate_rollout
+from dschat.trainers.rollout import Generator, decode_answers, encode_prompts, generate_rollout
 
 
 class RLHFRun:
@@ -62,8 +62,9 @@ class RLHFRun:
         self.engine = RLHFEngine(args, self.tokenizer, self.dtype, total, with_critic=estimator.needs_critic)
         # DeepSpeed-Chat's --compute_fp32_loss: without it the actor's log-probs keep the model's dtype.
         settings = PPOSettings.from_args(args, fp32_loss=args.compute_fp32_loss or self.dtype == "fp32")
-        self.trainer = PPOTrainer(self.engine, settings, args.enable_hybrid_engine, args.actor_zero_stage,
-                                  args.release_inference_cache)
+        generator = Generator(self.engine.actor, self.tokenizer, args.enable_hybrid_engine, args.actor_zero_stage,
+                              args.release_inference_cache)
+        self.trainer = PPOTrainer(self.engine, settings, generator)
         self.builtin = self.data_settings.uses_builtin
         self.prompts = heldout_prompts(n=args.num_judge_prompts) if self.builtin else \
             [self.tokenizer.decode(r["prompt_ids"], skip_special_tokens=True)
@@ -216,7 +217,8 @@ class RLHFRun:
             return
         metrics = {"step": 3, "evals": self.history, "wall_time_s": time.time() - self.start,
                    "skipped_updates": self.guard.total, "advantage_estimator": a.advantage_estimator,
-                   "critic": self.engine.critic is not None}
+                   "critic": self.engine.critic is not None, "ppo_steps": self.step, "ppo_updates": self.updates,
+                   "actor_optimizer_steps": self.engine.actor.global_steps, "ptx_batches": self.ptx_drawn}
         if self.builtin:
             metrics["chosen_judge"] = heldout_chosen_judge(len(self.prompts))
         # The actor's completion marker is written last: it is the one e2e takes as "step 3 done".
