@@ -22,12 +22,12 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from dschat.data.builtin_task import heldout_prompts  # noqa: E402
-from dschat.data.collators import pad_sequences  # noqa: E402
+from dschat.data.prompts import PromptFormat  # noqa: E402
 from dschat.models.loading import create_hf_model, load_tokenizer  # noqa: E402
 from dschat.runtime import dist  # noqa: E402
 from dschat.runtime.ds_config import get_train_ds_config  # noqa: E402
 from dschat.runtime.engine import build_engine, device  # noqa: E402
-from dschat.trainers.rollout import Generator  # noqa: E402
+from dschat.trainers.rollout import Generator, encode_prompts  # noqa: E402
 
 
 def main() -> None:
@@ -47,18 +47,17 @@ def main() -> None:
                               world_size=dist.world_size())
     model = create_hf_model(AutoModelForCausalLM, args.model, tok, cfg, torch.float32)
     engine = build_engine(model, cfg, 1e-5, 0.0, 1e-5, "constant", 0, 10)
-    ids = [tok(q)["input_ids"] for q in heldout_prompts(n=args.batch)]
-    prompt = pad_sequences(ids, tok.pad_token_id, left=True).to(device())
-    mask = pad_sequences([[1] * len(i) for i in ids], 0, left=True).to(device())
+    fmt = PromptFormat.create(tok)
+    prompt, mask = encode_prompts(fmt, heldout_prompts(n=args.batch), device())
     sampling = {"do_sample": True, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens}
-    gens = {"plain": Generator(engine, tok, False, args.zero_stage), "hybrid": Generator(engine, tok, True,
+    gens = {"plain": Generator(engine, fmt, False, args.zero_stage), "hybrid": Generator(engine, fmt, True,
                                                                                         args.zero_stage)}
     rates: dict[str, list[float]] = {k: [] for k in gens}
     for rep in range(args.repeats + 1):
         for name, gen in gens.items():
             dist.barrier()
             start = time.time()
-            out = gen.generate(prompt, mask, **sampling)
+            out = gen.generate(prompt, mask, **sampling).seq
             elapsed = time.time() - start
             if rep > 0:  # the first round warms up (hybrid builds its twin there)
                 rates[name].append((out.shape[1] - prompt.shape[1]) * args.batch / elapsed)

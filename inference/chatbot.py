@@ -98,7 +98,7 @@ def load_chat_model(path: str, device: str, dtype, trust_remote_code: bool = Fal
     """(model in eval mode on `device`, tokenizer) for a model directory, .gguf file or 'builtin'."""
     from transformers import AutoModelForCausalLM
 
-    from dschat.models.builtin import resolve_builtin
+    from dschat.models.builtin import resolve_model_name
     from dschat.models.loading import load_model, load_tokenizer
 
     try:
@@ -106,7 +106,9 @@ def load_chat_model(path: str, device: str, dtype, trust_remote_code: bool = Fal
         model = load_model(AutoModelForCausalLM, path, tokenizer=tokenizer, dtype=dtype,
                            trust_remote_code=trust_remote_code)
     except Exception as err:  # a corrupt file can raise anything; the user needs one line
-        if not os.path.exists(resolve_builtin(path)):
+        if isinstance(err, ModelPathError) and "not installed" in str(err):
+            raise ChatError(one_line(err)) from err
+        if not os.path.exists(resolve_model_name(path)):
             raise ChatError(f"model path not found: {path} (not a local directory or .gguf file, "
                             "nor a model in the local Hugging Face cache)") from err
         raise ChatError(one_line(err) if isinstance(err, ModelPathError)

@@ -11,6 +11,7 @@ import pytest
 from dschat.data import builtin_task as bt
 from dschat.data.collators import PromptCollator, RewardCollator, SFTCollator
 from dschat.data.phases import DataSettings, load_phase_data, phase_indices, phase_rows, tokenize_row
+from dschat.data.prompts import PromptFormat
 from dschat.data.sources import load_raw, read_json_rows
 from dschat.models.loading import load_tokenizer
 from dschat.runtime.errors import DatasetError
@@ -87,15 +88,15 @@ def test_phase_rows_disjoint_across_phases():
 
 def test_sft_labels_mask_prompt_by_default(tokenizer):
     row = {"prompt": "Human: Name some fruits. Assistant:", "chosen": " apple, pear.", "rejected": " dog."}
-    out = tokenize_row(row, tokenizer, 1, 64, 48, train_on_prompt=False)
+    out = tokenize_row(row, PromptFormat(tokenizer), 1, 64, 48, train_on_prompt=False)
     n_prompt = len(tokenizer(row["prompt"])["input_ids"])
     assert out["labels"][:n_prompt] == [-100] * n_prompt
     assert out["labels"][n_prompt:] == out["input_ids"][n_prompt:]
     assert out["input_ids"][-1] == tokenizer.eos_token_id
-    whole = tokenize_row(row, tokenizer, 1, 64, 48, train_on_prompt=True)
+    whole = tokenize_row(row, PromptFormat(tokenizer), 1, 64, 48, train_on_prompt=True)
     assert whole["labels"] == whole["input_ids"]
-    assert tokenize_row(row, tokenizer, 1, n_prompt, 48, False) is None  # prompt alone fills max_seq_len
-    assert tokenize_row(row, tokenizer, 3, 64, n_prompt - 1, False) is None  # prompt too long for phase 3
+    assert tokenize_row(row, PromptFormat(tokenizer), 1, n_prompt, 48, False) is None  # prompt alone fills max_seq_len
+    assert tokenize_row(row, PromptFormat(tokenizer), 3, 64, n_prompt - 1, False) is None  # prompt too long for phase 3
 
 
 def test_collators_pad_and_mask():

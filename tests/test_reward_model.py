@@ -20,6 +20,7 @@ from dschat.algos.losses import divergence_loss, divergence_span, pairwise_accur
 from dschat.algos.masked import end_index, end_scores  # noqa: E402
 from dschat.data.collators import pad_sequences  # noqa: E402
 from dschat.data.phases import phase_rows, tokenize_row  # noqa: E402
+from dschat.data.prompts import PromptFormat  # noqa: E402
 from dschat.models.builtin import BUILTIN_MODEL_DIR  # noqa: E402
 from dschat.models.heads import create_reward_model, head_name, token_values  # noqa: E402
 from dschat.models.loading import load_tokenizer  # noqa: E402
@@ -271,7 +272,7 @@ def test_two_rank_zero3_run_saves_a_plain_hf_reward_model(tmp_path, data_dir):
     assert last["eval_pairs"] == len(rows) > 0
     with torch.no_grad():
         scores = [[model(input_ids=torch.tensor([enc[key]])).logits[0, 0].item() for key in ("chosen_ids", "rejected_ids")]
-                  for enc in (tokenize_row(r, tokenizer, 2, 64, 256, False) for r in rows)]
+                  for enc in (tokenize_row(r, PromptFormat(tokenizer), 2, 64, 256, False) for r in rows)]
     chosen, rejected = torch.tensor(scores).T
     assert pairwise_accuracy(chosen, rejected).item() == pytest.approx(last["accuracy"])
     assert chosen.mean().item() == pytest.approx(last["chosen_mean"], abs=1e-4)

@@ -23,6 +23,7 @@ def test_hybrid_generation_matches_plain_at_zero0():
     from dschat.runtime import dist
     from dschat.runtime.ds_config import get_train_ds_config
     from dschat.runtime.engine import build_engine
+    from dschat.data.prompts import PromptFormat
     from dschat.trainers.rollout import Generator
 
     dist.init_distributed()
@@ -37,7 +38,7 @@ def test_hybrid_generation_matches_plain_at_zero0():
     outs = []
     for hybrid in (False, True):
         torch.manual_seed(7)
-        outs.append(Generator(engine, tok, hybrid, 0).generate(prompt, mask, do_sample=True, max_new_tokens=12).seq)
+        outs.append(Generator(engine, PromptFormat(tok), hybrid, 0).generate(prompt, mask, do_sample=True, max_new_tokens=12).seq)
     assert torch.equal(outs[0], outs[1])
     assert engine.module.training  # generation left the actor in training mode
 

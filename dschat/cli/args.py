@@ -27,6 +27,10 @@ def add_data_args(p: argparse.ArgumentParser, step: int) -> None:
                         "phase 1 20%%, phase 2 40%%, phase 3 40%%.")
     p.add_argument("--data_output_path", type=str, default="/tmp/data_files/",
                    help="Node-local folder for the tokenised-data cache (Arrow, keyed by a hash of all settings).")
+    p.add_argument("--prompt_format", choices=["auto", "dschat", "chat_template"], default="auto",
+                   help="How prompts are written: auto (default) = the model's chat template when its tokenizer "
+                        "has one, else DeepSpeed-Chat's 'Human: ... Assistant:' text; answers end with the "
+                        "template's end-of-turn token (else the EOS). chat.py's --prompt_format means the same.")
     if step == 1:
         p.add_argument("--sft_only_data_path", nargs="*", default=[],
                        help="Single-response datasets used only in phase 1.")

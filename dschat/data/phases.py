@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from dschat.data.prompts import PromptFormat
 from dschat.data.sources import Row, load_raw
 from dschat.runtime import dist
 from dschat.runtime.errors import DatasetError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 SPLITS = ("train", "eval")
 BUILTIN_NAMES = ("dschat/builtin", "builtin")
 
@@ -41,6 +42,7 @@ class DataSettings:
     max_seq_len: int = 512  # steps 1-2: longest prompt + answer
     max_prompt_len: int = 256  # step 3: longest prompt
     train_on_prompt: bool = False
+    prompt_format: str = "dschat"  # resolved: "dschat" or "chat_template" (data/prompts.py)
 
     def key(self) -> dict[str, Any]:
         """The settings as a JSON-able dict (lists for tuples)."""
@@ -97,29 +99,19 @@ def phase_rows(data_paths: list[str], data_split: str, phase: int, seed: int,
     return out
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a prompt, with the model's BOS when its tokenizer adds one."""
-    return tokenizer(prompt)["input_ids"]
-
-
-def tokenize_row(row: Row, tokenizer, phase: int, max_seq_len: int, max_prompt_len: int,
+def tokenize_row(row: Row, fmt: PromptFormat, phase: int, max_seq_len: int, max_prompt_len: int,
                  train_on_prompt: bool) -> dict[str, Any] | None:
     """Token ids for one row in phase `phase`; None when the row does not fit the length limits."""
-    prompt = prompt_ids(tokenizer, row["prompt"])
-    eos = [tokenizer.eos_token_id]
+    prompt = fmt.prompt_ids(row["prompt"])
     if phase == 3:
-        return {"prompt_ids": prompt} if len(prompt) <= max_prompt_len else None
+        return {"prompt_ids": prompt, "prompt": row["prompt"]} if len(prompt) <= max_prompt_len else None
     if len(prompt) >= max_seq_len:
         return None
-    chosen = (prompt + _encode(tokenizer, row["chosen"]) + eos)[:max_seq_len]
+    chosen = (prompt + fmt.answer_ids(row["chosen"]))[:max_seq_len]
     if phase == 1:
         labels = list(chosen) if train_on_prompt else [-100] * len(prompt) + chosen[len(prompt):]
         return {"input_ids": chosen, "labels": labels}
-    rejected = (prompt + _encode(tokenizer, row["rejected"]) + eos)[:max_seq_len]
+    rejected = (prompt + fmt.answer_ids(row["rejected"]))[:max_seq_len]
     return {"chosen_ids": chosen, "rejected_ids": rejected, "prompt_len": len(prompt)}
 
 
@@ -153,12 +145,13 @@ def _build(folder: Path, settings: DataSettings, tokenizer) -> None:
 
     rows = phase_rows(list(settings.data_path), settings.data_split, settings.phase, settings.seed,
                       list(settings.sft_only_data_path))
+    fmt = PromptFormat(tokenizer, settings.prompt_format)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         stats = {}
         for split in SPLITS:
-            encoded = [tokenize_row(r, tokenizer, settings.phase, settings.max_seq_len, settings.max_prompt_len,
+            encoded = [tokenize_row(r, fmt, settings.phase, settings.max_seq_len, settings.max_prompt_len,
                                     settings.train_on_prompt)
                        for r in rows[split]]
             kept = [e for e in encoded if e is not None]

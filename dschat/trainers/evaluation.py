@@ -7,6 +7,7 @@ import math
 import torch
 
 from dschat.data.builtin_task import judge
+from dschat.data.prompts import PromptFormat
 from dschat.runtime import dist
 from dschat.runtime.engine import to_device
 from dschat.trainers.rollout import generate_answers
@@ -32,11 +33,11 @@ def perplexity(engine, loader, eval_iters: int, dev: torch.device) -> dict[str, 
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def judge_eval(model, tokenizer, prompts: list[str], max_new_tokens: int, dev: torch.device,
+def judge_eval(model, fmt: PromptFormat, prompts: list[str], max_new_tokens: int, dev: torch.device,
                synced: bool = False, batch_size: int = 32) -> dict[str, object]:
     """Mean judge score of greedy answers; prompts are sharded over ranks and the sums all-reduced."""
     mine, n_real = dist.shard(prompts)
-    answers = generate_answers(model, tokenizer, mine, max_new_tokens, batch_size, dev, synced)
+    answers = generate_answers(model, fmt, mine, max_new_tokens, batch_size, dev, synced)
     scores = [judge(p, a) for p, a in zip(mine[:n_real], answers[:n_real])]
     totals = dist.all_reduce_sum(torch.tensor([sum(scores), len(scores)], dtype=torch.float64, device=dev))
     examples = list(zip(mine[:3], answers[:3]))

@@ -16,6 +16,7 @@ from dschat.data.builtin_task import heldout_chosen_judge, heldout_prompts, judg
 from dschat.data.collators import PromptCollator
 from dschat.data.loaders import make_loader
 from dschat.data.phases import DataSettings, load_phase_data
+from dschat.data.prompts import PromptFormat
 from dschat.data.ptx import unsupervised_loader
 from dschat.models.export import save_hf_model
 from dschat.models.heads import token_values
@@ -40,8 +41,10 @@ class RLHFRun:
         self.tokenizer = load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code, padding_side="left")
         check_same_tokenizer(self.tokenizer, args.actor_model_name_or_path, args.critic_model_name_or_path,
                              args.trust_remote_code)
+        self.fmt = PromptFormat.create(self.tokenizer, args.prompt_format)
         self.data_settings = DataSettings(data_path=tuple(args.data_path), data_split=args.data_split, phase=3,
-                                          seed=args.seed, max_prompt_len=args.max_prompt_seq_len)
+                                          seed=args.seed, max_prompt_len=args.max_prompt_seq_len,
+                                          prompt_format=self.fmt.kind)
         data = load_phase_data(self.data_settings, self.tokenizer, args.data_output_path)
         self.prompt_loader = make_loader(data["train"], PromptCollator(self.tokenizer.pad_token_id),
                                          args.per_device_generation_batch_size, True, args.seed)
@@ -62,13 +65,12 @@ class RLHFRun:
         self.engine = RLHFEngine(args, self.tokenizer, self.dtype, total, with_critic=estimator.needs_critic)
         # DeepSpeed-Chat's --compute_fp32_loss: without it the actor's log-probs keep the model's dtype.
         settings = PPOSettings.from_args(args, fp32_loss=args.compute_fp32_loss or self.dtype == "fp32")
-        generator = Generator(self.engine.actor, self.tokenizer, args.enable_hybrid_engine, args.actor_zero_stage,
+        generator = Generator(self.engine.actor, self.fmt, args.enable_hybrid_engine, args.actor_zero_stage,
                               args.release_inference_cache)
         self.trainer = PPOTrainer(self.engine, settings, generator)
         self.builtin = self.data_settings.uses_builtin
         self.prompts = heldout_prompts(n=args.num_judge_prompts) if self.builtin else \
-            [self.tokenizer.decode(r["prompt_ids"], skip_special_tokens=True)
-             for r in data["eval"].select(range(min(args.num_judge_prompts, len(data["eval"]))))]
+            list(data["eval"].select(range(min(args.num_judge_prompts, len(data["eval"]))))["prompt"])
         tb = f"{args.tensorboard_path}/step3_tensorboard" if args.enable_tensorboard else None
         self.logger = Logger(cycles, "step3 PPO", tb)
         self.history: list[dict[str, Any]] = []
@@ -86,15 +88,15 @@ class RLHFRun:
         examples = []
         for start in range(0, len(mine), a.per_device_generation_batch_size):
             batch = mine[start:start + a.per_device_generation_batch_size]
-            prompt, prompt_mask = encode_prompts(self.tokenizer, batch, self.dev)
-            r = generate_rollout(model, self.tokenizer, prompt, prompt_mask, synced, do_sample=False,
+            prompt, prompt_mask = encode_prompts(self.fmt, batch, self.dev)
+            r = generate_rollout(model, self.fmt, prompt, prompt_mask, synced, do_sample=False,
                                  max_new_tokens=a.max_answer_seq_len)
             e.actor.eval()
             kl = exact_kl(answer_logits(e.actor, r.seq, r.attention_mask, r.prompt_len),
                           answer_logits(e.ref, r.seq, r.attention_mask, r.prompt_len)) * r.action_mask
             e.actor.train()
             scores = end_scores(token_values(e.reward, r.seq, r.attention_mask), r.attention_mask).float()
-            answers = decode_answers(self.tokenizer, r)
+            answers = decode_answers(self.fmt, r)
             valid = torch.tensor([start + i < n_real for i in range(len(batch))], dtype=torch.float64)
             judged = torch.tensor([judge(q, ans) if self.builtin else 0.0 for q, ans in zip(batch, answers)],
                                   dtype=torch.float64)

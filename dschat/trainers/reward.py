@@ -77,7 +77,7 @@ class RewardRun(OneModelRun):
         rows = phase_rows([BUILTIN], self.args.data_split, 2, self.args.seed)["eval"]
         out = []
         for row in rows:
-            enc = tokenize_row(row, self.tokenizer, 2, self.args.max_seq_len, self.args.max_seq_len, False)
+            enc = tokenize_row(row, self.fmt, 2, self.args.max_seq_len, self.args.max_seq_len, False)
             if enc is not None:
                 out.append({**enc, "prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
         return out

@@ -18,7 +18,7 @@ import torch
 
 from dschat.algos.masked import action_mask_from_tokens
 from dschat.data.collators import pad_sequences
-from dschat.data.phases import prompt_ids
+from dschat.data.prompts import PromptFormat
 from dschat.models.export import unwrap
 from dschat.models.lora import merge_lora_state_dict
 from dschat.runtime import dist
@@ -38,10 +38,10 @@ class Rollout:
     prompt_len: int
 
 
-def encode_prompts(tokenizer, prompts: list[str], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(fmt: PromptFormat, prompts: list[str], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids [B, P] and their attention mask, so that every answer starts at column P."""
-    ids = [prompt_ids(tokenizer, p) for p in prompts]
-    return (pad_sequences(ids, tokenizer.pad_token_id, left=True).to(dev),
+    ids = [fmt.prompt_ids(p) for p in prompts]
+    return (pad_sequences(ids, fmt.pad_token_id, left=True).to(dev),
             pad_sequences([[1] * len(i) for i in ids], 0, left=True).to(dev))
 
 
@@ -56,34 +56,34 @@ def finish_rollout(prompt: torch.Tensor, prompt_mask: torch.Tensor, seq: torch.T
 
 
 @torch.no_grad()
-def generate_rollout(model, tokenizer, prompt: torch.Tensor, prompt_mask: torch.Tensor, synced: bool = False,
-                     **generate_kwargs) -> Rollout:
-    """`model.generate` on left-padded prompts (in eval mode), cut after each first EOS."""
+def generate_rollout(model, fmt: PromptFormat, prompt: torch.Tensor, prompt_mask: torch.Tensor,
+                     synced: bool = False, **generate_kwargs) -> Rollout:
+    """`model.generate` on left-padded prompts (in eval mode), cut after each first end-of-turn token."""
     was_training = model.training
     model.eval()
     try:
-        seq = model.generate(prompt, attention_mask=prompt_mask, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, synced_gpus=synced, **generate_kwargs)
+        seq = model.generate(prompt, attention_mask=prompt_mask, pad_token_id=fmt.pad_token_id,
+                             eos_token_id=fmt.eos_token_id, synced_gpus=synced, **generate_kwargs)
     finally:
         model.train(was_training)
-    return finish_rollout(prompt, prompt_mask, seq, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return finish_rollout(prompt, prompt_mask, seq, fmt.eos_token_id, fmt.pad_token_id)
 
 
-def decode_answers(tokenizer, rollout: Rollout) -> list[str]:
+def decode_answers(fmt: PromptFormat, rollout: Rollout) -> list[str]:
     """The answer texts of a rollout (special tokens dropped)."""
-    return tokenizer.batch_decode(rollout.seq[:, rollout.prompt_len:], skip_special_tokens=True)
+    return fmt.decode(rollout.seq[:, rollout.prompt_len:])
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+def generate_answers(model, fmt: PromptFormat, prompts: list[str], max_new_tokens: int, batch_size: int,
                      dev: torch.device, synced: bool = False) -> list[str]:
     """Greedy answers to `prompts` in batches; `synced` for ZeRO-3 modules on several ranks."""
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        prompt, mask = encode_prompts(tokenizer, prompts[start: start + batch_size], dev)
-        rollout = generate_rollout(model, tokenizer, prompt, mask, synced, max_new_tokens=max_new_tokens,
+        prompt, mask = encode_prompts(fmt, prompts[start: start + batch_size], dev)
+        rollout = generate_rollout(model, fmt, prompt, mask, synced, max_new_tokens=max_new_tokens,
                                    do_sample=False)
-        answers += decode_answers(tokenizer, rollout)
+        answers += decode_answers(fmt, rollout)
     return answers
 
 
@@ -98,8 +98,8 @@ def _gather_all(module: torch.nn.Module):
 class Generator:
     """Samples answers from the actor engine: plain `generate` on the engine's module, or the hybrid twin."""
 
-    def __init__(self, actor_engine, tokenizer, hybrid: bool, zero_stage: int, release_cache: bool = False):
-        self.actor, self.tokenizer, self.hybrid, self.release_cache = actor_engine, tokenizer, hybrid, release_cache
+    def __init__(self, actor_engine, fmt: PromptFormat, hybrid: bool, zero_stage: int, release_cache: bool = False):
+        self.actor, self.fmt, self.hybrid, self.release_cache = actor_engine, fmt, hybrid, release_cache
         self.synced = zero_stage == 3 and dist.world_size() > 1
         self.twin: torch.nn.Module | None = None
 
@@ -135,12 +135,12 @@ class Generator:
     def generate(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, **sampling) -> Rollout:
         """Answers to left-padded prompts, cut after the first EOS; `sampling` goes to HF generate."""
         if self.hybrid:
-            rollout = generate_rollout(self._refresh_twin(), self.tokenizer, prompt, prompt_mask, use_cache=True,
+            rollout = generate_rollout(self._refresh_twin(), self.fmt, prompt, prompt_mask, use_cache=True,
                                        **sampling)
             if self.release_cache:
                 self.twin = None
             return rollout
-        return generate_rollout(unwrap(self.actor), self.tokenizer, prompt, prompt_mask, self.synced,
+        return generate_rollout(unwrap(self.actor), self.fmt, prompt, prompt_mask, self.synced,
                                 use_cache=True, **sampling)
 
     def model_for_eval(self) -> tuple[torch.nn.Module, bool]:

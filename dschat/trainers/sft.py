@@ -58,7 +58,7 @@ class SFTRun(OneModelRun):
         metrics = perplexity(self.engine, self.eval_loader, self.args.eval_iters, self.dev)
         if self.prompts:
             synced = self.args.zero_stage == 3 and dist.world_size() > 1
-            result = judge_eval(self.engine.module, self.tokenizer, self.prompts, self.args.max_new_tokens,
+            result = judge_eval(self.engine.module, self.fmt, self.prompts, self.args.max_new_tokens,
                                 self.dev, synced)
             metrics["judge"] = result["judge"]
             for prompt, answer in result["examples"][:2]:

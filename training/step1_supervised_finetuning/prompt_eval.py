@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from dschat.cli.entry import run_main  # noqa: E402
-from dschat.data.phases import prompt_ids  # noqa: E402
-from dschat.models.builtin import resolve_builtin  # noqa: E402
+from dschat.data.prompts import PromptFormat  # noqa: E402
+from dschat.models.builtin import resolve_model_name  # noqa: E402
 from dschat.models.loading import load_model, load_tokenizer  # noqa: E402
 
 
@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", default=[], help="A prompt in \"Human: ... Assistant:\" form; repeatable.")
     p.add_argument("--num_prompts", type=int, default=6, help="Held-out builtin prompts used when no --prompt is given.")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--prompt_format", choices=["auto", "dschat", "chat_template"], default="auto",
+                   help="As in training: auto = each model's chat template when its tokenizer has one.")
     args = p.parse_args(argv)
     if args.num_beam_groups != 1:
         p.error("--num_beam_groups other than 1 (diverse beam search) is not supported by transformers 5")
@@ -70,7 +72,8 @@ def decoding_kwargs(args: argparse.Namespace) -> dict[str, object]:
 
 
 @torch.no_grad()
-def answers(path: str, prompts: list[str], kwargs: dict[str, object], seed: int) -> list[list[str]]:
+def answers(path: str, prompts: list[str], kwargs: dict[str, object], seed: int,
+            prompt_format: str = "auto") -> list[list[str]]:
     """For each prompt, the answers of the model at `path` (one per returned sequence)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -78,12 +81,13 @@ def answers(path: str, prompts: list[str], kwargs: dict[str, object], seed: int)
     hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(path)
     model = load_model(AutoModelForCausalLM, path, tokenizer).eval()
+    fmt = PromptFormat.create(tokenizer, prompt_format)
     out = []
     for prompt in prompts:
         torch.manual_seed(seed)
-        ids = torch.tensor([prompt_ids(tokenizer, prompt)])
-        seqs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id, **kwargs)
+        ids = torch.tensor([fmt.prompt_ids(prompt)])
+        seqs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=fmt.pad_token_id,
+                              eos_token_id=fmt.eos_token_id, **kwargs)
         out.append(tokenizer.batch_decode(seqs[:, ids.shape[1]:], skip_special_tokens=True))
     return out
 
@@ -96,9 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     builtin = not args.prompt
     prompts = heldout_prompts(n=args.num_prompts) if builtin else args.prompt
     kwargs = decoding_kwargs(args)
-    paths = {"baseline": resolve_builtin(args.model_name_or_path_baseline),
-             "finetune": resolve_builtin(args.model_name_or_path_finetune)}
-    results = {name: answers(path, prompts, kwargs, args.seed) for name, path in paths.items()}
+    paths = {"baseline": resolve_model_name(args.model_name_or_path_baseline),
+             "finetune": resolve_model_name(args.model_name_or_path_finetune)}
+    results = {name: answers(path, prompts, kwargs, args.seed, args.prompt_format) for name, path in paths.items()}
     totals = {name: [] for name in paths}
     for i, prompt in enumerate(prompts):
         print(f"==========prompt {i + 1}=========\n{prompt}")

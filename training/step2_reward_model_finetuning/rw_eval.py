@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from dschat.cli.entry import run_main  # noqa: E402
-from dschat.data.phases import prompt_ids  # noqa: E402
+from dschat.data.prompts import PromptFormat  # noqa: E402
 from dschat.models.loading import load_tokenizer, model_config, split_model_path  # noqa: E402
 from dschat.runtime.errors import ModelPathError  # noqa: E402
 
@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--response", action="append", default=[], help="The response scored for the matching --prompt.")
     p.add_argument("--num_examples", type=int, default=3, help="Builtin examples scored when no --prompt is given.")
     p.add_argument("--max_seq_len", type=int, default=512)
+    p.add_argument("--prompt_format", choices=["auto", "dschat", "chat_template"], default="auto",
+                   help="As in training: auto = the chat template when the tokenizer has one.")
     args = p.parse_args(argv)
     if len(args.prompt) != len(args.response):
         p.error(f"give one --response per --prompt (got {len(args.prompt)} prompts, {len(args.response)} responses)")
@@ -56,10 +58,9 @@ def load_reward_model(path: str):
 
 
 @torch.no_grad()
-def score(model, tokenizer, prompt: str, response: str, max_seq_len: int = 512) -> float:
-    """Reward of one response to one prompt, tokenised as in training (prompt + response + EOS)."""
-    ids = (prompt_ids(tokenizer, prompt) + tokenizer(response, add_special_tokens=False)["input_ids"]
-           + [tokenizer.eos_token_id])[:max_seq_len]
+def score(model, fmt: PromptFormat, prompt: str, response: str, max_seq_len: int = 512) -> float:
+    """Reward of one response to one prompt, tokenised as in training (prompt + response + end of turn)."""
+    ids = (fmt.prompt_ids(prompt) + fmt.answer_ids(response))[:max_seq_len]
     input_ids = torch.tensor([ids])
     return model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits[0, 0].item()
 
@@ -68,17 +69,18 @@ def main(argv: list[str] | None = None) -> None:
     """Print the score of every pair (builtin examples: chosen and rejected answers with judge scores)."""
     args = parse_args(argv)
     model, tokenizer = load_reward_model(args.model_name_or_path)
+    fmt = PromptFormat.create(tokenizer, args.prompt_format)
     if args.prompt:
         for prompt, response in zip(args.prompt, args.response):
             print(f"==================Eval result============================\nprompt: {prompt}\n"
-                  f"response: {response}\nscore: {score(model, tokenizer, prompt, response, args.max_seq_len):.4f}")
+                  f"response: {response}\nscore: {score(model, fmt, prompt, response, args.max_seq_len):.4f}")
         return
     from dschat.data.builtin_task import builtin_dataset, judge
 
     for row in builtin_dataset()["eval"][: args.num_examples]:
         print(f"==================Eval result============================\nprompt: {row['prompt']}")
         for label, key in (("good_ans", "chosen"), ("bad_ans", "rejected")):
-            value = score(model, tokenizer, row["prompt"], row[key], args.max_seq_len)
+            value = score(model, fmt, row["prompt"], row[key], args.max_seq_len)
             print(f"{label}: {row[key]!r}\n{label} score: {value:.4f} (judge {judge(row['prompt'], row[key]):.3f})")
 
 
