@@ -19,11 +19,11 @@ QUICK_STEP3 = ["--actor_model_name_or_path", "builtin", "--critic_model_name_or_
 def test_hybrid_generation_matches_plain_at_zero0():
     from dschat.data.builtin_task import heldout_prompts
     from dschat.data.collators import pad_sequences
+    from dschat.data.prompts import PromptFormat
     from dschat.models.loading import create_hf_model, load_tokenizer
     from dschat.runtime import dist
     from dschat.runtime.ds_config import get_train_ds_config
     from dschat.runtime.engine import build_engine
-    from dschat.data.prompts import PromptFormat
     from dschat.trainers.rollout import Generator
 
     dist.init_distributed()
