@@ -1,4 +1,5 @@
-"""Run the three RLHF steps end to end: SFT (step 1), reward model (step 2), PPO (step 3).
+"""Run the three RLHF steps end to end: SFT (step 1), reward model (step 2), PPO (step 3); or, with
+--algo dpo, SFT (step 1) then DPO from the SFT model (step 2), with no reward model and no step 3.
 
 Each step runs its training script (DeepSpeed-Chat's layout and calling convention) with its whole log in
 <step output>/training.log, while this shows one live progress line per step. A step whose output holds
@@ -31,6 +32,10 @@ models:
 outputs (DeepSpeed-Chat's layout): <output-dir>/actor-models/<name>, <output-dir>/reward-models/<name>,
   <output-dir>/step3-models/<name>/{{actor,critic}}, each with training.log and dschat_metrics.json; <name> is
   "builtin", the OPT size, or the model's folder name. <output-dir>/summary.json holds the final table.
+  --algo dpo: <output-dir>/actor-models/<name> and <output-dir>/dpo-models/<name> (the actor's name); the
+  DPO step is "step 2" (--step 1 2, {e2e.EXTRA_ARGS_ENV.format(2)}, --actor-zero-stage; --reward-model and
+  --reward-zero-stage are not used). Builtin actor: step2_dpo_finetuning/training_scripts/run_tiny_cpu.sh,
+  any other: its run_generic.sh.
 
 extra flags for a step:
   {e2e.EXTRA_ARGS_ENV.format('N')}="..." (N = 1, 2, 3) appends main.py flags to step N's script command
@@ -45,10 +50,13 @@ environment passed to the scripts: DSCHAT_DEPLOYMENT (from --deployment-type), D
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """DeepSpeed-Chat's e2e flags, any model name or path, plus --force and --num-gpus."""
+    """DeepSpeed-Chat's e2e flags, any model name or path, plus --algo, --force and --num-gpus."""
     p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--step", type=int, nargs="+", choices=[1, 2, 3], default=[1, 2, 3], help="Steps to run.")
+    p.add_argument("--algo", choices=list(e2e.ALGOS), default="ppo",
+                   help="ppo: SFT, reward model, PPO (DeepSpeed-Chat); dpo: SFT, then DPO from the SFT model.")
+    p.add_argument("--step", type=int, nargs="+", choices=[1, 2, 3], default=None,
+                   help="Steps to run (default: 1 2 3; with --algo dpo: 1 2, where 2 is DPO).")
     p.add_argument("--actor-model", default="builtin", help="Model to fine-tune in step 1 (see 'models').")
     p.add_argument("--reward-model", default="builtin", help="Model to train as reward model in step 2.")
     p.add_argument("--actor-zero-stage", type=str, default="", choices=["", "0", "1", "2", "3"],
@@ -62,7 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Ranks per node for run_generic.sh (DSCHAT_NUM_GPUS); with the builtin model, >1 picks "
                         "run_tiny_cpu_<N>ranks.sh where it exists.")
     p.add_argument("--force", action="store_true", help="Re-run steps whose output is already complete.")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.step is None:
+        args.step = [1, 2] if args.algo == "dpo" else [1, 2, 3]
+    if args.algo == "dpo" and 3 in args.step:
+        p.error("--algo dpo has no step 3 (DPO is step 2, trained from step 1's model); use --step 1 2")
+    return args
 
 
 def script_env(args: argparse.Namespace) -> dict[str, str]:
@@ -75,7 +88,7 @@ def script_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def skip_reason(step: int, dirs: dict[int, Path], force: bool) -> str | None:
+def skip_reason(step: int, dirs: dict[int, Path], force: bool, algo: str = "ppo") -> str | None:
     """Why `step` need not run (its output is complete and not older than its inputs), or None to run it."""
     if force or not e2e.is_done(step, dirs[step]):
         return None
@@ -84,6 +97,9 @@ def skip_reason(step: int, dirs: dict[int, Path], force: bool) -> str | None:
         if e2e.done_time(3, dirs[3]) < newest_input:
             print(f"Step 3 output at {dirs[3]} is older than the step 1/2 models; re-running it", flush=True)
             return None
+    if step == 2 and algo == "dpo" and e2e.done_time(2, dirs[2]) < e2e.done_time(1, dirs[1]):
+        print(f"DPO output at {dirs[2]} is older than the step 1 model; re-running it", flush=True)
+        return None
     return f"Step {step} already done at {dirs[step]}, skipping; --force to re-run"
 
 
@@ -103,15 +119,20 @@ def run_steps(args: argparse.Namespace, dirs: dict[int, Path], scripts: dict[int
               results: dict[int, dict]) -> int:
     """Run (or skip) each requested step in order; returns 0, or 1 after a failed step."""
     env = script_env(args)
-    zero_stages = (args.actor_zero_stage, args.reward_zero_stage)
+    # DPO trains the actor in its step 2, so it takes the actor's ZeRO stage.
+    zero_stages = (args.actor_zero_stage, args.actor_zero_stage if args.algo == "dpo" else args.reward_zero_stage)
     for step in sorted(set(args.step)):
+        if step == 2 and args.algo == "dpo" and not e2e.is_done(1, dirs[1]):
+            print(f"Step 1 model has not been trained (no complete model at {dirs[1]}); DPO starts from it: run "
+                  f"--step 1", file=sys.stderr, flush=True)
+            return 1
         if step == 3:
             for needed in (1, 2):
                 if not e2e.is_done(needed, dirs[needed]):
                     print(f"Step {needed} model has not been trained (no complete model at {dirs[needed]}); "
                           f"run --step {needed}", file=sys.stderr, flush=True)
                     return 1
-        reason = skip_reason(step, dirs, args.force)
+        reason = skip_reason(step, dirs, args.force, args.algo)
         if reason:
             print(reason, flush=True)
             metrics = e2e.read_metrics(step, dirs[step])
@@ -123,7 +144,7 @@ def run_steps(args: argparse.Namespace, dirs: dict[int, Path], scripts: dict[int
         dirs[step].mkdir(parents=True, exist_ok=True)
         e2e.invalidate(step, dirs[step])
         log = dirs[step] / "training.log"
-        print(f"---=== Running Step {step} ({e2e.STEP_NAMES[step]}) ===---\nRunning:\n{shlex.join(cmd)}\n"
+        print(f"---=== Running Step {step} ({e2e.step_name(step, args.algo)}) ===---\nRunning:\n{shlex.join(cmd)}\n"
               f"Log: {log}", flush=True)
         status, seconds = e2e.run_with_progress(cmd, e2e.REPO, log, f"Step {step}", env)
         results[step] = {"status": "ran", "output": str(dirs[step]), "script": str(script), "command": cmd,
@@ -144,19 +165,20 @@ def finish(args: argparse.Namespace, out: Path, dirs: dict[int, Path], results: 
            total: float, status: int) -> None:
     """Print the table, TensorBoard folders and chat command; write <out>/summary.json."""
     if results:
-        print("\n" + e2e.summary_table(results))
+        print("\n" + e2e.summary_table(results, args.algo))
     print(f"Total wall time: {e2e.fmt_time(total)}")
     chat = None
-    for step, path in ((3, dirs[3] / "actor"), (1, dirs[1])):
+    final = ((2, dirs[2], "DPO"),) if args.algo == "dpo" else ((3, dirs[3] / "actor", "RLHF"),)
+    for step, path, kind in (*final, (1, dirs[1], "SFT")):
         if e2e.is_done(step, dirs[step]):
             chat = f"python chat.py --path {shlex.quote(str(path))}"
-            print(f"Chat with the {'RLHF' if step == 3 else 'SFT'} model: {chat}")
+            print(f"Chat with the {kind} model: {chat}")
             break
     tb = e2e.tensorboard_dirs(list(dirs.values()))
     if tb:
         print("TensorBoard logs: " + ", ".join(map(str, tb)) + f"\n  tensorboard --logdir {out}")
-    summary = {"output_dir": str(out), "status": "ok" if status == 0 else "failed",
-               "actor_model": args.actor_model, "reward_model": args.reward_model,
+    summary = {"output_dir": str(out), "status": "ok" if status == 0 else "failed", "algo": args.algo,
+               "actor_model": args.actor_model, "reward_model": None if args.algo == "dpo" else args.reward_model,
                "deployment_type": args.deployment_type, "total_wall_time_s": total,
                "steps": {str(k): v for k, v in sorted(results.items())}, "chat_command": chat,
                "tensorboard_dirs": [str(p) for p in tb]}
@@ -169,16 +191,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir).expanduser().resolve()
     actor, reward = e2e.resolve_model(args.actor_model), e2e.resolve_model(args.reward_model)
-    dirs = e2e.output_dirs(out, actor, reward)
+    dirs = e2e.output_dirs(out, actor, reward, args.algo)
     try:
-        scripts = {s: e2e.pick_script(s, reward if s == 2 else actor, args.deployment_type, args.num_gpus)
-                   for s in set(args.step)}
+        if args.algo == "dpo":
+            scripts = {s: e2e.pick_dpo_script(actor, dirs[1], args.deployment_type, args.num_gpus) if s == 2
+                       else e2e.pick_script(s, actor, args.deployment_type, args.num_gpus) for s in set(args.step)}
+        else:
+            scripts = {s: e2e.pick_script(s, reward if s == 2 else actor, args.deployment_type, args.num_gpus)
+                       for s in set(args.step)}
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    print(f"Actor: {args.actor_model} -> {dirs[1]}\nReward: {args.reward_model} -> {dirs[2]}\n"
-          f"RLHF: -> {dirs[3]}", flush=True)
+    if args.algo == "dpo":
+        print(f"Actor: {args.actor_model} -> {dirs[1]}\nDPO: -> {dirs[2]}", flush=True)
+    else:
+        print(f"Actor: {args.actor_model} -> {dirs[1]}\nReward: {args.reward_model} -> {dirs[2]}\n"
+              f"RLHF: -> {dirs[3]}", flush=True)
     results: dict[int, dict] = {}
     start = time.time()
     current = "?"

@@ -118,3 +118,40 @@ def divergence_loss(chosen_values: Tensor, rejected_values: Tensor, chosen_ids: 
 def pairwise_accuracy(chosen_scores: Tensor, rejected_scores: Tensor) -> Tensor:
     """Share of pairs whose chosen score is strictly higher than the rejected one."""
     return (chosen_scores > rejected_scores).float().mean()
+
+
+def sequence_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """Summed log-probs [B] of label tokens [B, T] (-100 = masked) under logits [B, T, V], shifted next-token."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != -100
+    picked = logprobs_from_logits(logits, labels.masked_fill(~mask, 0))
+    return (picked * mask).sum(-1)
+
+
+DPO_LOSS_KINDS = ("sigmoid", "ipo")
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+             beta: float, kind: str = "sigmoid") -> tuple[Tensor, dict[str, Tensor]]:
+    """DPO ("sigmoid") or IPO loss from sequence log-probs [B]; returns (scalar loss, detached stats).
+
+    With h = (pc - rc) - (pr - rr): sigmoid = mean(-logsigmoid(beta * h)) (Rafailov et al.), ipo =
+    mean((h - 1 / (2 * beta))^2) (Azar et al.). Stats: "chosen_rewards" [B] = beta * (pc - rc),
+    "rejected_rewards" [B] = beta * (pr - rr), "margin" = their mean difference, "accuracy" = the share of
+    pairs whose chosen reward is strictly higher.
+    """
+    chosen_ratio = policy_chosen.float() - ref_chosen.float()
+    rejected_ratio = policy_rejected.float() - ref_rejected.float()
+    h = chosen_ratio - rejected_ratio
+    if kind == "sigmoid":
+        loss = -F.logsigmoid(beta * h).mean()
+    elif kind == "ipo":
+        loss = (h - 1.0 / (2.0 * beta)).square().mean()
+    else:
+        raise ValueError(f"unknown DPO loss kind {kind!r} (expected one of {DPO_LOSS_KINDS})")
+    with torch.no_grad():
+        chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+        stats = {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
+                 "margin": (chosen_rewards - rejected_rewards).mean(),
+                 "accuracy": (chosen_rewards > rejected_rewards).float().mean()}
+    return loss, stats

@@ -29,6 +29,12 @@ EXTRA_ARGS_ENV = "DSCHAT_E2E_EXTRA_ARGS_STEP{}"
 PROGRESS_RE = re.compile(r"step\d[^:\r\n]{0,40}:\s*\d+%\|")
 WHAT_CHANGED = {1: "start: base model, end: SFT", 2: "start: untrained head, end: trained",
                 3: "start: SFT actor, end: RLHF actor"}
+# --algo dpo: step 1 (SFT), then DPO from the SFT model as step 2; no reward model, no step 3.
+ALGOS = ("ppo", "dpo")
+DPO_STEP_DIR = "training/step2_dpo_finetuning"
+DPO_OUT_KIND = "dpo-models"
+DPO_STEP_NAME = "DPO"
+DPO_WHAT_CHANGED = "start: SFT model, end: DPO"
 
 
 @dataclass(frozen=True)
@@ -66,17 +72,27 @@ def resolve_model(arg: str) -> ModelSpec:
     return ModelSpec(arg, "other", "", sanitize(arg), arg)
 
 
-def output_dirs(out: Path, actor: ModelSpec, reward: ModelSpec) -> dict[int, Path]:
-    """DeepSpeed-Chat's output layout: <out>/actor-models/<a>, <out>/reward-models/<r>, <out>/step3-models/<a>."""
+def output_dirs(out: Path, actor: ModelSpec, reward: ModelSpec, algo: str = "ppo") -> dict[int, Path]:
+    """DeepSpeed-Chat's output layout: <out>/actor-models/<a>, <out>/reward-models/<r>, <out>/step3-models/<a>;
+    with algo "dpo": <out>/actor-models/<a> and <out>/dpo-models/<a> (no reward model, no step 3)."""
+    if algo == "dpo":
+        return {1: out / OUT_KINDS[1] / actor.name, 2: out / DPO_OUT_KIND / actor.name}
     return {1: out / OUT_KINDS[1] / actor.name, 2: out / OUT_KINDS[2] / reward.name,
             3: out / OUT_KINDS[3] / actor.name}
 
 
-def pick_script(step: int, spec: ModelSpec, deployment: str, num_gpus: int | None = None) -> tuple[Path, list[str]]:
+def step_name(step: int, algo: str = "ppo") -> str:
+    """A step's name in progress lines and the summary table ("DPO" for step 2 with algo "dpo")."""
+    return DPO_STEP_NAME if algo == "dpo" and step == 2 else STEP_NAMES[step]
+
+
+def pick_script(step: int, spec: ModelSpec, deployment: str, num_gpus: int | None = None,
+                step_dir: str | None = None) -> tuple[Path, list[str]]:
     """The training script for `spec` in `step` and the positional args it takes after OUTPUT ZERO_STAGE:
     the model path for run_generic.sh and for every step-2 script (their optional $3 BASE_MODEL, passed
-    always so that extra flags never land in $3). Step 3 is given the actor's spec and takes none."""
-    scripts = REPO / STEP_DIRS[step] / "training_scripts"
+    always so that extra flags never land in $3). Step 3 is given the actor's spec and takes none.
+    `step_dir` replaces STEP_DIRS[step] (DPO's folder for its step 2)."""
+    scripts = REPO / (step_dir or STEP_DIRS[step]) / "training_scripts"
     candidates: list[Path] = []
     if spec.family == "builtin":
         if num_gpus and num_gpus > 1:
@@ -94,6 +110,14 @@ def pick_script(step: int, spec: ModelSpec, deployment: str, num_gpus: int | Non
         raise FileNotFoundError(f"no training script for {spec.arg!r} in {scripts} (looked for "
                                 f"{', '.join(str(c.relative_to(scripts)) for c in candidates + [generic])})")
     return generic, ([] if step == 3 else [spec.path])
+
+
+def pick_dpo_script(actor: ModelSpec, sft_dir: Path, deployment: str,
+                    num_gpus: int | None = None) -> tuple[Path, list[str]]:
+    """DPO's script for the actor's family (run_tiny_cpu.sh for builtin, else run_generic.sh) and its
+    positional arg after OUTPUT ZERO_STAGE: the step-1 output it starts from (and copies as reference)."""
+    script, _ = pick_script(2, actor, deployment, num_gpus, step_dir=DPO_STEP_DIR)
+    return script, [str(sft_dir)]
 
 
 def step_command(step: int, script: Path, model_args: list[str], dirs: dict[int, Path],
@@ -270,7 +294,7 @@ def fmt_value(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def summary_table(results: dict[int, dict[str, Any]]) -> str:
+def summary_table(results: dict[int, dict[str, Any]], algo: str = "ppo") -> str:
     """The end-of-run table: each step's wall time and its start/end metrics."""
     lines = [f"{'Step':<16}{'Wall time':<20}{'Metric':<18}{'Start':>12}{'End':>12}"]
     for step, r in sorted(results.items()):
@@ -279,9 +303,10 @@ def summary_table(results: dict[int, dict[str, Any]]) -> str:
         time_col = (fmt_time(wall) if wall is not None else "-") + (f" ({when})" if when != "ran" else "")
         rows = metric_rows(r.get("metrics", {})) or [("(no metrics)", None, None)]
         for i, (name, a, b) in enumerate(rows):
-            head = (f"{step} {STEP_NAMES[step]}", time_col) if i == 0 else ("", "")
+            head = (f"{step} {step_name(step, algo)}", time_col) if i == 0 else ("", "")
             lines.append(f"{head[0]:<16}{head[1]:<20}{name:<18}{fmt_value(a):>12}{fmt_value(b):>12}")
-        lines.append(f"{'':<36}({WHAT_CHANGED[step]})")
+        what = DPO_WHAT_CHANGED if algo == "dpo" and step == 2 else WHAT_CHANGED[step]
+        lines.append(f"{'':<36}({what})")
     return "\n".join(lines)
 
 

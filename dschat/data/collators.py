@@ -56,3 +56,17 @@ class PromptCollator:
         ids = [r["prompt_ids"] for r in rows]
         return {"prompt": pad_sequences(ids, self.pad_token_id, left=True),
                 "prompt_att_mask": _mask(ids, left=True)}
+
+
+class DPOCollator:
+    """Phase 2 for DPO: [chosen; rejected] right-padded [2B, L] with labels (-100 on prompt and padding)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        prompt_lens = [r["prompt_len"] for r in rows] * 2
+        labels = [[-100] * n + list(s[n:]) for s, n in zip(seqs, prompt_lens)]
+        return {"input_ids": pad_sequences(seqs, self.pad_token_id), "attention_mask": _mask(seqs),
+                "labels": pad_sequences(labels, -100)}
