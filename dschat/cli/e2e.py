@@ -25,6 +25,7 @@ STEP_DIRS = {1: "training/step1_supervised_finetuning", 2: "training/step2_rewar
 OUT_KINDS = {1: "actor-models", 2: "reward-models", 3: "step3-models"}
 STEP_NAMES = {1: "SFT", 2: "Reward model", 3: "RLHF"}
 BUILTIN_NAMES = ("builtin", "dschat/builtin")
+PACKAGED_MODELS = ("smollm2-135m",)  # == dschat.models.builtin.PACKAGED_MODELS (tests/test_e2e.py checks)
 EXTRA_ARGS_ENV = "DSCHAT_E2E_EXTRA_ARGS_STEP{}"
 PROGRESS_RE = re.compile(r"step\d[^:\r\n]{0,40}:\s*\d+%\|")
 WHAT_CHANGED = {1: "start: base model, end: SFT", 2: "start: untrained head, end: trained",
@@ -42,7 +43,7 @@ class ModelSpec:
     """A --actor-model/--reward-model value: its family, size, output-folder name and path to train from."""
 
     arg: str
-    family: str  # "builtin", "opt", "llama2" or "other"
+    family: str  # "builtin", "opt", "llama2", "smollm2" or "other"
     size: str  # "1.3b", "7b", ... ("" for builtin/other)
     name: str  # folder name under <out>/{actor,reward,step3}-models
     path: str  # what a generic script trains from
@@ -61,6 +62,9 @@ def resolve_model(arg: str) -> ModelSpec:
         return ModelSpec(arg, "builtin", "", "builtin", "builtin")
     if os.path.exists(arg):  # a local folder or file is always trained as given
         return ModelSpec(arg, "other", "", sanitize(os.path.abspath(arg)), os.path.abspath(arg))
+    if arg.lower() in PACKAGED_MODELS:  # a real model from PyPI, with CPU- and GPU-sized scripts
+        family, size = arg.lower().split("-", 1)
+        return ModelSpec(arg, family, size, arg.lower(), arg.lower())
     m = re.fullmatch(r"(?:facebook/)?(?:opt-)?(\d+(?:\.\d+)?[mb])", arg, flags=re.I)
     if m:
         size = m.group(1).lower()
@@ -102,6 +106,8 @@ def pick_script(step: int, spec: ModelSpec, deployment: str, num_gpus: int | Non
         candidates.append(scripts / "opt" / deployment / f"run_{spec.size}.sh")
     elif spec.family == "llama2":
         candidates.append(scripts / "llama2" / f"run_llama2_{spec.size}.sh")
+    elif spec.family == "smollm2":
+        candidates.append(scripts / "smollm2" / f"run_smollm2_{spec.size}.sh")
     for script in candidates:
         if script.is_file():
             return script, ([spec.path] if step == 2 else [])
