@@ -152,6 +152,9 @@ def run_steps(args: argparse.Namespace, dirs: dict[int, Path], scripts: dict[int
         if status == 0 and not e2e.is_done(step, dirs[step]):
             print(f"Step {step}'s script exited 0 but wrote no complete model at {dirs[step]}", flush=True)
             status = 1
+        if e2e.settle_markers(step, dirs[step], ok=status == 0):
+            print(f"Step {step} failed before saving: the earlier complete output at {dirs[step]} is kept",
+                  flush=True)
         if status != 0:
             results[step]["status"] = "failed"
             report_failure(step, status, log)

@@ -7,6 +7,7 @@ of the new one; a tokenizer that ships a chat template uses that template instea
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import threading
@@ -51,9 +52,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt_format", choices=("auto", "dschat", "chat_template"), default="auto",
                         help="auto: the tokenizer's chat template when it has one, else 'Human: ... Assistant:'")
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 1:
-        parser.error("--max_new_tokens must be at least 1")
+    check_args(args)
     return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Decoding flags in their valid ranges (a ChatError naming the flag)."""
+    if args.max_new_tokens < 1:
+        raise ChatError(f"--max_new_tokens must be at least 1 (got {args.max_new_tokens})")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ChatError(f"--temperature must be a finite number > 0 (got {args.temperature}); without --do_sample "
+                        f"decoding is greedy and ignores it")
+    if not 0 < args.top_p <= 1:
+        raise ChatError(f"--top_p must be in (0, 1] (got {args.top_p})")
+    if args.top_k < 0:
+        raise ChatError(f"--top_k must be 0 (off) or positive (got {args.top_k})")
 
 
 def resolve_model_path(path: str | None) -> str:
@@ -73,8 +86,16 @@ def pick_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, ValueError) as err:
+        raise ChatError(f"--device {name}: not a device name (use auto, cpu, cuda or cuda:N)") from err
+    if kind == "cuda" and not torch.cuda.is_available():
         raise ChatError(f"--device {name} asked for, but no CUDA GPU is available")
+    if kind == "cuda" and torch.device(name).index is not None and torch.device(name).index >= torch.cuda.device_count():
+        raise ChatError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    if kind not in ("cpu", "cuda") and not (kind == "mps" and torch.backends.mps.is_available()):
+        raise ChatError(f"--device {name}: only cpu and cuda devices (and mps where available) are supported")
     return name
 
 
@@ -345,7 +366,11 @@ def build_generator(args: argparse.Namespace) -> tuple[Generator, str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run chat.py; returns the exit code (0 fine, 2 for a bad path or flag)."""
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ChatError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     # Models come from local paths (or the local HF cache): never wait on network retries for a typo.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.prompt is not None:

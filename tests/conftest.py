@@ -1,12 +1,17 @@
-"""Keep in-process DeepSpeed set-up (a world of one) from leaking launcher variables into later tests."""
+"""Keep in-process DeepSpeed set-up (a world of one) from leaking launcher variables into later tests; share one
+tiny trained reward model between the tests that need a real step-2 output."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import LAUNCHER_VARS
+from tests.helpers import LAUNCHER_VARS, STEP2, run
+
+# ~15 s here: a reward model trained from the builtin model on a small phase-2 share.
+TINY_STEP2 = ["--data_split", "1,2,97", "--max_seq_len", "64", "--num_train_epochs", "1", "--eval_iters", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -18,3 +23,15 @@ def _restore_launcher_env():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory) -> Path:
+    """A step-2 reward model (trained head, reward_stats.json) from the builtin model, trained once per session.
+
+    Tests use it as step 3's --critic_model_name_or_path (a causal LM there is refused: its head would be
+    random) and must not write into it."""
+    root = tmp_path_factory.mktemp("tiny_reward")
+    out = root / "rm"
+    run([STEP2, *TINY_STEP2, "--data_output_path", root / "data", "--output_dir", out])
+    return out

@@ -130,14 +130,17 @@ def test_dpo_scripts_parse():
 
 # ---------------------------------------------------------------- one real run
 
-def test_one_rank_dpo_run_moves_implicit_rewards_and_saves_causal_lm(tmp_path):
-    """From the builtin model (45 updates): policy == reference at the start (rewards exactly 0), then
-    chosen answers' implicit rewards pull ahead of the rejected ones, in training and on the eval split."""
+def test_two_rank_zero3_dpo_run_moves_implicit_rewards_and_saves_causal_lm(tmp_path):
+    """From the builtin model, policy and frozen reference both ZeRO-3-partitioned over 2 ranks (22 updates
+    of 2 x 16 pairs): policy == reference at the start (rewards exactly 0), then chosen answers' implicit
+    rewards pull ahead of the rejected ones, in training and on the eval split; the saved policy is whole."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "dpo"
     proc = run([DPO_MAIN, "--output_dir", out, "--data_output_path", tmp_path / "data", "--data_split", "1,6,93",
-                "--max_seq_len", "64", "--eval_iters", "4", "--num_judge_prompts", "8", "--max_new_tokens", "12"])
+                "--max_seq_len", "64", "--eval_iters", "4", "--num_judge_prompts", "8", "--max_new_tokens", "12",
+                "--zero_stage", "3"], ranks=2)
     assert "step 2 (DPO, sigmoid, beta 0.1) done" in proc.stdout
     assert "judge score on 8 held-out prompts: start" in proc.stdout
     saved = metrics(out)
@@ -151,6 +154,7 @@ def test_one_rank_dpo_run_moves_implicit_rewards_and_saves_causal_lm(tmp_path):
     assert last["reward_accuracy"] > 0.55 and last["reward_margin"] > 0.1 and last["dpo_loss"] < math.log(2)
     assert 0.0 <= last["judge"] <= 1.0
     assert (out / "model.safetensors").exists() and (out / e2e.DONE_MARKER).exists()
+    assert all(t.numel() > 0 for t in load_file(str(out / "model.safetensors")).values())
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("Human: Name some fruits. Assistant:", return_tensors="pt")

@@ -254,6 +254,22 @@ def test_failed_step_stops_with_log_tail_and_hints(tmp_path, monkeypatch, capsys
     assert json.loads((out / "summary.json").read_text())["steps"]["1"]["status"] == "failed"
 
 
+def test_forced_rerun_that_fails_before_saving_keeps_the_finished_output(tmp_path, monkeypatch, capsys):
+    """--force with a step that fails (e.g. a bad flag) must not leave the earlier model looking unfinished."""
+    out = tmp_path / "out"
+    sft = out / "actor-models/builtin"
+    fake_done(1, sft, {"evals": [{"when": "start", "x": 1.0}, {"when": "end", "x": 2.0}]})
+    marker = (sft / e2e.DONE_MARKER).read_bytes()
+    monkeypatch.setattr(e2e, "run_with_progress", FakeRunner(status=2))
+    assert e2e_rlhf.main(["--step", "1", "--output-dir", str(out), "--force"]) == 1
+    assert "the earlier complete output" in capsys.readouterr().out
+    assert (sft / e2e.DONE_MARKER).read_bytes() == marker and e2e.is_done(1, sft)
+    assert not list(sft.glob("*.prev"))
+    monkeypatch.setattr(e2e, "run_with_progress", FakeRunner())  # a successful re-run leaves no .prev behind
+    assert e2e_rlhf.main(["--step", "1", "--output-dir", str(out), "--force"]) == 0
+    assert e2e.is_done(1, sft) and not list(sft.glob("*.prev"))
+
+
 # ---------------------------------------------------------------- the scripts' calling convention
 
 def test_script_convention_log_status_and_passthrough(tmp_path):

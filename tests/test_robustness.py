@@ -332,18 +332,20 @@ def test_safe_loader_allows_deepspeed_types_only_where_needed(tmp_path):
 
 
 STEP3 = REPO / "training/step3_rlhf_finetuning/main.py"
-TINY_STEP3 = ["--actor_model_name_or_path", "builtin", "--critic_model_name_or_path", "builtin", "--data_split",
+# The critic is the tiny_reward_model fixture (tests/conftest.py): a causal LM is refused as critic.
+TINY_STEP3 = ["--actor_model_name_or_path", "builtin", "--data_split",
               "2,4,4", "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "4",
               "--max_answer_seq_len", "8", "--num_judge_prompts", "4", "--enable_test_mode", "--num_warmup_steps",
               "0", "--target_kl", "0.05", "--save_interval", "1", "--dtype", "fp32"]
 
 
-def test_step3_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
+def test_step3_resume_matches_an_uninterrupted_run(tmp_path, data_dir, tiny_reward_model):
     """Step 3 (sampled rollouts, adaptive KL controller): a run stopped after 3 PPO steps and resumed from
     its last checkpoint ends with the same actor and critic as a run of 4 steps straight through."""
     def step3(out: Path, stop: int, *more: str) -> subprocess.Popen:
         with open(tmp_path / f"{out.name}-{stop}.log", "w") as log:
-            STARTED.append(subprocess.Popen([sys.executable, str(STEP3), *TINY_STEP3, "--data_output_path",
+            STARTED.append(subprocess.Popen([sys.executable, str(STEP3), *TINY_STEP3, "--critic_model_name_or_path",
+                                             str(tiny_reward_model), "--data_output_path",
                                              str(data_dir), "--test_stop_step", str(stop), "--output_dir", str(out),
                                              *more], stdout=log, stderr=subprocess.STDOUT, env=env(), cwd=REPO))
         return STARTED[-1]

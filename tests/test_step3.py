@@ -10,10 +10,17 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from dschat.models.builtin import BUILTIN_MODEL_DIR
 from tests.helpers import STEP3, metrics, run
 
-QUICK_STEP3 = ["--actor_model_name_or_path", "builtin", "--critic_model_name_or_path", "builtin",
+# The critic comes from the `quick` fixture: step 3 refuses a causal LM (a random reward) as critic.
+QUICK_STEP3 = ["--actor_model_name_or_path", "builtin",
                "--data_split", "2,4,4", "--per_device_generation_batch_size", "4",
                "--per_device_training_batch_size", "4", "--max_answer_seq_len", "8", "--num_judge_prompts", "4",
                "--enable_test_mode", "--test_stop_step", "2", "--num_warmup_steps", "0"]
+
+
+@pytest.fixture
+def quick(tiny_reward_model) -> list[str]:
+    """QUICK_STEP3 with a trained tiny reward model (tests/conftest.py) as critic."""
+    return [*QUICK_STEP3, "--critic_model_name_or_path", str(tiny_reward_model)]
 
 
 def test_hybrid_generation_matches_plain_at_zero0():
@@ -43,11 +50,11 @@ def test_hybrid_generation_matches_plain_at_zero0():
     assert engine.module.training  # generation left the actor in training mode
 
 
-def test_lora_ema_ptx_offload(tmp_path):
+def test_lora_ema_ptx_offload(tmp_path, quick):
     text = tmp_path / "unsup.txt"
     text.write_text("\n".join(f"A pear belongs to the fruits number {i}." for i in range(200)))
     out = tmp_path / "s3"
-    run([STEP3, *QUICK_STEP3, "--output_dir", out, "--data_output_path", tmp_path / "data",
+    run([STEP3, *quick, "--output_dir", out, "--data_output_path", tmp_path / "data",
          "--actor_lora_dim", "4", "--critic_lora_dim", "4", "--enable_ema", "--offload",
          "--offload_reference_model", "--offload_reward_model", "--unsupervised_dataset_name", str(text),
          "--unsup_coef", "0.5", "--enable_hybrid_engine"])
@@ -65,12 +72,12 @@ def test_lora_ema_ptx_offload(tmp_path):
     assert len(m["evals"]) == 2 and "judge" in m["evals"][0]
 
 
-def test_accumulation_generation_batches_ppo_epochs_ptx_and_test_mode_counts(tmp_path):
+def test_accumulation_generation_batches_ppo_epochs_ptx_and_test_mode_counts(tmp_path, quick):
     """Each of these paths changes how many updates run; the counts say whether each one worked."""
     text = tmp_path / "unsup.txt"
     text.write_text("\n".join(f"A pear belongs to the fruits number {i}." for i in range(200)))
     out = tmp_path / "s3"
-    run([STEP3, *QUICK_STEP3, "--output_dir", out, "--data_output_path", tmp_path / "data",
+    run([STEP3, *quick, "--output_dir", out, "--data_output_path", tmp_path / "data",
          "--generation_batches", "2", "--ppo_epochs", "2", "--gradient_accumulation_steps", "2",
          "--num_train_epochs", "2", "--unsupervised_dataset_name", str(text), "--unsup_coef", "0.5"])
     m = metrics(out / "actor")
@@ -83,11 +90,11 @@ def test_accumulation_generation_batches_ppo_epochs_ptx_and_test_mode_counts(tmp
     assert len(m["evals"]) == 2  # start and the one epoch that ran
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "reinforce_pp"])
-def test_critic_free_estimators_build_and_save_no_critic(tmp_path, estimator):
+@pytest.mark.parametrize("estimator", ["grpo"])  # reinforce_pp_baseline: the 2-rank test below
+def test_critic_free_estimators_build_and_save_no_critic(tmp_path, estimator, quick):
     out = tmp_path / "s3"
     (out / "critic").mkdir(parents=True)  # what an earlier gae run left stays as it was
-    proc = run([STEP3, *QUICK_STEP3, "--output_dir", out, "--data_output_path", tmp_path / "data",
+    proc = run([STEP3, *quick, "--output_dir", out, "--data_output_path", tmp_path / "data",
                 "--advantage_estimator", estimator, "--n_samples_per_prompt", "2", "--use_kl_loss",
                 "--kl_estimator", "k3"])
     assert f"PPO steps, {estimator})" in proc.stdout
@@ -97,10 +104,21 @@ def test_critic_free_estimators_build_and_save_no_critic(tmp_path, estimator):
     AutoModelForCausalLM.from_pretrained(out / "actor")
 
 
-@pytest.mark.parametrize("hybrid", [True, False])
-def test_two_ranks_zero3(tmp_path, hybrid):
+def test_two_ranks_zero3_critic_free_group_estimator(tmp_path, quick):
+    """Groups stay on one rank, whitening is global, and no critic engine exists, under ZeRO-3 on 2 ranks."""
     out = tmp_path / "s3"
-    proc = run([STEP3, *QUICK_STEP3, "--output_dir", out, "--data_output_path", tmp_path / "data",
+    proc = run([STEP3, *quick, "--output_dir", out, "--data_output_path", tmp_path / "data",
+                "--actor_zero_stage", "3", "--critic_zero_stage", "3", "--enable_hybrid_engine",
+                "--advantage_estimator", "reinforce_pp_baseline", "--n_samples_per_prompt", "2"], ranks=2)
+    assert "PPO steps, reinforce_pp_baseline)" in proc.stdout
+    assert metrics(out / "actor")["critic"] is False and not (out / "critic").exists()
+    AutoModelForCausalLM.from_pretrained(out / "actor")
+
+
+@pytest.mark.parametrize("hybrid", [True, False])
+def test_two_ranks_zero3(tmp_path, hybrid, quick):
+    out = tmp_path / "s3"
+    proc = run([STEP3, *quick, "--output_dir", out, "--data_output_path", tmp_path / "data",
                 "--actor_zero_stage", "3", "--critic_zero_stage", "3",
                 *(["--enable_hybrid_engine"] if hybrid else [])], ranks=2)
     assert "SFT (start)" in proc.stdout

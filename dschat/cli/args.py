@@ -8,10 +8,14 @@ help text says so.
 from __future__ import annotations
 
 import argparse
+import math
+import os
+from pathlib import Path
 
-from dschat.models.builtin import BUILTIN_MODEL_DIR
-from dschat.models.export import check_output_dir
-from dschat.runtime.errors import FlagError
+from dschat.data.phases import BUILTIN_NAMES, parse_split
+from dschat.models.builtin import BUILTIN_MODEL_DIR, resolve_model_name
+from dschat.models.export import check_output_dir, nearest_existing
+from dschat.runtime.errors import DschatError, FlagError
 
 SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 
@@ -110,10 +114,104 @@ def check_common_args(args: argparse.Namespace, model_dirs: tuple[str, ...] = ("
                         f"nothing would replace the output with an untrained model")
     if getattr(args, "max_bad_steps", 1) < 1:
         raise FlagError(f"--max_bad_steps must be at least 1 (got {args.max_bad_steps})")
+    check_numbers(args)
+    check_data_flags(args)
     if not getattr(args, "output_dir", None):
         for name in ("resume", "save_interval"):
             if getattr(args, name, None):
                 raise FlagError(f"--{name} needs --output_dir (checkpoints live in <output_dir>/checkpoints)")
         return
+    check_output_not_input(args)
     for sub in model_dirs:
         check_output_dir(f"{args.output_dir}/{sub}" if sub else args.output_dir)
+
+
+# Flags that name a model a step reads (its --output_dir must stay clear of them).
+MODEL_PATH_FLAGS = ("model_name_or_path", "actor_model_name_or_path", "critic_model_name_or_path")
+AT_LEAST_ONE = ("eval_iters", "max_new_tokens", "max_answer_seq_len", "max_prompt_seq_len", "max_seq_len")
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Learning rates, dropouts, LoRA ranks, weight decays, lengths and sampling flags in their valid ranges."""
+    for name, value in sorted(vars(args).items()):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if name.endswith("learning_rate") and not (math.isfinite(value) and value > 0):
+            raise FlagError(f"--{name} must be a finite number > 0 (got {value})")
+        if name.endswith("dropout") and not 0 <= value < 1:
+            raise FlagError(f"--{name} must be in [0, 1) (got {value})")
+        if name.endswith("lora_dim") and value < 0:
+            raise FlagError(f"--{name} must be 0 (no LoRA) or positive (got {value})")
+        if name.endswith("weight_decay") and not (math.isfinite(value) and value >= 0):
+            raise FlagError(f"--{name} must be a finite number >= 0 (got {value})")
+    for name in AT_LEAST_ONE:
+        if getattr(args, name, 1) < 1:
+            raise FlagError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if getattr(args, "num_warmup_steps", 0) < 0:
+        raise FlagError(f"--num_warmup_steps must be 0 or positive (got {args.num_warmup_steps})")
+    temperature = getattr(args, "temperature", 1.0)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise FlagError(f"--temperature must be a finite number > 0 (got {temperature})")
+    top_p = getattr(args, "top_p", 1.0)
+    if not 0 < top_p <= 1:
+        raise FlagError(f"--top_p must be in (0, 1] (got {top_p})")
+    margin = getattr(args, "margin", 0.0)
+    if not math.isfinite(margin):
+        raise FlagError(f"--margin must be a finite number (got {margin})")
+
+
+def check_data_flags(args: argparse.Namespace) -> None:
+    """--data_split finite shares, no dataset listed twice, a --data_output_path that can be a folder."""
+    split = getattr(args, "data_split", None)
+    if split is not None:
+        parts = split.split(",")
+        for part in parts:
+            try:
+                finite = math.isfinite(float(part))
+            except ValueError:
+                continue  # parse_split names the malformed value
+            if not finite:
+                raise FlagError(f"--data_split '{split}': every share must be a finite number (got {part.strip()})")
+        parse_split(split)
+    for flag in ("data_path", "sft_only_data_path"):
+        seen: dict[str, str] = {}
+        for entry in getattr(args, flag, None) or []:
+            key = "dschat/builtin" if entry in BUILTIN_NAMES else os.path.realpath(entry) if os.path.exists(entry) \
+                else entry
+            if key in seen:
+                same = "" if seen[key] == entry else f" (as {seen[key]} and {entry})"
+                raise FlagError(f"--{flag} lists {entry} twice{same}: its rows would be used twice; give each "
+                                f"dataset once")
+            seen[key] = entry
+    cache = getattr(args, "data_output_path", None)
+    if cache:
+        base = nearest_existing(Path(cache))
+        if not base.is_dir():
+            where = "is a file" if base == Path(os.path.abspath(cache)) else f"lies under the file {base}"
+            raise FlagError(f"--data_output_path {cache} {where}; the tokenised-data cache must be a folder")
+
+
+def check_output_not_input(args: argparse.Namespace) -> None:
+    """Refuse an --output_dir that is, contains or lies inside an input model folder (real paths compared)."""
+    out = Path(args.output_dir).expanduser().resolve()
+    for flag in MODEL_PATH_FLAGS:
+        value = getattr(args, flag, None)
+        if not value:
+            continue
+        try:
+            path = Path(resolve_model_name(value)).expanduser()
+        except DschatError:  # e.g. a packaged model that is not installed: the loader says so
+            continue
+        if not path.exists():
+            continue
+        folder = (path.parent if path.is_file() else path).resolve()  # a .gguf file: its folder
+        if out == folder:
+            relation = "is"
+        elif folder in out.parents:
+            relation = "lies inside"
+        elif out in folder.parents:
+            relation = "contains"
+        else:
+            continue
+        raise FlagError(f"--output_dir {args.output_dir} {relation} the input model folder of --{flag} "
+                        f"({value}); saving there would replace the model this step reads: use another folder")

@@ -157,9 +157,26 @@ def done_time(step: int, out_dir: Path) -> float:
 
 
 def invalidate(step: int, out_dir: Path) -> None:
-    """Remove the markers and old log before (re)running a step, so a killed re-run never counts as done."""
-    for p in [*marker_paths(step, out_dir), out_dir / "training.log"]:
-        p.unlink(missing_ok=True)
+    """Before (re)running a step: set its markers aside (`<marker>.prev`) and remove the old log, so a killed
+    re-run never counts as done."""
+    for p in marker_paths(step, out_dir):
+        if p.is_file():
+            os.replace(p, p.with_name(p.name + ".prev"))
+    (out_dir / "training.log").unlink(missing_ok=True)
+
+
+def settle_markers(step: int, out_dir: Path, ok: bool) -> bool:
+    """After a step ran: drop the set-aside markers, or, when it failed without saving a new model, put them
+    back (saves are atomic, so the earlier output is still whole); True when an earlier marker came back."""
+    restored = False
+    for p in marker_paths(step, out_dir):
+        prev = p.with_name(p.name + ".prev")
+        if not ok and not p.exists() and prev.is_file():
+            os.replace(prev, p)
+            restored = True
+        elif prev.is_file():
+            prev.unlink()  # a new save may have carried it into the new folder
+    return restored
 
 
 def latest_progress(text: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from dschat.algos.advantages import ADVANTAGE_ESTIMATORS
 from dschat.algos.kl import KL_ESTIMATORS
@@ -84,6 +85,7 @@ def check_rlhf_args(args: argparse.Namespace) -> None:
                  "max_prompt_seq_len", "num_train_epochs"):
         if getattr(args, name) < 1:
             raise FlagError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    check_ppo_numbers(args)
     estimator = ADVANTAGE_ESTIMATORS[args.advantage_estimator]
     if estimator.needs_group and args.n_samples_per_prompt < 2:
         raise FlagError(f"--advantage_estimator {args.advantage_estimator} compares several answers to one prompt: "
@@ -107,3 +109,24 @@ def check_rlhf_args(args: argparse.Namespace) -> None:
         raise FlagError("a hub --unsupervised_dataset_name needs --unsupervised_dataset_config_name too")
     # PTX adds a second backward per step, so the actor accumulates twice as many micro-batches.
     args.actor_gradient_accumulation_steps = args.gradient_accumulation_steps * (2 if args.unsupervised_dataset_name else 1)
+
+
+# (flag, lowest, highest, whether the lowest is allowed); None: unbounded on that side.
+PPO_RANGES = (("kl_ctl", 0.0, None, True), ("clip_reward_value", 0.0, None, False), ("cliprange", 0.0, None, False),
+              ("cliprange_value", 0.0, None, False), ("gamma", 0.0, 1.0, True), ("lam", 0.0, 1.0, True),
+              ("unsup_coef", 0.0, None, True), ("entropy_coef", None, None, True), ("target_kl", 0.0, None, False))
+
+
+def check_ppo_numbers(args: argparse.Namespace) -> None:
+    """PPO constants finite and in range (a NaN coefficient would silently poison every update)."""
+    for name, low, high, low_ok in PPO_RANGES:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        ok = math.isfinite(value) and (low is None or value > low or (low_ok and value == low)) and \
+            (high is None or value <= high)
+        if not ok:
+            bounds = f"{'[' if low_ok else '('}{'-inf' if low is None else low}, {'inf)' if high is None else f'{high}]'}"
+            raise FlagError(f"--{name} must be a finite number in {bounds} (got {value})")
+    if args.kl_horizon < 1:
+        raise FlagError(f"--kl_horizon must be at least 1 (got {args.kl_horizon})")

@@ -3,8 +3,9 @@
 A save never leaves a half-written model at the output path: the model is written to a hidden sibling
 folder `.<name>.tmp-*`, which then takes the output's place in one atomic rename (Linux: renameat2
 RENAME_EXCHANGE; elsewhere two renames). Entries of the old folder that are not model files (the
-`training.log` the training scripts write there, `checkpoints/`, TensorBoard folders, notes) move into the
-new folder; the old weights, configs and tokenizer files do not, so no stale shard or adapter survives
+`training.log` the training scripts write there, `checkpoints/`, TensorBoard folders, a user's notes.json)
+move into the new folder; only the files a model loader reads (weights, shards and their index, adapters,
+config, tokenizer and chat-template files, our markers) do not, so no stale shard or adapter survives
 (a folder that held no model keeps everything the new model does not overwrite). A run killed mid-save
 leaves the old folder whole plus a `.<name>.tmp-<pid>-*` sibling, which the next save into the same path
 removes once that process is gone.
@@ -36,9 +37,14 @@ from dschat.runtime.errors import FlagError
 
 DONE_MARKER = "dschat_complete.json"
 SLOW_SAVE_ENV = "DSCHAT_TEST_SLOW_SAVE"
-# Files of a model directory: a new save replaces them all, so none of the old folder's is kept.
-MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "*.json",
-               "*.model", "*.tiktoken", "*.jinja", "vocab.*", "merges.txt")
+# Files a model loader reads from a model directory (transformers, peft, our markers): a new save replaces
+# the model as a whole, so none of the old folder's is kept (a stale shard, adapter or chat template would
+# silently change the new model). Any other file (notes.json, settings, logs) moves into the new folder.
+MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf",
+               "*.safetensors.index.json", "*.bin.index.json", "config.json", "generation_config.json",
+               "adapter_*", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*",
+               "preprocessor_config.json", "processor_config.json", "*.model", "*.tiktoken", "vocab.*",
+               "merges.txt", DONE_MARKER, "dschat_metrics.json", "reward_stats.json")
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "adapter_*")
 
 
@@ -69,13 +75,36 @@ def is_model_dir(path: Path) -> bool:
     return (path / "config.json").exists() or (path / DONE_MARKER).exists()
 
 
-def check_output_dir(out_dir: str) -> None:
-    """Refuse an output path that is a file, or a folder with weights (.gguf, adapter, ...) but no model."""
-    # Saving there would mix those weights with the new model. Cheap: the steps call it before training.
+def nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else its nearest existing ancestor (what creating it would write into)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
+
+def _check_writable(folder: Path, out_dir: str) -> None:
+    """Create and remove a probe folder in `folder` (permissions, read-only mounts, immutable folders, root)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dschat-write-probe-", dir=folder))
+    except OSError as err:
+        raise FlagError(f"--output_dir {out_dir}: cannot write in {folder} ({err.strerror or err}); the trained "
+                        f"model could not be saved there: use a folder you can write") from err
+
+
+def check_output_dir(out_dir: str) -> None:
+    """Refuse an output path that is a file, lies under a file, cannot be written, or holds weights but no model."""
+    # Saving there would mix those weights with the new model, or fail after training. Cheap: the steps call
+    # it before anything is loaded. A save writes a sibling folder and renames it, so the parent is probed too.
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FlagError(f"--output_dir {out_dir} exists and is not a folder")
+    resolved = out.resolve()
+    base = nearest_existing(resolved.parent)
+    if not base.is_dir():
+        raise FlagError(f"--output_dir {out_dir}: {base} is a file, so no folder can be created under it")
+    for folder in dict.fromkeys([base, *([resolved] if resolved.is_dir() else [])]):
+        _check_writable(folder, out_dir)
     if not out.is_dir() or is_model_dir(out):
         return
     weights = sorted(p.name for p in out.iterdir() if p.is_file() and is_model_file(p.name, WEIGHT_FILES))

@@ -14,15 +14,23 @@ padding and OPT-style sequences whose BOS id equals the pad id all work; DeepSpe
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
+
+from dschat.runtime.errors import ModelPathError
 
 HEAD_NAMES = ("score", "classifier")
 
 
 def create_reward_model(path: str, tokenizer, ds_config: dict, dtype: torch.dtype = torch.float32,
                         dropout: float | None = None, trust_remote_code: bool = False,
-                        gradient_checkpointing: bool = False) -> torch.nn.Module:
-    """A one-label sequence-classification model from a causal-LM or reward-model path (head kept if saved)."""
+                        gradient_checkpointing: bool = False, allow_fresh_head: bool = True) -> torch.nn.Module:
+    """A one-label sequence-classification model from a causal-LM or reward-model path (head kept if saved).
+
+    `allow_fresh_head=False` (step 3's reward model and critic) refuses a path without a trained head.
+    """
     from transformers import AutoModelForSequenceClassification
 
     from dschat.models.loading import create_hf_model
@@ -30,7 +38,36 @@ def create_reward_model(path: str, tokenizer, ds_config: dict, dtype: torch.dtyp
     # A causal LM gets a freshly initialised head (created inside zero.Init under ZeRO-3, in the model's
     # dtype); a previous reward model keeps its trained head. load_model sets config.pad_token_id.
     return create_hf_model(AutoModelForSequenceClassification, path, tokenizer, ds_config, dtype, dropout,
-                           gradient_checkpointing, trust_remote_code, config_updates={"num_labels": 1})
+                           gradient_checkpointing, trust_remote_code, config_updates={"num_labels": 1},
+                           allow_fresh_head=allow_fresh_head)
+
+
+def check_trained_reward_model(path: str, flag: str, trust_remote_code: bool = False) -> None:
+    """Before any engine is built: `path` must be a one-label sequence classifier whose files hold its head."""
+    from dschat.models.loading import check_weight_files, model_config, split_model_path
+
+    config = model_config(path, trust_remote_code)
+    archs = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ModelPathError(f"{flag} {path} holds a {archs[0] if archs else 'model without architectures'}, not a "
+                             f"trained reward model: its score head would be random; train one with step 2 and "
+                             f"pass its --output_dir")
+    if getattr(config, "num_labels", 1) != 1:
+        raise ModelPathError(f"{flag} {path} is a classifier with {config.num_labels} labels, not a one-score reward "
+                             f"model (step 2's output)")
+    directory, _ = split_model_path(path)
+    check_weight_files(directory)
+    files = sorted(Path(directory).glob("*.safetensors")) if os.path.isdir(directory) else []
+    if files:  # other formats (and hub names) are checked by load_model's loading report
+        from safetensors import safe_open
+
+        keys = set()
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                keys.update(f.keys())
+        if not any(k.split(".")[0] in HEAD_NAMES for k in keys):
+            raise ModelPathError(f"{flag} {path}: its weights hold no {'/'.join(HEAD_NAMES)} head (config.json says "
+                                 f"{archs[0]}, but the head would be initialised at random); pass a step-2 output")
 
 
 def hf_model(model: torch.nn.Module) -> torch.nn.Module:

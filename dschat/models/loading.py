@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from dschat.models.builtin import resolve_model_name
-from dschat.runtime.errors import ModelPathError
+from dschat.runtime.errors import DschatError, ModelPathError
 
 
 def split_model_path(path: str) -> tuple[str, dict[str, Any]]:
@@ -26,6 +26,7 @@ def split_model_path(path: str) -> tuple[str, dict[str, Any]]:
             hint = f"; it holds the model folders {', '.join(inside)} (a step-3 output?): pass {Path(path) / inside[0]}" \
                 if inside else ""
             raise ModelPathError(f"{path} is a folder but holds no config.json: not a Hugging Face model directory{hint}")
+        check_config_json(Path(path) / "config.json")
         return path, {}
     if os.path.exists(path) or path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
         raise ModelPathError(f"model path not found or not a model directory: {path}")
@@ -62,6 +63,30 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return _HUB_REACHABLE
 
 
+def check_config_json(file: Path) -> None:
+    """A config.json that is not a JSON object is named before transformers reads it."""
+    try:
+        content = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelPathError(f"cannot read {file}: {err}") from err
+    except json.JSONDecodeError as err:
+        raise ModelPathError(f"{file} is not a valid JSON file ({err.msg} at line {err.lineno} column "
+                             f"{err.colno}); re-save or re-download the model") from err
+    if not isinstance(content, dict):
+        raise ModelPathError(f"{file} holds a JSON {type(content).__name__}, not the object of a model config")
+
+
+def is_file_error(err: BaseException) -> bool:
+    """Whether a loader's exception comes from the model's files (corrupt, wrong types), not memory or our checks."""
+    return isinstance(err, Exception) and not isinstance(err, (DschatError, MemoryError, torch.OutOfMemoryError))
+
+
+def where(path: str, name: str) -> str:
+    """`name` inside a local model folder (what a message about that file shows), else the path itself."""
+    directory, _ = split_model_path(path)
+    return str(Path(directory) / name) if os.path.isdir(directory) else path
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str = "right"):
     """The model's own tokenizer with a pad token distinct from EOS where possible."""
     from transformers import AutoTokenizer
@@ -69,8 +94,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
     directory, extra = split_model_path(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError) as err:
-        raise ModelPathError(f"cannot load a tokenizer from {path}: {err}") from err
+    except Exception as err:  # a corrupt or mistyped file can raise anything
+        if not is_file_error(err):
+            raise
+        model_config(path, trust_remote_code)  # a broken config.json (tokenizers read it too) is named as such
+        raise ModelPathError(f"cannot load a tokenizer from {path}: {type(err).__name__}: {err}") from err
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # A pad distinct from EOS keeps "last non-pad token" (what HF's sequence classifiers score) on
         # the answer's EOS rather than before it.
@@ -89,8 +117,59 @@ def model_config(path: str, trust_remote_code: bool = False):
     directory, extra = split_model_path(path)
     try:
         return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, **extra)
-    except (OSError, ValueError) as err:
-        raise ModelPathError(f"cannot read a model config from {path}: {err}") from err
+    except Exception as err:  # wrong types raise transformers' validation errors, others TypeError, ...
+        if not is_file_error(err):
+            raise
+        raise ModelPathError(f"cannot read a model config from {path}: {where(path, 'config.json')}: "
+                             f"{type(err).__name__}: {err}") from err
+
+
+def check_weight_files(directory: str) -> None:
+    """Read the header of every .safetensors file of a local model folder; a truncated or garbage one is named."""
+    from safetensors import safe_open
+
+    if not os.path.isdir(directory):
+        return
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own SafetensorError (not an OSError)
+            if not is_file_error(err):
+                raise
+            raise ModelPathError(f"{file} is not a readable safetensors file (truncated or corrupt: {err}); "
+                                 f"re-save or re-download the model") from err
+
+
+def check_loading_info(info: dict[str, Any], path: str, model: torch.nn.Module, allow_fresh_head: bool) -> None:
+    """Refuse weights from_pretrained had to initialise afresh (missing or mis-shaped), or a config that does
+    not match the file's weights; a fresh sequence-classification head only where `allow_fresh_head`."""
+    missing = sorted(info.get("missing_keys") or [])
+    name = type(model).__name__
+    # A classifier's head is what lies outside its base model ("score" of Llama, "classifier" of BERT, ...).
+    prefix = getattr(model, "base_model_prefix", "")
+    head = [k for k in missing if prefix and not k.startswith(prefix + ".")] \
+        if name.endswith(("ForSequenceClassification", "ForTokenClassification")) else []
+    other = [k for k in missing if k not in head]
+    if other:
+        raise ModelPathError(f"{path}: weights missing from its files would be initialised at random in {name}: "
+                             f"{', '.join(other[:5])}{', ...' if len(other) > 5 else ''} ({len(other)} in all); "
+                             f"the folder is incomplete or its config.json does not match its weights")
+    if head and not allow_fresh_head:
+        raise ModelPathError(f"{path} has no trained {head[0].split('.')[0]} head ({', '.join(head)} would be "
+                             f"initialised at random): it is not a reward model (a causal LM?); train one with "
+                             f"step 2 and pass its --output_dir")
+    mismatched = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or [])
+    if mismatched:
+        raise ModelPathError(f"{path}: weights whose shapes do not match its config.json: {', '.join(mismatched[:5])}")
+    # Weights of the file the model has no place for: another task's head is fine (a causal LM's lm_head in a
+    # reward model), the base model's own weights are not (a config with fewer layers than the file).
+    unused = sorted(k for k in info.get("unexpected_keys") or []
+                    if prefix and k.startswith(prefix + ".") and k.endswith((".weight", ".bias")))
+    if unused:
+        raise ModelPathError(f"{path}: {len(unused)} weights of its files have no place in {name} "
+                             f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}); its config.json "
+                             f"does not describe these weights")
 
 
 def dense_gguf_kwargs() -> dict[str, Any]:
@@ -108,9 +187,15 @@ def dense_gguf_kwargs() -> dict[str, Any]:
 
 def load_model(model_class, path: str, tokenizer=None, dropout: float | None = None,
                dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               config_updates: dict[str, Any] | None = None, **kwargs):
-    """`model_class.from_pretrained(path)` with dropout override and embeddings sized to the tokenizer."""
+               config_updates: dict[str, Any] | None = None, allow_fresh_head: bool = False, **kwargs):
+    """`model_class.from_pretrained(path)` with dropout override and embeddings sized to the tokenizer.
+
+    Every weight must come from the files: a weight from_pretrained would initialise at random is a
+    ModelPathError, except a sequence classifier's head when `allow_fresh_head` (step 2 starting a reward
+    model from a causal LM).
+    """
     directory, extra = split_model_path(path)
+    check_weight_files(directory)
     config = model_config(path, trust_remote_code)
     archs = getattr(config, "architectures", None) or []
     if model_class.__name__.endswith("ForCausalLM") and archs and \
@@ -129,10 +214,13 @@ def load_model(model_class, path: str, tokenizer=None, dropout: float | None = N
     if "gguf_file" in extra:
         extra = extra | dense_gguf_kwargs()
     try:
-        model = model_class.from_pretrained(directory, config=config, dtype=dtype,
-                                            trust_remote_code=trust_remote_code, **extra, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ModelPathError(f"cannot load {model_class.__name__} from {path}: {err}") from err
+        model, info = model_class.from_pretrained(directory, config=config, dtype=dtype, output_loading_info=True,
+                                                  trust_remote_code=trust_remote_code, **extra, **kwargs)
+    except Exception as err:  # corrupt weights raise OSError, RuntimeError, SafetensorError, ...
+        if not is_file_error(err):
+            raise
+        raise ModelPathError(f"cannot load {model_class.__name__} from {path}: {type(err).__name__}: {err}") from err
+    check_loading_info(info, path, model, allow_fresh_head)
     if tokenizer is not None:
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
@@ -142,21 +230,31 @@ def load_model(model_class, path: str, tokenizer=None, dropout: float | None = N
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
-    """A JSON file's content, or {} when it is absent."""
+    """A JSON file's object, or {} when it is absent; unreadable, invalid or non-object content names the file."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelPathError(f"{path} is not a readable JSON file ({err}); fix or remove it") from err
+    if not isinstance(content, dict):
+        raise ModelPathError(f"{path} holds a JSON {type(content).__name__}, not an object; fix or remove it")
+    return content
 
 
 def create_hf_model(model_class, path: str, tokenizer, ds_config: dict, dtype: torch.dtype,
                     dropout: float | None = None, gradient_checkpointing: bool = False,
-                    trust_remote_code: bool = False, config_updates: dict[str, Any] | None = None):
+                    trust_remote_code: bool = False, config_updates: dict[str, Any] | None = None,
+                    allow_fresh_head: bool = False):
     """Load a model for a DeepSpeed engine; under ZeRO-3 it is partitioned while loading (zero.Init)."""
     zero3_guard = None
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         zero3_guard = HfDeepSpeedConfig(ds_config)  # noqa: F841 (must stay alive during from_pretrained)
-    model = load_model(model_class, path, tokenizer, dropout, dtype, trust_remote_code, config_updates)
+    model = load_model(model_class, path, tokenizer, dropout, dtype, trust_remote_code, config_updates,
+                       allow_fresh_head)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -15,18 +15,19 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from dschat.models.heads import create_reward_model
+from dschat.models.heads import check_trained_reward_model, create_reward_model
 from dschat.models.loading import create_hf_model, load_tokenizer, read_json, split_model_path
 from dschat.models.lora import apply_lora
 from dschat.runtime import dist
 from dschat.runtime.ds_config import get_eval_ds_config, get_train_ds_config
 from dschat.runtime.engine import build_engine, build_frozen_engine, torch_dtype
-from dschat.runtime.errors import FlagError
+from dschat.runtime.errors import FlagError, ModelPathError
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -45,6 +46,21 @@ def check_same_tokenizer(actor_tokenizer, actor_path: str, critic_path: str, tru
                         f"PPO scores the actor's token ids with the critic, so both must come from one family")
 
 
+def read_reward_stats(directory: str) -> dict[str, Any]:
+    """Step 2's reward_stats.json ({} when absent); content that is not finite mean/std numbers names the file."""
+    path = f"{directory}/reward_stats.json"
+    stats = read_json(path)
+    if not stats:
+        return {}
+    bad = [k for k in ("mean", "std") if not isinstance(stats.get(k), (int, float)) or isinstance(stats[k], bool)
+           or not math.isfinite(stats[k])]
+    if bad or stats["std"] < 0:
+        raise ModelPathError(f"{path}: expected finite numbers 'mean' and 'std' >= 0 (step 2 writes them), got "
+                             f"{json.dumps({k: stats.get(k) for k in ('mean', 'std')})}; re-run step 2 or remove "
+                             f"the file (scores are then used unnormalised)")
+    return stats
+
+
 class RLHFEngine:
     """Builds actor, ref, (ema,) (critic,) and reward engines from step-1 and step-2 outputs.
 
@@ -54,6 +70,11 @@ class RLHFEngine:
     def __init__(self, args: argparse.Namespace, tokenizer, dtype: str, total_steps: int, with_critic: bool = True):
         self.args, self.tokenizer, self.dtype = args, tokenizer, dtype
         self.torch_dtype = torch_dtype(dtype)
+        # The reward model (and critic) must be a trained step-2 output: checked before any engine is built.
+        check_trained_reward_model(args.critic_model_name_or_path, "--critic_model_name_or_path",
+                                   args.trust_remote_code)
+        directory, _ = split_model_path(args.critic_model_name_or_path)
+        self.reward_stats = read_reward_stats(directory)
         world = dist.world_size()
         tb = args.tensorboard_path if args.enable_tensorboard else None
         micro = args.per_device_training_batch_size
@@ -84,8 +105,6 @@ class RLHFEngine:
         reward_cfg = get_eval_ds_config(stage=reward_stage, dtype=dtype, world_size=world,
                                         offload=args.offload_reward_model)
         self.reward = build_frozen_engine(self._reward_model(reward_cfg), reward_cfg)
-        directory, _ = split_model_path(args.critic_model_name_or_path)
-        self.reward_stats = read_json(f"{directory}/reward_stats.json")
         if args.normalize_reward and not self.reward_stats:
             dist.print_rank0(f"note: {directory} has no reward_stats.json (not a dschat step-2 output), so reward "
                              f"scores are used unnormalised")
@@ -101,7 +120,8 @@ class RLHFEngine:
 
     def _reward_model(self, ds_config: dict, dropout: float | None = None, grad_ckpt: bool = False):
         return create_reward_model(self.args.critic_model_name_or_path, self.tokenizer, ds_config, self.torch_dtype,
-                                   dropout, self.args.trust_remote_code, gradient_checkpointing=grad_ckpt)
+                                   dropout, self.args.trust_remote_code, gradient_checkpointing=grad_ckpt,
+                                   allow_fresh_head=False)
 
     def _actor(self, ds_config: dict, total_steps: int):
         a = self.args

@@ -18,8 +18,8 @@ import torch  # noqa: E402
 
 from dschat.cli.entry import run_main  # noqa: E402
 from dschat.data.prompts import PromptFormat  # noqa: E402
-from dschat.models.loading import load_tokenizer, model_config, split_model_path  # noqa: E402
-from dschat.runtime.errors import ModelPathError  # noqa: E402
+from dschat.models.loading import load_model, load_tokenizer, model_config  # noqa: E402
+from dschat.runtime.errors import FlagError, ModelPathError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if len(args.prompt) != len(args.response):
         p.error(f"give one --response per --prompt (got {len(args.prompt)} prompts, {len(args.response)} responses)")
+    for name in ("max_seq_len", "num_examples"):
+        if getattr(args, name) < 1:
+            raise FlagError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     return args
 
 
@@ -52,8 +55,8 @@ def load_reward_model(path: str):
     if not any(a.endswith("ForSequenceClassification") for a in archs) or getattr(config, "num_labels", 0) != 1:
         raise ModelPathError(f"{path} holds no reward model (architectures {archs}, num_labels "
                              f"{getattr(config, 'num_labels', None)}); train one with step 2 and pass its --output_dir")
-    directory, extra = split_model_path(path)
-    model = AutoModelForSequenceClassification.from_pretrained(directory, **extra).eval()
+    # load_model refuses corrupt files and a head that would be initialised at random (no trained head).
+    model = load_model(AutoModelForSequenceClassification, path, allow_fresh_head=False).eval()
     return model, load_tokenizer(path)
 
 
