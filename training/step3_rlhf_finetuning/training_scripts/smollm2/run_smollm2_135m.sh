@@ -38,8 +38,8 @@ python main.py \
    --prompt_format auto \
    --max_prompt_seq_len 96 \
    --max_answer_seq_len 24 \
-   --actor_learning_rate 1e-5 \
-   --critic_learning_rate 3e-5 \
+   --actor_learning_rate 3e-5 \
+   --critic_learning_rate 5e-5 \
    --num_warmup_steps 5 \
    --num_judge_prompts 64 \
    --enable_hybrid_engine \
