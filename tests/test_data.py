@@ -193,3 +193,10 @@ def test_cache_reused_and_invalidated(tmp_path, tokenizer):
     assert len(list(cache.iterdir())) == 4
     assert not list(cache.glob("*.tmp-*"))
     assert not list(cache.rglob("*.pt")) and not list(cache.rglob("*.pkl"))  # Arrow only, no pickles
+
+
+def test_a_zero_share_is_not_called_dropped_for_length(tmp_path, tokenizer):
+    f = tmp_path / "ok.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": "hi", "chosen": " a", "rejected": " b"}) for _ in range(10)))
+    with pytest.raises(DatasetError, match=r"phase 2 gets no training rows: its --data_split share \(1,0,1\) is 0"):
+        load_phase_data(settings([str(f)], phase=2, data_split="1,0,1"), tokenizer, str(tmp_path / "cache"))

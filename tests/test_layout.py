@@ -138,3 +138,13 @@ def test_communication_device_follows_the_backend(monkeypatch):
     monkeypatch.setattr(dist.tdist, "get_backend", lambda *a: "nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     assert dist.comm_device() == torch.device("cuda", 1)
+
+
+def test_interrupt_message_suggests_resume_only_with_a_checkpoint(tmp_path):
+    from dschat.cli.entry import resume_hint
+
+    assert resume_hint(["--output_dir", str(tmp_path)]) == ""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step4")
+    assert "--resume" in resume_hint(["--output_dir", str(tmp_path)])
+    assert "--resume" in resume_hint([f"--output_dir={tmp_path}"]) and resume_hint([]) == ""

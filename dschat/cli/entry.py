@@ -12,6 +12,7 @@ import argparse
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dschat.runtime.errors import DschatError
@@ -65,6 +66,15 @@ def _end_progress_bars() -> None:
         pass
 
 
+def resume_hint(argv: list[str]) -> str:
+    """", the last checkpoint too (rerun with --resume ...)" when --output_dir holds one, else ""."""
+    out = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--output_dir"), None)
+    out = out or next((a.split("=", 1)[1] for a in argv if a.startswith("--output_dir=")), None)
+    if out and (Path(out) / "checkpoints" / "latest").is_file():
+        return f", and so is the last checkpoint in {out}/checkpoints (rerun with --resume to continue from it)"
+    return ""
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Call `main()`; a user error prints `error: <message>` and exits with status 2."""
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -77,6 +87,6 @@ def run_main(main: Callable[[], None]) -> None:
     except KeyboardInterrupt as err:
         name, code = ("SIGTERM", 143) if isinstance(err, Terminated) else ("Ctrl-C", 130)
         _end_progress_bars()
-        print(f"error: interrupted ({name}); partial saves were removed, finished outputs and the last "
-              f"checkpoint are intact (rerun with --resume to continue from it)", file=sys.stderr, flush=True)
+        print(f"error: interrupted ({name}); partial saves were removed, finished outputs are intact"
+              f"{resume_hint(sys.argv[1:])}", file=sys.stderr, flush=True)
         sys.exit(code)

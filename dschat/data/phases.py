@@ -155,7 +155,11 @@ def _build(folder: Path, settings: DataSettings, tokenizer) -> None:
                                     settings.train_on_prompt)
                        for r in rows[split]]
             kept = [e for e in encoded if e is not None]
-            if not kept and (split == "train" or rows[split]):
+            if not rows[split] and split == "train":
+                raise DatasetError(f"{', '.join(settings.data_path) or '(no --data_path)'}: phase "
+                                   f"{settings.phase} gets no training rows: its --data_split share "
+                                   f"({settings.data_split}) is 0 or the datasets are empty")
+            if not kept and rows[split]:
                 phase3 = settings.phase == 3
                 limit = "--max_prompt_seq_len" if phase3 else "--max_seq_len"
                 value = settings.max_prompt_len if phase3 else settings.max_seq_len
