@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from dschat.data.builtin_task import heldout_prompts
 from dschat.data.loaders import make_loader, steps_per_epoch
 from dschat.data.phases import DataSettings, load_phase_data
 from dschat.data.prompts import PromptFormat
@@ -25,6 +26,7 @@ from dschat.runtime.ds_config import get_train_ds_config
 from dschat.runtime.engine import build_engine, device, setup, torch_dtype
 from dschat.runtime.errors import FlagError
 from dschat.runtime.logger import Logger
+from dschat.trainers.evaluation import judge_eval
 from dschat.trainers.loop import LoopSettings, train_epochs
 
 
@@ -76,6 +78,9 @@ class OneModelRun:
                                    args.lr_scheduler_type, args.num_warmup_steps, self.total_steps)
         self.logger = Logger(self.total_steps, self.description(), f"{tb}/{self.name}_tensorboard" if tb else None)
         self.loop = loop_settings(args)
+        # Held-out builtin prompts whose greedy answers the judge scores (steps with --num_judge_prompts).
+        n_judge = getattr(args, "num_judge_prompts", 0)
+        self.prompts = heldout_prompts(n=n_judge) if self.data_settings.uses_builtin and n_judge else []
         self.history: list[dict[str, Any]] = []
         self.result: dict[str, Any] = {}
 
@@ -113,6 +118,16 @@ class OneModelRun:
         self.logger.scalars(self.engine.global_steps, {f"eval/{k}": v for k, v in numbers.items()})
         self.logger.write(f"[eval {when}] " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
         return metrics
+
+    def judge(self) -> dict[str, float]:
+        """{"judge": mean judge score of greedy answers to the held-out prompts} ({} off the builtin task)."""
+        if not self.prompts:
+            return {}
+        synced = self.args.zero_stage == 3 and dist.world_size() > 1
+        result = judge_eval(self.engine.module, self.fmt, self.prompts, self.args.max_new_tokens, self.dev, synced)
+        for prompt, answer in result["examples"][:2]:
+            self.logger.write(f"  {prompt!r} -> {answer!r}")
+        return {"judge": result["judge"]}
 
     def train(self) -> None:
         """All epochs, with the periodic evaluations and checkpoints the flags ask for."""

@@ -15,14 +15,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dschat.algos.losses import dpo_loss, sequence_logprobs
-from dschat.data.builtin_task import heldout_prompts
 from dschat.data.collators import DPOCollator
 from dschat.models.loading import create_hf_model
 from dschat.runtime import dist
 from dschat.runtime.ds_config import get_eval_ds_config
 from dschat.runtime.engine import build_frozen_engine, to_device, torch_dtype
 from dschat.trainers.base import OneModelRun
-from dschat.trainers.evaluation import judge_eval
 
 
 def pair_logprobs(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +43,6 @@ class DPORun(OneModelRun):
         ref = create_hf_model(AutoModelForCausalLM, a.model_name_or_path, self.tokenizer, copy.deepcopy(ref_cfg),
                               torch_dtype(self.dtype), None, False, a.trust_remote_code)
         self.ref = build_frozen_engine(ref, copy.deepcopy(ref_cfg))
-        self.prompts = heldout_prompts(n=a.num_judge_prompts) if self.data_settings.uses_builtin else []
         # Training batches' implicit-reward stats since the last evaluation (recorded with it).
         self.train_sums = torch.zeros(3, dtype=torch.float64)  # correct pairs, margin sum, pairs
 
@@ -108,14 +105,7 @@ class DPORun(OneModelRun):
         if trained[2] > 0:
             metrics |= {"train_accuracy": trained[0] / trained[2], "train_margin": trained[1] / trained[2]}
         self.train_sums.zero_()
-        if self.prompts:
-            synced = self.args.zero_stage == 3 and dist.world_size() > 1
-            result = judge_eval(self.engine.module, self.fmt, self.prompts, self.args.max_new_tokens,
-                                self.dev, synced)
-            metrics["judge"] = result["judge"]
-            for prompt, answer in result["examples"][:2]:
-                self.logger.write(f"  {prompt!r} -> {answer!r}")
-        return self.record(metrics, when)
+        return self.record(metrics | self.judge(), when)
 
     def save(self) -> None:
         """The DPO policy as a plain HF causal-LM directory in --output_dir, with its eval history."""

@@ -7,12 +7,10 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from dschat.data.builtin_task import heldout_prompts
 from dschat.data.collators import SFTCollator
 from dschat.models.loading import create_hf_model
-from dschat.runtime import dist
 from dschat.trainers.base import OneModelRun
-from dschat.trainers.evaluation import judge_eval, perplexity
+from dschat.trainers.evaluation import perplexity
 
 
 def lm_loss(engine, batch: dict, fp32: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
@@ -31,7 +29,6 @@ class SFTRun(OneModelRun):
 
     def __init__(self, args):
         super().__init__(args)
-        self.prompts = heldout_prompts(n=args.num_judge_prompts) if self.data_settings.uses_builtin else []
         # DeepSpeed-Chat's --compute_fp32_loss: without it the loss is computed in the model's dtype.
         self.fp32_loss = args.compute_fp32_loss or self.dtype == "fp32"
 
@@ -56,14 +53,7 @@ class SFTRun(OneModelRun):
     def evaluate(self, when: str) -> dict:
         """Eval-split perplexity and, on the builtin task, the judge score of greedy held-out answers."""
         metrics = perplexity(self.engine, self.eval_loader, self.args.eval_iters, self.dev)
-        if self.prompts:
-            synced = self.args.zero_stage == 3 and dist.world_size() > 1
-            result = judge_eval(self.engine.module, self.fmt, self.prompts, self.args.max_new_tokens,
-                                self.dev, synced)
-            metrics["judge"] = result["judge"]
-            for prompt, answer in result["examples"][:2]:
-                self.logger.write(f"  {prompt!r} -> {answer!r}")
-        return self.record(metrics, when)
+        return self.record(metrics | self.judge(), when)
 
     def save(self) -> None:
         """The fine-tuned model as a plain HF directory in --output_dir, with its eval history."""
