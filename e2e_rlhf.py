@@ -205,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a regular file on the way, no permission, read-only file system
+        print(f"error: --output-dir {args.output_dir}: cannot create it ({err.strerror})", file=sys.stderr)
+        return 2
     if args.algo == "dpo":
         print(f"Actor: {args.actor_model} -> {dirs[1]}\nDPO: -> {dirs[2]}", flush=True)
     else:

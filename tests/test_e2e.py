@@ -254,6 +254,13 @@ def test_failed_step_stops_with_log_tail_and_hints(tmp_path, monkeypatch, capsys
     assert json.loads((out / "summary.json").read_text())["steps"]["1"]["status"] == "failed"
 
 
+def test_output_dir_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert e2e_rlhf.main(["--output-dir", str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output-dir") and "cannot create it" in err and "Traceback" not in err
+
+
 def test_forced_rerun_that_fails_before_saving_keeps_the_finished_output(tmp_path, monkeypatch, capsys):
     """--force with a step that fails (e.g. a bad flag) must not leave the earlier model looking unfinished."""
     out = tmp_path / "out"

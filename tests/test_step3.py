@@ -90,7 +90,7 @@ def test_accumulation_generation_batches_ppo_epochs_ptx_and_test_mode_counts(tmp
     assert len(m["evals"]) == 2  # start and the one epoch that ran
 
 
-@pytest.mark.parametrize("estimator", ["grpo"])  # reinforce_pp_baseline: the 2-rank test below
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])  # reinforce_pp_baseline: 2 ranks below
 def test_critic_free_estimators_build_and_save_no_critic(tmp_path, estimator, quick):
     out = tmp_path / "s3"
     (out / "critic").mkdir(parents=True)  # what an earlier gae run left stays as it was
