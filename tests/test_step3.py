@@ -90,7 +90,10 @@ def test_accumulation_generation_batches_ppo_epochs_ptx_and_test_mode_counts(tmp
     assert len(m["evals"]) == 2  # start and the one epoch that ran
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp"])  # reinforce_pp_baseline: 2 ranks below
+CRITIC_FREE = ["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+
+
+@pytest.mark.parametrize("estimator", CRITIC_FREE)
 def test_critic_free_estimators_build_and_save_no_critic(tmp_path, estimator, quick):
     out = tmp_path / "s3"
     (out / "critic").mkdir(parents=True)  # what an earlier gae run left stays as it was
@@ -104,13 +107,14 @@ def test_critic_free_estimators_build_and_save_no_critic(tmp_path, estimator, qu
     AutoModelForCausalLM.from_pretrained(out / "actor")
 
 
-def test_two_ranks_zero3_critic_free_group_estimator(tmp_path, quick):
+@pytest.mark.parametrize("estimator", CRITIC_FREE)
+def test_two_ranks_zero3_critic_free_estimators(tmp_path, estimator, quick):
     """Groups stay on one rank, whitening is global, and no critic engine exists, under ZeRO-3 on 2 ranks."""
     out = tmp_path / "s3"
     proc = run([STEP3, *quick, "--output_dir", out, "--data_output_path", tmp_path / "data",
                 "--actor_zero_stage", "3", "--critic_zero_stage", "3", "--enable_hybrid_engine",
-                "--advantage_estimator", "reinforce_pp_baseline", "--n_samples_per_prompt", "2"], ranks=2)
-    assert "PPO steps, reinforce_pp_baseline)" in proc.stdout
+                "--advantage_estimator", estimator, "--n_samples_per_prompt", "2"], ranks=2)
+    assert f"PPO steps, {estimator})" in proc.stdout
     assert metrics(out / "actor")["critic"] is False and not (out / "critic").exists()
     AutoModelForCausalLM.from_pretrained(out / "actor")
 

@@ -120,6 +120,12 @@ def pairwise_accuracy(chosen_scores: Tensor, rejected_scores: Tensor) -> Tensor:
     return (chosen_scores > rejected_scores).float().mean()
 
 
+def row_sums(values: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+    """Per-row sums [n_rows] (float32) of flat per-token values [N] whose row indices are rows [N]."""
+    out = torch.zeros(n_rows, dtype=torch.float32, device=values.device)
+    return out.index_add(0, rows, values.float())
+
+
 def sequence_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     """Summed log-probs [B] of label tokens [B, T] (-100 = masked) under logits [B, T, V], shifted next-token."""
     logits, labels = logits[:, :-1], labels[:, 1:]

@@ -14,8 +14,9 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from dschat.algos.losses import dpo_loss, sequence_logprobs
+from dschat.algos.losses import dpo_loss, logprobs_from_logits, row_sums
 from dschat.data.collators import DPOCollator
+from dschat.models.forward import label_logits
 from dschat.models.loading import create_hf_model
 from dschat.runtime import dist
 from dschat.runtime.ds_config import get_eval_ds_config
@@ -24,9 +25,10 @@ from dschat.trainers.base import OneModelRun
 
 
 def pair_logprobs(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed answer log-probs (chosen [B], rejected [B]) of a [chosen; rejected] batch, in one forward."""
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return sequence_logprobs(logits, batch["labels"]).chunk(2)
+    """Summed answer log-probs (chosen [B], rejected [B]) of a [chosen; rejected] batch, in one forward that
+    projects onto the vocabulary at the label tokens only."""
+    logits, targets, rows = label_logits(engine, batch)
+    return row_sums(logprobs_from_logits(logits, targets), rows, batch["labels"].shape[0]).chunk(2)
 
 
 class DPORun(OneModelRun):

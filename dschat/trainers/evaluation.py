@@ -8,6 +8,7 @@ import torch
 
 from dschat.data.builtin_task import judge
 from dschat.data.prompts import PromptFormat
+from dschat.models.forward import label_logits
 from dschat.runtime import dist
 from dschat.runtime.engine import to_device
 from dschat.trainers.rollout import generate_answers
@@ -22,11 +23,9 @@ def perplexity(engine, loader, eval_iters: int, dev: torch.device) -> dict[str, 
         if i >= eval_iters:
             break
         batch = to_device(batch, dev)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
-                                                 ignore_index=-100, reduction="sum")
-        totals += torch.stack([loss.double(), (labels != -100).sum().double()])
+        logits, targets, _ = label_logits(engine, batch)
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        totals += torch.stack([loss.double(), torch.tensor(targets.numel(), dtype=torch.float64, device=dev)])
     engine.train()
     loss_sum, count = dist.all_reduce_sum(totals).tolist()
     loss = loss_sum / max(count, 1)

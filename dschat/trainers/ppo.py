@@ -19,6 +19,7 @@ from dschat.algos.advantages import AdvantageInputs, compute_rewards, get_estima
 from dschat.algos.kl import kl_penalty, make_kl_controller
 from dschat.algos.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
 from dschat.algos.masked import end_scores, masked_mean, masked_sum, masked_whiten
+from dschat.models.forward import answer_logits
 from dschat.models.heads import token_values
 from dschat.runtime import dist
 from dschat.trainers.loop import NanGuard
@@ -55,11 +56,6 @@ class PPOSettings:
         """The settings from step 3's flags (same names)."""
         names = [f for f in cls.__dataclass_fields__ if f != "fp32_loss"]
         return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)}, fp32_loss=fp32_loss)
-
-
-def answer_logits(model, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Logits [B, A, V] that predict the answer tokens seq[:, P:]."""
-    return model(input_ids=seq, attention_mask=attention_mask, use_cache=False).logits[:, prompt_len - 1: -1]
 
 
 def answer_logprobs(model, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,

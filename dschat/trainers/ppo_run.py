@@ -19,6 +19,7 @@ from dschat.data.phases import DataSettings, load_phase_data
 from dschat.data.prompts import PromptFormat
 from dschat.data.ptx import unsupervised_loader
 from dschat.models.export import save_hf_model
+from dschat.models.forward import answer_logits
 from dschat.models.heads import token_values
 from dschat.models.loading import load_tokenizer
 from dschat.runtime import checkpoint, dist
@@ -26,7 +27,7 @@ from dschat.runtime.engine import device, setup, to_device
 from dschat.runtime.errors import FlagError
 from dschat.runtime.logger import Logger
 from dschat.trainers.loop import NanGuard
-from dschat.trainers.ppo import PPOSettings, PPOTrainer, answer_logits
+from dschat.trainers.ppo import PPOSettings, PPOTrainer
 from dschat.trainers.rlhf_engine import RLHFEngine, check_same_tokenizer
 from dschat.trainers.rollout import Generator, decode_answers, encode_prompts, generate_rollout
 

@@ -8,17 +8,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dschat.data.collators import SFTCollator
+from dschat.models.forward import label_logits
 from dschat.models.loading import create_hf_model
 from dschat.trainers.base import OneModelRun
 from dschat.trainers.evaluation import perplexity
 
 
 def lm_loss(engine, batch: dict, fp32: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean next-token cross-entropy over label tokens (from fp32 logits when `fp32`, else the model's dtype)."""
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logits = logits[:, :-1].float() if fp32 else logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    """Mean next-token cross-entropy over label tokens (from fp32 logits when `fp32`, else the model's dtype);
+    the LM head runs on the label positions only (dschat.models.forward)."""
+    logits, targets, _ = label_logits(engine, batch)
+    loss = torch.nn.functional.cross_entropy(logits.float() if fp32 else logits, targets)
     return loss, {"tokens": float(batch["attention_mask"].sum())}
 
 
