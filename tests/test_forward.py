@@ -81,3 +81,27 @@ def test_a_model_without_logits_to_keep_gets_full_logits():
     assert forward.keep_mode(Plain()) == "none"
     engine = type("Engine", (), {"module": Plain()})()
     assert forward.keep_mode(engine) == "none"
+
+
+def test_sampling_logprobs_equal_a_forward_over_the_rollout(model):
+    """--logprobs_from_generation: the sampling pass's raw-logit log-probs are the experience forward's."""
+    from dschat.algos.losses import logprobs_from_logits
+    from dschat.data.prompts import PromptFormat
+    from dschat.models.loading import load_tokenizer
+    from dschat.trainers.rollout import encode_prompts, generate_rollout
+
+    fmt = PromptFormat(load_tokenizer("builtin", padding_side="left"))
+    prompt, mask = encode_prompts(fmt, ["Name some fruits.", "Which tools are there? Name three."],
+                                  torch.device("cpu"))
+    torch.manual_seed(3)
+    r = generate_rollout(model, fmt, prompt, mask, with_logprobs=True, do_sample=True, top_k=0,
+                         temperature=0.7, max_new_tokens=12)
+    torch.manual_seed(3)
+    plain = generate_rollout(model, fmt, prompt, mask, do_sample=True, top_k=0, temperature=0.7, max_new_tokens=12)
+    assert torch.equal(r.seq, plain.seq) and plain.logprobs is None  # keeping logits does not change sampling
+    with torch.no_grad():
+        ref = logprobs_from_logits(forward.answer_logits(model, r.seq, r.attention_mask, r.prompt_len),
+                                   r.seq[:, r.prompt_len:])
+    m = r.action_mask.bool()
+    assert m.sum() > 4
+    torch.testing.assert_close(r.logprobs[m], ref[m], rtol=1e-4, atol=1e-4)  # raw logits, not temperature-scaled

@@ -57,7 +57,7 @@ def test_lora_ema_ptx_offload(tmp_path, quick):
     run([STEP3, *quick, "--output_dir", out, "--data_output_path", tmp_path / "data",
          "--actor_lora_dim", "4", "--critic_lora_dim", "4", "--enable_ema", "--offload",
          "--offload_reference_model", "--offload_reward_model", "--unsupervised_dataset_name", str(text),
-         "--unsup_coef", "0.5", "--enable_hybrid_engine"])
+         "--unsup_coef", "0.5", "--enable_hybrid_engine", "--logprobs_from_generation"])
     actor = load_file(str(out / "actor" / "model.safetensors"))
     ema = load_file(str(out / "actor_ema" / "model.safetensors"))
     base = load_file(f"{BUILTIN_MODEL_DIR}/model.safetensors")
@@ -124,7 +124,7 @@ def test_two_ranks_zero3(tmp_path, hybrid, quick):
     out = tmp_path / "s3"
     proc = run([STEP3, *quick, "--output_dir", out, "--data_output_path", tmp_path / "data",
                 "--actor_zero_stage", "3", "--critic_zero_stage", "3",
-                *(["--enable_hybrid_engine"] if hybrid else [])], ranks=2)
+                *(["--enable_hybrid_engine"] if hybrid else ["--logprobs_from_generation"])], ranks=2)
     assert "SFT (start)" in proc.stdout
     state = load_file(str(out / "actor" / "model.safetensors"))
     assert all(t.numel() > 0 for t in state.values())

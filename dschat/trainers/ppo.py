@@ -49,6 +49,7 @@ class PPOSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     max_answer_seq_len: int = 64
+    logprobs_from_generation: bool = False
     fp32_loss: bool = True
 
     @classmethod
@@ -96,13 +97,17 @@ class PPOTrainer:
         n = self.s.n_samples_per_prompt
         if n > 1:  # a prompt's samples sit next to each other, so a group never spans batches or ranks
             prompt, prompt_mask = prompt.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
-        rollout = self.generator.generate(prompt, prompt_mask, **self.sampling)
+        from_sampling = self.s.logprobs_from_generation
+        rollout = self.generator.generate(prompt, prompt_mask, with_logprobs=from_sampling, **self.sampling)
         gen_time = time.time() - start
         seq, attention_mask, p = rollout.seq, rollout.attention_mask, rollout.prompt_len
         e = self.engine
-        e.actor.eval()
-        logprobs, _ = answer_logprobs(e.actor, seq, attention_mask, p, fp32=True)
-        e.actor.train()
+        if from_sampling:  # the sampling pass's raw logits: one actor forward fewer (equal up to float rounding)
+            logprobs = rollout.logprobs
+        else:
+            e.actor.eval()
+            logprobs, _ = answer_logprobs(e.actor, seq, attention_mask, p, fp32=True)
+            e.actor.train()
         ref_logprobs, _ = answer_logprobs(e.ref, seq, attention_mask, p, fp32=True)
         values = None
         if e.critic is not None:  # old values in eval mode (no dropout), as the actor's old log-probs

@@ -29,13 +29,15 @@ class Rollout:
     """Generated sequences, cut after each answer's first EOS.
 
     seq [B, P + A] (left-padded prompt, answer, pad after the EOS), attention_mask [B, P + A],
-    action_mask [B, A] (1 on answer tokens through the first EOS), prompt_len P.
+    action_mask [B, A] (1 on answer tokens through the first EOS), prompt_len P; logprobs [B, A] (fp32) of
+    the answer tokens under the sampling model's raw logits when generation was asked to keep them.
     """
 
     seq: torch.Tensor
     attention_mask: torch.Tensor
     action_mask: torch.Tensor
     prompt_len: int
+    logprobs: torch.Tensor | None = None
 
 
 def encode_prompts(fmt: PromptFormat, prompts: list[str], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,18 +57,33 @@ def finish_rollout(prompt: torch.Tensor, prompt_mask: torch.Tensor, seq: torch.T
                    action_mask, p)
 
 
+def step_logprobs(step_logits: tuple[torch.Tensor, ...] | list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probs [B, A] (fp32) of tokens [B, A] under per-step raw logits (A tensors [B, V], as `generate` keeps)."""
+    out = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
+    for t, logits in enumerate(step_logits):  # one step at a time: no [B, A, V] tensor
+        logits = logits.float()
+        out[:, t] = logits.gather(-1, tokens[:, t: t + 1]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return out
+
+
 @torch.no_grad()
 def generate_rollout(model, fmt: PromptFormat, prompt: torch.Tensor, prompt_mask: torch.Tensor,
-                     synced: bool = False, **generate_kwargs) -> Rollout:
-    """`model.generate` on left-padded prompts (in eval mode), cut after each first end-of-turn token."""
+                     synced: bool = False, with_logprobs: bool = False, **generate_kwargs) -> Rollout:
+    """`model.generate` on left-padded prompts (in eval mode), cut after each first end-of-turn token;
+    with_logprobs: also the answer tokens' log-probs from the raw logits of the sampling pass."""
     was_training = model.training
     model.eval()
     try:
-        seq = model.generate(prompt, attention_mask=prompt_mask, pad_token_id=fmt.pad_token_id,
-                             eos_token_id=fmt.eos_token_id, synced_gpus=synced, **generate_kwargs)
+        out = model.generate(prompt, attention_mask=prompt_mask, pad_token_id=fmt.pad_token_id,
+                             eos_token_id=fmt.eos_token_id, synced_gpus=synced, output_logits=with_logprobs,
+                             return_dict_in_generate=with_logprobs, **generate_kwargs)
     finally:
         model.train(was_training)
-    return finish_rollout(prompt, prompt_mask, seq, fmt.eos_token_id, fmt.pad_token_id)
+    seq = out.sequences if with_logprobs else out
+    rollout = finish_rollout(prompt, prompt_mask, seq, fmt.eos_token_id, fmt.pad_token_id)
+    if with_logprobs:
+        rollout.logprobs = step_logprobs(out.logits, seq[:, prompt.shape[1]:])
+    return rollout
 
 
 def decode_answers(fmt: PromptFormat, rollout: Rollout) -> list[str]:
@@ -132,16 +149,18 @@ class Generator:
         return self.twin
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, **sampling) -> Rollout:
-        """Answers to left-padded prompts, cut after the first EOS; `sampling` goes to HF generate."""
+    def generate(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, with_logprobs: bool = False,
+                 **sampling) -> Rollout:
+        """Answers to left-padded prompts, cut after the first EOS (and their sampling log-probs when asked);
+        `sampling` goes to HF generate."""
         if self.hybrid:
-            rollout = generate_rollout(self._refresh_twin(), self.fmt, prompt, prompt_mask, use_cache=True,
-                                       **sampling)
+            rollout = generate_rollout(self._refresh_twin(), self.fmt, prompt, prompt_mask,
+                                       with_logprobs=with_logprobs, use_cache=True, **sampling)
             if self.release_cache:
                 self.twin = None
             return rollout
         return generate_rollout(unwrap(self.actor), self.fmt, prompt, prompt_mask, self.synced,
-                                use_cache=True, **sampling)
+                                with_logprobs=with_logprobs, use_cache=True, **sampling)
 
     def model_for_eval(self) -> tuple[torch.nn.Module, bool]:
         """(model, synced) to run greedy evaluation with: the refreshed twin in hybrid mode."""
