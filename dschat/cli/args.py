@@ -158,6 +158,8 @@ def check_numbers(args: argparse.Namespace) -> None:
     margin = getattr(args, "margin", 0.0)
     if not math.isfinite(margin):
         raise FlagError(f"--margin must be a finite number (got {margin})")
+    if margin and getattr(args, "loss", "pairwise") == "divergence":
+        raise FlagError("--margin: --loss divergence has no margin (use --loss pairwise)")
 
 
 def check_data_flags(args: argparse.Namespace) -> None:

@@ -87,7 +87,8 @@ def head_name(model: torch.nn.Module) -> str:
     raise ValueError(f"{type(inner).__name__} has no sequence-classification head ({', '.join(HEAD_NAMES)})")
 
 
-def token_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """[B, L] scalar value of every position (the head applied to every hidden state).
 
     `model` may be the HF model, a peft PeftModel or a DeepSpeed engine around either. The model's own
@@ -98,10 +99,73 @@ def token_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     captured: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda _mod, _inp, out: captured.append(out))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     finally:
         handle.remove()
     values = captured[-1]
     if values.dim() != 3 or values.shape[-1] != 1:
         raise ValueError(f"expected per-token head output [B, L, 1], got {tuple(values.shape)}")
     return values.squeeze(-1)
+
+
+def pair_token_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      pad_token_id: int) -> torch.Tensor:
+    """token_values of a right-padded [chosen; rejected] batch [2B, L] from one shared-prompt forward per pair
+    (dschat.data.packing): the prompt runs once, not twice; values equal the separate forward's up to rounding."""
+    from dschat.data.packing import pack_pairs, unpack_pairs
+
+    dtype = next(hf_model(model).parameters()).dtype
+    packed = pack_pairs(input_ids, attention_mask, pad_token_id, dtype)
+    values = token_values(model, packed.input_ids, packed.attention_mask, packed.position_ids)
+    return unpack_pairs(values, packed)
+
+
+class PairValues:
+    """Per-token values of [chosen; rejected] batches, shared-prompt or separate (--pair_forward).
+
+    "auto" checks the shared-prompt forward against the separate one on the first batch (no gradient, eval
+    mode) and keeps it only when they agree: a model whose attention ignores custom 4-D masks falls back to
+    separate forwards with one printed line. "shared" makes a failed check an error.
+    """
+
+    def __init__(self, mode: str, pad_token_id: int):
+        self.mode, self.pad_token_id = mode, pad_token_id
+
+    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Values [2B, L] of the batch (0 or the model's raw output on padding)."""
+        if self.mode in ("auto", "shared"):
+            self._check(model, input_ids, attention_mask)
+        if self.mode == "checked":
+            return pair_token_values(model, input_ids, attention_mask, self.pad_token_id)
+        return token_values(model, input_ids, attention_mask)
+
+    def _check(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        module = hf_model(model)
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                shared = pair_token_values(model, input_ids, attention_mask, self.pad_token_id).float()
+                separate = token_values(model, input_ids, attention_mask).float()
+        finally:
+            module.train(was_training)
+        from dschat.runtime import dist
+
+        valid = attention_mask.bool()
+        diff = (shared - separate)[valid].abs().max().item()
+        scale = separate[valid].abs().max().item() + 1.0
+        tol = 1e-3 if next(module.parameters()).dtype == torch.float32 else 5e-2
+        agree = torch.tensor([float(diff <= tol * scale)], device=input_ids.device)
+        if dist.all_reduce_sum(agree).item() == dist.world_size():  # every rank decides alike
+            self.mode = "checked"
+            return
+        message = (f"--pair_forward shared: this model's shared-prompt values differ from separate forwards "
+                   f"(max |difference| {diff:.3g}); its attention may ignore custom 4-D masks")
+        if self.mode == "shared":
+            from dschat.runtime.errors import FlagError
+
+            raise FlagError(message + "; use --pair_forward separate")
+        print(message.replace("--pair_forward shared: ", "--pair_forward auto: ") + "; using separate forwards",
+              flush=True)
+        self.mode = "separate"

@@ -73,7 +73,8 @@ class RLHFRun:
         self.prompts = heldout_prompts(n=args.num_judge_prompts) if self.builtin else \
             list(data["eval"].select(range(min(args.num_judge_prompts, len(data["eval"]))))["prompt"])
         tb = f"{args.tensorboard_path}/step3_tensorboard" if args.enable_tensorboard else None
-        self.logger = Logger(cycles, "step3 PPO", tb)
+        steps = min(cycles, args.test_stop_step) if args.enable_test_mode else cycles  # where the run will stop
+        self.logger = Logger(steps, "step3 PPO", tb)
         self.history: list[dict[str, Any]] = []
         self.guard = NanGuard(args.max_bad_steps)
         self.step = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -12,7 +13,7 @@ from dschat.algos.masked import end_scores
 from dschat.data.builtin_task import judge
 from dschat.data.collators import RewardCollator
 from dschat.data.phases import phase_rows, tokenize_row
-from dschat.models.heads import create_reward_model, head_name, token_values
+from dschat.models.heads import PairValues, create_reward_model, head_name, token_values
 from dschat.runtime import dist
 from dschat.runtime.engine import to_device
 from dschat.trainers.base import OneModelRun
@@ -29,10 +30,11 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(rx.corr(ry))
 
 
-def reward_loss(engine, batch: dict, kind: str = "pairwise", margin: float = 0.0) -> tuple[torch.Tensor, dict]:
+def reward_loss(engine, batch: dict, kind: str = "pairwise", margin: float = 0.0,
+                values_fn: Callable = token_values) -> tuple[torch.Tensor, dict]:
     """Loss of a [chosen; rejected] batch: "pairwise" on end scores or DeepSpeed-Chat's "divergence"."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    values = token_values(engine, ids, mask)
+    values = values_fn(engine, ids, mask)
     chosen, rejected = end_scores(values, mask).chunk(2)
     if kind == "pairwise":
         loss = pairwise_loss(chosen, rejected, margin)
@@ -52,6 +54,7 @@ class RewardRun(OneModelRun):
 
     def __init__(self, args):
         super().__init__(args)
+        self.pair_values = PairValues(args.pair_forward, self.tokenizer.pad_token_id)
         self.judge_rows = self._judge_rows() if self.data_settings.uses_builtin else []
 
     def make_collator(self):
@@ -84,13 +87,13 @@ class RewardRun(OneModelRun):
 
     def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
         """The training loss chosen by --loss/--margin, with batch accuracy and mean scores to log."""
-        return reward_loss(engine, batch, self.args.loss, self.args.margin)
+        return reward_loss(engine, batch, self.args.loss, self.args.margin, self.pair_values)
 
     @torch.no_grad()
     def _scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """End scores of a [chosen; rejected] batch, as (chosen [B], rejected [B]) in fp32."""
         batch = to_device(batch, self.dev)
-        values = token_values(self.engine, batch["input_ids"], batch["attention_mask"])
+        values = self.pair_values(self.engine, batch["input_ids"], batch["attention_mask"])
         return end_scores(values, batch["attention_mask"]).float().chunk(2)
 
     def _judge_correlation(self) -> float:

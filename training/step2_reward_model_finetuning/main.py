@@ -32,7 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss", choices=["pairwise", "divergence"], default="pairwise",
                    help="pairwise: -logsigmoid(end score chosen - rejected - margin) (InstructGPT); "
                         "divergence: DeepSpeed-Chat's per-token loss over the span where the answers differ.")
-    p.add_argument("--margin", type=float, default=0.0, help="Margin of the pairwise loss (ignored by divergence).")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="Margin of the pairwise loss (--loss divergence has none: a margin with it is refused).")
+    p.add_argument("--pair_forward", choices=["auto", "shared", "separate"], default="auto",
+                   help="shared: one forward per pair over [prompt, chosen answer, rejected answer] with a block "
+                        "attention mask, so the shared prompt runs once (same values up to rounding); separate: "
+                        "chosen and rejected as two sequences (DeepSpeed-Chat); auto: shared when a check on the "
+                        "first batch agrees with separate, else separate.")
     p.set_defaults(num_train_epochs=5)  # DeepSpeed-Chat: 1, for large pretrained models
     return parse_step_args(p, argv, check_common_args)
 
