@@ -33,8 +33,14 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
                          "up to float rounding; keeps [B, V] logits per answer token until the rollout ends.")
     mem = p.add_argument_group("memory")
     mem.add_argument("--offload", action="store_true")
-    mem.add_argument("--offload_reference_model", action="store_true")
-    mem.add_argument("--offload_reward_model", action="store_true")
+    mem.add_argument("--offload_reference_model", action="store_true",
+                     help="Keep a separate reference model with its parameters on CPU (ZeRO-3 parameter offload).")
+    mem.add_argument("--offload_reward_model", action="store_true",
+                     help="Keep a separate reward model with its parameters on CPU (ZeRO-3 parameter offload).")
+    mem.add_argument("--no_shared_base", action="store_true",
+                     help="With --only_optimize_lora the reference is the actor with its adapters off and the "
+                          "reward model the critic with its adapters off (no second copy of either); this flag "
+                          "builds separate frozen copies instead, as DeepSpeed-Chat does.")
     mem.add_argument("--enable_ema", action="store_true", help="Keep an EMA (0.992) of the actor, saved as actor_ema.")
     mem.add_argument("--enable_mixed_precision_lora", action="store_true",
                      help="DeepSpeed-Chat's MixZ++ (quantised frozen weights); not supported here, refused.")

@@ -19,8 +19,9 @@ from torch import Tensor
 
 
 def _unwrap(model) -> torch.nn.Module:
-    """The Hugging Face module inside a DeepSpeed engine (or the model itself)."""
-    return getattr(model, "module", model)
+    """The Hugging Face model inside a DeepSpeed engine and/or a peft wrapper (peft passes kwargs through)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @functools.cache

@@ -30,6 +30,40 @@ def apply_lora(model: torch.nn.Module, dim: int, module_name: str, only_optimize
     return model
 
 
+class WithoutAdapters:
+    """A frozen model that is a LoRA-trained engine with its adapters switched off (peft's disable_adapter).
+
+    When only the adapters (and peft's modules_to_save copies, e.g. a reward head) train, the base weights
+    stay exactly as loaded, so the engine with adapters off *is* the frozen starting model: step 3's
+    reference (the actor's base) or reward model (the critic's base, original head) without a second copy
+    of the weights. Calls run under no_grad in eval mode and restore the engine's mode.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The engine's (peft) module, for helpers that look inside (heads, logits_to_keep support)."""
+        return getattr(self.engine, "module", self.engine)
+
+    @torch.no_grad()
+    def __call__(self, **kwargs):
+        """The engine's forward with adapters disabled, no gradient, dropout off."""
+        module = self.module
+        was_training = module.training
+        module.eval()
+        try:
+            with module.disable_adapter():
+                return self.engine(**kwargs)
+        finally:
+            module.train(was_training)
+
+    def eval(self) -> WithoutAdapters:
+        """Always evaluated in eval mode already."""
+        return self
+
+
 def merge_lora_state_dict(state: dict[str, torch.Tensor], peft_config: Any) -> dict[str, torch.Tensor]:
     """Fold LoRA weights into their base Linear (W + scale * B @ A) and drop peft's name prefixes."""
     scale = peft_config.lora_alpha / peft_config.r

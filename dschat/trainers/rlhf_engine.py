@@ -1,10 +1,12 @@
 """The four (or five) models of PPO RLHF, each its own DeepSpeed engine.
 
 actor   step-1 model, trained (ZeRO --actor_zero_stage, optional LoRA)
-ref     frozen copy of the step-1 model (ZeRO-3 when the actor is ZeRO-3, else 0)
+ref     frozen copy of the step-1 model (ZeRO-3 when the actor is ZeRO-3, else 0); with LoRA-only
+        training (--only_optimize_lora) the actor engine with its adapters off instead of a copy
 critic  step-2 reward model, trained, per-token values (ZeRO --critic_zero_stage, optional LoRA);
         only for estimators that need values (gae)
-reward  frozen step-2 reward model (ZeRO-3 when the critic is ZeRO-3, else 0)
+reward  frozen step-2 reward model (ZeRO-3 when the critic is ZeRO-3, else 0); likewise the critic with
+        its adapters off (and its original head) when the critic trains LoRA only
 ema     optional exponential moving average of the actor (--enable_ema)
 This module only builds them; how PPO uses them lives in ppo.py.
 """
@@ -23,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from dschat.models.heads import check_trained_reward_model, create_reward_model
 from dschat.models.loading import create_hf_model, load_tokenizer, read_json, split_model_path
-from dschat.models.lora import apply_lora
+from dschat.models.lora import WithoutAdapters, apply_lora
 from dschat.runtime import dist
 from dschat.runtime.ds_config import get_eval_ds_config, get_train_ds_config
 from dschat.runtime.engine import build_engine, build_frozen_engine, torch_dtype
@@ -90,7 +92,14 @@ class RLHFEngine:
         ref_stage = 3 if args.actor_zero_stage == 3 else 0
         ref_cfg = get_eval_ds_config(stage=ref_stage, dtype=dtype, world_size=world,
                                      offload=args.offload_reference_model)
-        self.ref = build_frozen_engine(self._causal_lm(copy.deepcopy(ref_cfg)), copy.deepcopy(ref_cfg))
+        # LoRA-only training leaves the base weights as loaded: the frozen model is then the trained engine
+        # with its adapters off, not a second copy (unless that copy was asked to be offloaded).
+        lora_only = args.only_optimize_lora and not args.no_shared_base
+        self.shared = {"ref": lora_only and args.actor_lora_dim > 0 and not args.offload_reference_model,
+                       "reward": lora_only and with_critic and args.critic_lora_dim > 0
+                       and not args.offload_reward_model}
+        self.ref = WithoutAdapters(self.actor) if self.shared["ref"] else \
+            build_frozen_engine(self._causal_lm(copy.deepcopy(ref_cfg)), copy.deepcopy(ref_cfg))
         self.ema = None
         if args.enable_ema:
             ema = self._causal_lm(copy.deepcopy(ref_cfg))
@@ -104,7 +113,12 @@ class RLHFEngine:
         reward_stage = 3 if args.critic_zero_stage == 3 else 0
         reward_cfg = get_eval_ds_config(stage=reward_stage, dtype=dtype, world_size=world,
                                         offload=args.offload_reward_model)
-        self.reward = build_frozen_engine(self._reward_model(reward_cfg), reward_cfg)
+        self.reward = WithoutAdapters(self.critic) if self.shared["reward"] else \
+            build_frozen_engine(self._reward_model(reward_cfg), reward_cfg)
+        for name, base in (("reference", "actor"), ("reward model", "critic")):
+            if self.shared["ref" if base == "actor" else "reward"]:
+                dist.print_rank0(f"{name}: the {base} with its LoRA adapters off (--only_optimize_lora keeps its "
+                                 f"base weights as loaded), no second copy")
         if args.normalize_reward and not self.reward_stats:
             dist.print_rank0(f"note: {directory} has no reward_stats.json (not a dschat step-2 output), so reward "
                              f"scores are used unnormalised")
