@@ -162,6 +162,24 @@ def test_two_rank_zero3_dpo_run_moves_implicit_rewards_and_saves_causal_lm(tmp_p
         assert model(**ids).logits.shape[-1] == model.config.vocab_size
 
 
+def test_lora_only_dpo_uses_the_policy_without_adapters_as_reference(tmp_path):
+    """--lora_dim with --only_optimize_lora: no reference copy, and training is what a copy would give."""
+    from safetensors.torch import load_file
+
+    outs = {}
+    for name, extra in (("shared", []), ("copy", ["--no_shared_base"])):
+        outs[name] = tmp_path / name
+        proc = run([DPO_MAIN, "--output_dir", outs[name], "--data_output_path", tmp_path / "data",
+                    "--data_split", "1,1,98", "--max_seq_len", "64", "--eval_iters", "2", "--num_judge_prompts", "0",
+                    "--lora_dim", "4", "--only_optimize_lora", "--lora_learning_rate", "5e-3", *extra])
+        assert ("adapters off" in proc.stdout) == (name == "shared")
+    a, b = (load_file(str(outs[n] / "model.safetensors")) for n in ("shared", "copy"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    first, last = metrics(outs["shared"])["evals"][0], metrics(outs["shared"])["evals"][-1]
+    assert first["reward_margin"] == 0.0 and last["reward_margin"] != 0.0  # the reference stayed the start model
+    assert abs(last["dpo_loss"] - metrics(outs["copy"])["evals"][-1]["dpo_loss"]) < 1e-5
+
+
 # ---------------------------------------------------------------- e2e_rlhf.py --algo dpo (fake steps)
 
 def test_e2e_dpo_runs_sft_then_dpo(tmp_path, monkeypatch, capsys):

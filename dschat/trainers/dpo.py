@@ -18,6 +18,7 @@ from dschat.algos.losses import dpo_loss, logprobs_from_logits, row_sums
 from dschat.data.collators import DPOCollator
 from dschat.models.forward import label_logits
 from dschat.models.loading import create_hf_model
+from dschat.models.lora import WithoutAdapters
 from dschat.runtime import dist
 from dschat.runtime.ds_config import get_eval_ds_config
 from dschat.runtime.engine import build_frozen_engine, to_device, torch_dtype
@@ -42,9 +43,14 @@ class DPORun(OneModelRun):
         stage = 3 if a.zero_stage == 3 else 0
         ref_cfg = get_eval_ds_config(stage=stage, dtype=self.dtype, world_size=dist.world_size(),
                                      micro_batch=a.per_device_train_batch_size, offload=a.offload and stage == 3)
-        ref = create_hf_model(AutoModelForCausalLM, a.model_name_or_path, self.tokenizer, copy.deepcopy(ref_cfg),
-                              torch_dtype(self.dtype), None, False, a.trust_remote_code)
-        self.ref = build_frozen_engine(ref, copy.deepcopy(ref_cfg))
+        if a.lora_dim > 0 and a.only_optimize_lora and not a.no_shared_base:
+            # LoRA-only training keeps the base weights as loaded: the reference is the policy, adapters off.
+            self.ref = WithoutAdapters(self.engine)
+            dist.print_rank0("reference: the policy with its LoRA adapters off (--only_optimize_lora), no copy")
+        else:
+            ref = create_hf_model(AutoModelForCausalLM, a.model_name_or_path, self.tokenizer,
+                                  copy.deepcopy(ref_cfg), torch_dtype(self.dtype), None, False, a.trust_remote_code)
+            self.ref = build_frozen_engine(ref, copy.deepcopy(ref_cfg))
         # Training batches' implicit-reward stats since the last evaluation (recorded with it).
         self.train_sums = torch.zeros(3, dtype=torch.float64)  # correct pairs, margin sum, pairs
 

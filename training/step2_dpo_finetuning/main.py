@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss_type", choices=list(DPO_LOSS_KINDS), default="sigmoid",
                    help="sigmoid: -logsigmoid(beta * h) (DPO); ipo: (h - 1/(2 beta))^2 (IPO); h = the chosen "
                         "minus the rejected answer's log-ratio to the reference (summed over answer tokens).")
+    p.add_argument("--no_shared_base", action="store_true",
+                   help="With --lora_dim and --only_optimize_lora the reference is the policy with its adapters "
+                        "off (no second copy of the model); this flag builds a separate frozen copy instead.")
     p.add_argument("--print_loss", action="store_true", help="Print the loss of every step.")
     p.add_argument("--num_judge_prompts", type=int, default=64,
                    help="Held-out builtin prompts answered greedily and scored by the judge at each eval.")

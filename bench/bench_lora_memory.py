@@ -1,0 +1,86 @@
+"""Step-3 peak memory with LoRA on actor and critic: shared frozen bases vs separate frozen copies.
+
+    python bench/bench_lora_memory.py --actor output/smol/actor-models/smollm2-135m \
+        --critic output/smol/reward-models/smollm2-135m
+
+Runs training/step3_rlhf_finetuning/main.py unchanged, one run after the other, with the same flags:
+LoRA (--actor_lora_dim/--critic_lora_dim, --only_optimize_lora) on the builtin task's prompts for a few
+PPO steps. "copies" adds --no_shared_base (separate reference and reward models, DeepSpeed-Chat's layout);
+"shared" is the default (reference = actor with adapters off, reward = critic with adapters off). Each
+variant is run with and without --enable_hybrid_engine (the hybrid twin is one more full copy of the actor).
+Peak RSS is the child process's ru_maxrss (os.wait4); the seconds are its wall time, start-up included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_step3(flags: list[str], workdir: Path, name: str) -> dict:
+    """One step-3 run as a child process: its exit status, wall seconds, peak RSS (MiB) and final KL line."""
+    out = workdir / name
+    cmd = [sys.executable, str(ROOT / "training/step3_rlhf_finetuning/main.py"), *flags, "--output_dir", str(out)]
+    log = open(workdir / f"{name}.log", "w")
+    start = time.time()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    log.close()
+    text = (workdir / f"{name}.log").read_text()
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        sys.exit(f"{name} failed (status {rc}):\n{text[-3000:]}")
+    kl = [line for line in text.splitlines() if line.startswith("KL to reference")]
+    return {"name": name, "seconds": round(time.time() - start, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024),
+            "kl_line": kl[-1].strip() if kl else ""}
+
+
+def main() -> None:
+    """Run each variant once and print a Markdown table."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--actor", required=True, help="Step-1 actor (a causal-LM folder or name).")
+    p.add_argument("--critic", required=True, help="Step-2 reward model folder.")
+    p.add_argument("--lora_dim", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3, help="PPO steps per run (--test_stop_step).")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--answer_len", type=int, default=24)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None, help="Also write the results here.")
+    args = p.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_lora_memory_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    common = ["--actor_model_name_or_path", args.actor, "--critic_model_name_or_path", args.critic,
+              "--data_path", "dschat/builtin", "--data_split", "3,2,95", "--dtype", "fp32",
+              "--actor_lora_dim", str(args.lora_dim), "--critic_lora_dim", str(args.lora_dim), "--only_optimize_lora",
+              "--actor_lora_learning_rate", "5e-4", "--critic_lora_learning_rate", "5e-4",
+              "--per_device_generation_batch_size", str(args.batch), "--per_device_training_batch_size",
+              str(args.batch), "--max_answer_seq_len", str(args.answer_len), "--num_judge_prompts", "8",
+              "--enable_test_mode", "--test_stop_step", str(args.steps), "--data_output_path", str(workdir / "data")]
+    results = []
+    for hybrid in (False, True):
+        for variant, extra in (("copies", ["--no_shared_base"]), ("shared", [])):
+            name = f"{variant}{'-hybrid' if hybrid else ''}"
+            res = run_step3([*common, *extra, *(["--enable_hybrid_engine"] if hybrid else [])], workdir, name)
+            results.append(res)
+            print(f"[{name}] {res}", flush=True)
+    print("\n| generation | frozen models | peak RSS MiB | wall s | shared / copies |\n|---|---|---|---|---|")
+    for i in range(0, len(results), 2):
+        copies, shared = results[i], results[i + 1]
+        gen = "hybrid twin" if "hybrid" in copies["name"] else "plain"
+        print(f"| {gen} | separate copies | {copies['peak_rss_mib']} | {copies['seconds']} | |")
+        print(f"| {gen} | actor/critic with adapters off | {shared['peak_rss_mib']} | {shared['seconds']} | "
+              f"{shared['peak_rss_mib'] / copies['peak_rss_mib']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
