@@ -64,6 +64,10 @@ def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_deca
                               num_training_steps=max(total_steps, 1))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=ds_config, dist_init_required=False)
+    if dist.world_size() == 1 and ds_config.get("zero_optimization", {}).get("stage", 0) == 0:
+        # One rank, no ZeRO: DeepSpeed's gradient all-reduce would flatten every gradient into a new buffer,
+        # "average" it over one process and copy it back, each step. An identity: skip it.
+        engine.enable_backward_allreduce = False
     return engine
 
 
