@@ -561,7 +561,8 @@ def python_files() -> list[Path]:
     for entry in SCANNED:
         path = REPO / entry
         files += [path] if path.is_file() else sorted(path.rglob("*.py")) if path.is_dir() else []
-    return files
+    # our code only: not the virtual environments and caches benchmarks build under hidden folders
+    return [f for f in files if not any(part.startswith(".") for part in f.relative_to(REPO).parts)]
 
 
 def test_no_unsafe_loading_in_the_code():
