@@ -28,3 +28,7 @@ class CheckpointError(DschatError, RuntimeError):
 
 class NonFiniteLossError(DschatError, RuntimeError):
     """Too many consecutive updates with a NaN/inf loss."""
+
+
+class NothingTrainedError(DschatError, RuntimeError):
+    """A run that ended without applying a single update (so there is nothing to save)."""

@@ -24,7 +24,7 @@ from dschat.models.lora import apply_lora
 from dschat.runtime import dist
 from dschat.runtime.ds_config import get_train_ds_config
 from dschat.runtime.engine import build_engine, device, setup, torch_dtype
-from dschat.runtime.errors import FlagError
+from dschat.runtime.errors import NothingTrainedError
 from dschat.runtime.logger import Logger
 from dschat.trainers.evaluation import judge_eval
 from dschat.trainers.loop import LoopSettings, train_epochs
@@ -135,7 +135,7 @@ class OneModelRun:
                                    self.logger, self.dev, shown=self.shown, history=self.history)
         self.logger.close()
         if self.result["applied_micro_batches"] == 0 and self.engine.global_steps == 0:
-            raise FlagError(f"{self.name}: no update was applied (--num_train_epochs {self.args.num_train_epochs}, "
+            raise NothingTrainedError(f"{self.name}: no update was applied (--num_train_epochs {self.args.num_train_epochs}, "
                             f"{self.result['skipped_updates']} skipped as non-finite); nothing was trained, so "
                             f"nothing is saved")
 

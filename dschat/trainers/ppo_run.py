@@ -24,7 +24,7 @@ from dschat.models.heads import token_values
 from dschat.models.loading import load_tokenizer
 from dschat.runtime import checkpoint, dist
 from dschat.runtime.engine import device, setup, to_device
-from dschat.runtime.errors import FlagError
+from dschat.runtime.errors import NothingTrainedError
 from dschat.runtime.logger import Logger
 from dschat.trainers.loop import NanGuard
 from dschat.trainers.ppo import PPOSettings, PPOTrainer
@@ -215,7 +215,7 @@ class RLHFRun:
         """critic, actor_ema and (last, with the metrics) actor as plain HF directories, LoRA merged."""
         a = self.args
         if self.updates == 0 and self.step == 0:
-            raise FlagError(f"step 3: no PPO update was applied ({self.guard.total} skipped as non-finite); nothing "
+            raise NothingTrainedError(f"step 3: no PPO update was applied ({self.guard.total} skipped as non-finite); nothing "
                             f"was trained, so nothing is saved")
         if not a.output_dir:
             return
