@@ -58,7 +58,7 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_lora_memory_"))
     workdir.mkdir(parents=True, exist_ok=True)
     common = ["--actor_model_name_or_path", args.actor, "--critic_model_name_or_path", args.critic,
-              "--data_path", "dschat/builtin", "--data_split", "3,2,95", "--dtype", "fp32",
+              "--data_path", "dschat/builtin", "--data_split", "3,6,91", "--dtype", "fp32",
               "--actor_lora_dim", str(args.lora_dim), "--critic_lora_dim", str(args.lora_dim), "--only_optimize_lora",
               "--actor_lora_learning_rate", "5e-4", "--critic_lora_learning_rate", "5e-4",
               "--per_device_generation_batch_size", str(args.batch), "--per_device_training_batch_size",
