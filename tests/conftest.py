@@ -25,6 +25,18 @@ def _restore_launcher_env():
             os.environ[key] = value
 
 
+@pytest.fixture
+def world_of_one() -> None:
+    """An in-process process group of one for DeepSpeed engines built inside a test. The group outlives the
+    test (it cannot be re-made in one process); its launcher variables, which DeepSpeed reads when an engine
+    is built, are set again for every test that asks and removed afterwards by _restore_launcher_env."""
+    from dschat.runtime import dist
+
+    dist.init_distributed()
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_SIZE", "1")):
+        os.environ.setdefault(key, value)
+
+
 @pytest.fixture(scope="session")
 def tiny_reward_model(tmp_path_factory) -> Path:
     """A step-2 reward model (trained head, reward_stats.json) from the builtin model, trained once per session.

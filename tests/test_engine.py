@@ -6,7 +6,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dschat.models.builtin import BUILTIN_MODEL_DIR
-from dschat.runtime import dist
 from dschat.runtime.ds_config import get_train_ds_config
 from dschat.runtime.engine import build_engine
 
@@ -29,8 +28,7 @@ def train_three_steps(allreduce: bool | None) -> tuple[bool, dict[str, torch.Ten
     return default, {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
-def test_one_rank_zero0_skips_the_identity_allreduce_with_equal_results():
-    dist.init_distributed()
+def test_one_rank_zero0_skips_the_identity_allreduce_with_equal_results(world_of_one):
     default, skipped = train_three_steps(None)
     assert default is False  # one rank, ZeRO 0: no all-reduce
     _, reduced = train_three_steps(True)

@@ -23,17 +23,15 @@ def quick(tiny_reward_model) -> list[str]:
     return [*QUICK_STEP3, "--critic_model_name_or_path", str(tiny_reward_model)]
 
 
-def test_hybrid_generation_matches_plain_at_zero0():
+def test_hybrid_generation_matches_plain_at_zero0(world_of_one):
     from dschat.data.builtin_task import heldout_prompts
     from dschat.data.collators import pad_sequences
     from dschat.data.prompts import PromptFormat
     from dschat.models.loading import create_hf_model, load_tokenizer
-    from dschat.runtime import dist
     from dschat.runtime.ds_config import get_train_ds_config
     from dschat.runtime.engine import build_engine
     from dschat.trainers.rollout import Generator
 
-    dist.init_distributed()
     tok = load_tokenizer("builtin", padding_side="left")
     cfg = get_train_ds_config(stage=0, dtype="fp32", micro_batch=4, world_size=1)
     engine = build_engine(create_hf_model(AutoModelForCausalLM, "builtin", tok, cfg, torch.float32), cfg,
