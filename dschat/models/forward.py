@@ -17,11 +17,7 @@ import sys
 import torch
 from torch import Tensor
 
-
-def _unwrap(model) -> torch.nn.Module:
-    """The Hugging Face model inside a DeepSpeed engine and/or a peft wrapper (peft passes kwargs through)."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from dschat.models.heads import hf_model
 
 
 @functools.cache
@@ -39,7 +35,7 @@ def _support(cls: type) -> str:
 
 def keep_mode(model) -> str:
     """"mask", "index" or "none": the tightest `logits_to_keep` form `model` (or its engine) accepts."""
-    return _support(type(_unwrap(model)))
+    return _support(type(hf_model(model)))  # peft passes logits_to_keep through to this model
 
 
 def label_positions(labels: Tensor) -> Tensor:
