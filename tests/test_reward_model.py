@@ -247,6 +247,29 @@ def test_one_rank_run_on_builtin_data_raises_accuracy(tmp_path, data_dir):
                         timeout=120)
     assert rw.returncode == 0, rw.stderr
     assert rw.stdout.count("good_ans score") == 2 and rw.stdout.count("bad_ans score") == 2
+    # The longer-answer baseline is a property of the eval pairs, so it is the same at every evaluation.
+    assert len({e["longer_answer_accuracy"] for e in metrics["evals"]}) == 1
+    assert 0.0 <= last["longer_answer_accuracy"] <= 1.0 and "the longer answer wins" in result.stdout
+    # rw_eval --data_path: accuracy on a data set's held-out split, beside the same baselines step 2 reports
+    # (the trained head beats the untrained one on the same 40 pairs).
+    accuracies = []
+    for extra in (["--model_name_or_path", str(out)], ["--model_name_or_path", BUILTIN_MODEL_DIR, "--untrained_head"]):
+        rw = subprocess.run([sys.executable, str(STEP2 / "rw_eval.py"), *extra, "--data_path", "dschat/builtin",
+                             "--max_pairs", "40"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+        assert rw.returncode == 0, rw.stderr
+        line = next(x for x in rw.stdout.splitlines() if "pairwise accuracy" in x)
+        assert "on 40 pairs of dschat/builtin ('eval' split)" in line and "the longer answer wins" in line
+        accuracies.append(float(line.split("pairwise accuracy ")[1].split()[0]))
+    assert accuracies[0] > accuracies[1], accuracies
+
+
+def test_longer_answer_baseline_on_a_hand_batch():
+    from dschat.trainers.reward import longer_answer_wins
+
+    # pairs: chosen longer (right), chosen shorter (wrong), a tie (half)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0],
+                         [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0]])
+    assert longer_answer_wins(mask).item() == 1.5
 
 
 def test_rw_eval_refuses_a_causal_lm():

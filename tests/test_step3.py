@@ -163,3 +163,18 @@ def test_lora_only_runs_share_the_frozen_bases_and_train_alike(tmp_path, quick):
     assert ma["evals"][-1]["judge"] == mb["evals"][-1]["judge"]
     # the shared reference really is the base: the trained actor has moved away from it
     assert ma["evals"][-1]["kl"] > 1e-4 and abs(ma["evals"][-1]["kl"] - mb["evals"][-1]["kl"]) < 1e-5
+
+
+def test_gold_reward_model_scores_the_same_held_out_answers(tmp_path, quick, tiny_reward_model):
+    """The gold model scores exactly the answers the reward model scores: the same model gives the same numbers."""
+    out = tmp_path / "s3"
+    proc = run([STEP3, *quick, "--output_dir", out, "--data_output_path", tmp_path / "data",
+                "--gold_reward_model", tiny_reward_model])
+    assert "gold reward score" in proc.stdout and "  RLHF: " in proc.stdout
+    evals = metrics(out / "actor")["evals"]
+    assert len(evals) == 2 and all(len(e["answers"]) >= 1 for e in evals)
+    for e in evals:
+        assert e["gold_score"] == pytest.approx(e["reward_score"], abs=1e-4)
+    bad = run([STEP3, *quick, "--output_dir", tmp_path / "bad", "--gold_reward_model", BUILTIN_MODEL_DIR],
+              check=False)
+    assert bad.returncode == 2 and "--gold_reward_model" in bad.stderr and "Traceback" not in bad.stderr

@@ -78,7 +78,12 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
     out.add_argument("--print_answers_interval", type=int, default=1)
     out.add_argument("--enable_test_mode", action="store_true")
     out.add_argument("--test_stop_step", type=int, default=0)
-    out.add_argument("--num_judge_prompts", type=int, default=64)
+    out.add_argument("--num_judge_prompts", type=int, default=64,
+                     help="Held-out prompts answered (greedy) at the start and end: builtin ones, else the eval split.")
+    out.add_argument("--gold_reward_model", type=str, default=None,
+                     help="A second step-2 reward model (e.g. trained on a disjoint half of the pairs) that scores the "
+                          "held-out answers at every evaluation but never the training rollouts: if the trained "
+                          "reward model's score rises while this one falls, PPO is hacking its reward model.")
 
 
 def check_rlhf_args(args: argparse.Namespace) -> None:

@@ -23,7 +23,7 @@ from dschat.models.forward import answer_logits
 from dschat.models.heads import token_values
 from dschat.models.loading import load_tokenizer
 from dschat.runtime import checkpoint, dist
-from dschat.runtime.engine import device, setup, to_device
+from dschat.runtime.engine import device, setup, to_device, torch_dtype
 from dschat.runtime.errors import NothingTrainedError
 from dschat.runtime.logger import Logger
 from dschat.trainers.loop import NanGuard
@@ -42,6 +42,7 @@ class RLHFRun:
         self.tokenizer = load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code, padding_side="left")
         check_same_tokenizer(self.tokenizer, args.actor_model_name_or_path, args.critic_model_name_or_path,
                              args.trust_remote_code)
+        self.gold = self._gold_reward_model(args.gold_reward_model) if args.gold_reward_model else None
         self.fmt = PromptFormat.create(self.tokenizer, args.prompt_format)
         self.data_settings = DataSettings(data_path=tuple(args.data_path), data_split=args.data_split, phase=3,
                                           seed=args.seed, max_prompt_len=args.max_prompt_seq_len,
@@ -80,13 +81,29 @@ class RLHFRun:
         self.step = 0
         self.updates = 0  # actor updates applied (a run that applies none saves nothing)
 
+    def _gold_reward_model(self, path: str) -> torch.nn.Module:
+        """--gold_reward_model: a trained reward model with the actor's tokenizer, evaluation only (one per rank)."""
+        from transformers import AutoModelForSequenceClassification
+
+        from dschat.models.builtin import resolve_model_name
+        from dschat.models.heads import check_trained_reward_model
+        from dschat.models.loading import load_model
+
+        path = resolve_model_name(path)
+        check_trained_reward_model(path, "--gold_reward_model", self.args.trust_remote_code)
+        check_same_tokenizer(self.tokenizer, self.args.actor_model_name_or_path, path, self.args.trust_remote_code,
+                             "--gold_reward_model")
+        model = load_model(AutoModelForSequenceClassification, path, dtype=torch_dtype(self.dtype),
+                           trust_remote_code=self.args.trust_remote_code)
+        return model.to(self.dev).eval().requires_grad_(False)
+
     @torch.no_grad()
     def evaluate(self, when: str) -> dict[str, Any]:
-        """Greedy answers to held-out prompts: raw reward score, KL to the reference, and the judge (builtin)."""
+        """Greedy answers to held-out prompts: reward score, KL to the reference, gold score, judge (builtin)."""
         a, e = self.args, self.engine
         model, synced = self.trainer.generator.model_for_eval()
         mine, n_real = dist.shard(self.prompts)
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = torch.zeros(5, dtype=torch.float64)  # reward score, KL, judge, prompts, gold score
         examples = []
         for start in range(0, len(mine), a.per_device_generation_batch_size):
             batch = mine[start:start + a.per_device_generation_batch_size]
@@ -102,18 +119,25 @@ class RLHFRun:
             valid = torch.tensor([start + i < n_real for i in range(len(batch))], dtype=torch.float64)
             judged = torch.tensor([judge(q, ans) if self.builtin else 0.0 for q, ans in zip(batch, answers)],
                                   dtype=torch.float64)
+            gold = torch.zeros(len(batch), dtype=torch.float64)
+            if self.gold is not None:
+                gold = end_scores(token_values(self.gold, r.seq, r.attention_mask), r.attention_mask).double().cpu()
             sums += torch.stack([(scores.double().cpu() * valid).sum(), (kl.sum(1).double().cpu() * valid).sum(),
-                                 (judged * valid).sum(), valid.sum()])
+                                 (judged * valid).sum(), valid.sum(), (gold * valid).sum()])
             examples += list(zip(batch, answers))[:2]
         s = dist.all_reduce_sum(sums)
         metrics = {"when": when, "reward_score": (s[0] / s[3]).item(), "kl": (s[1] / s[3]).item()}
+        if self.gold is not None:
+            metrics["gold_score"] = (s[4] / s[3]).item()
         if self.builtin:
             metrics["judge"] = (s[2] / s[3]).item()
+        metrics["answers"] = [list(x) for x in examples[:3]]  # rank 0's first prompts, the same at every eval
         self.history.append(metrics)
-        self.logger.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items() if k != "when"})
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        self.logger.scalars(self.step, {f"eval/{k}": v for k, v in numbers.items()})
         for prompt, answer in examples[:2]:
             self.logger.write(f"  {prompt!r} -> {answer!r}")
-        self.logger.write(f"[eval {when}] " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "when"))
+        self.logger.write(f"[eval {when}] " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
         return metrics
 
     def _next_ptx(self) -> dict[str, torch.Tensor]:
@@ -240,10 +264,14 @@ class RLHFRun:
                  f"{'held-out prompts':<22}{'SFT (start)':>14}{'RLHF (end)':>14}",
                  f"{'reward score':<22}{first['reward_score']:>14.3f}{last['reward_score']:>14.3f}",
                  f"{'KL to reference':<22}{first['kl']:>14.3f}{last['kl']:>14.3f}"]
+        if "gold_score" in last:
+            lines.append(f"{'gold reward score':<22}{first['gold_score']:>14.3f}{last['gold_score']:>14.3f}")
         if self.builtin:
             lines.append(f"{'judge score':<22}{first['judge']:>14.3f}{last['judge']:>14.3f}")
             lines.append(f"judge score of the chosen demonstrations for these prompts: "
                          f"{heldout_chosen_judge(len(self.prompts)):.3f}")
+        for (prompt, before), (_, after) in zip(first.get("answers", []), last.get("answers", [])):
+            lines += [f"prompt: {prompt!r}", f"  SFT:  {before!r}", f"  RLHF: {after!r}"]
         return "\n".join(lines)
 
 

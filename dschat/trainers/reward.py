@@ -30,6 +30,16 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(rx.corr(ry))
 
 
+def longer_answer_wins(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Pairs of a [chosen; rejected] batch that "the longer answer wins" gets right (a tie counts 1/2), summed.
+
+    Both rows of a pair hold the same prompt, so the longer row has the longer answer (in tokens, after
+    truncation to the batch's length limit).
+    """
+    chosen, rejected = attention_mask.sum(1).chunk(2)
+    return (chosen > rejected).sum().double() + 0.5 * (chosen == rejected).sum().double()
+
+
 def reward_loss(engine, batch: dict, kind: str = "pairwise", margin: float = 0.0,
                 values_fn: Callable = token_values) -> tuple[torch.Tensor, dict]:
     """Loss of a [chosen; rejected] batch: "pairwise" on end scores or DeepSpeed-Chat's "divergence"."""
@@ -115,21 +125,22 @@ class RewardRun(OneModelRun):
     def evaluate(self, when: str) -> dict:
         """Eval-split pairwise accuracy, mean chosen/rejected scores, mean/std of all scores (+ judge corr)."""
         self.engine.eval()
-        # sums: correct pairs, pairs, chosen scores, rejected scores, squared scores
-        sums = torch.zeros(5, dtype=torch.float64, device=self.dev)
+        # sums: correct pairs, pairs, chosen scores, rejected scores, squared scores, longer-answer wins
+        sums = torch.zeros(6, dtype=torch.float64, device=self.dev)
         for i, batch in enumerate(self.eval_loader):
             if i >= self.args.eval_iters:
                 break
             chosen, rejected = self._scores(batch)
             chosen, rejected = chosen.double(), rejected.double()
             sums += torch.stack([(chosen > rejected).sum().double(), chosen.new_tensor(len(chosen)), chosen.sum(),
-                                 rejected.sum(), (chosen ** 2).sum() + (rejected ** 2).sum()])
-        correct, n, sum_c, sum_r, sum_sq = dist.all_reduce_sum(sums).tolist()
+                                 rejected.sum(), (chosen ** 2).sum() + (rejected ** 2).sum(),
+                                 longer_answer_wins(batch["attention_mask"]).to(sums)])
+        correct, n, sum_c, sum_r, sum_sq, longer = dist.all_reduce_sum(sums).tolist()
         n = max(n, 1.0)
         mean = (sum_c + sum_r) / (2 * n)
         metrics = {"accuracy": correct / n, "chosen_mean": sum_c / n, "rejected_mean": sum_r / n,
                    "score_mean": mean, "score_std": math.sqrt(max(sum_sq / (2 * n) - mean ** 2, 0.0)),
-                   "eval_pairs": int(n)}
+                   "eval_pairs": int(n), "longer_answer_accuracy": longer / n}
         if self.judge_rows:
             corr = self._judge_correlation()
             metrics["judge_spearman"] = None if math.isnan(corr) else corr
@@ -152,7 +163,9 @@ class RewardRun(OneModelRun):
         lines = [f"step 2 done in {time.time() - self.start:.0f}s: pairwise accuracy {first['accuracy']:.4f} -> "
                  f"{last['accuracy']:.4f} on {last['eval_pairs']} eval pairs",
                  f"mean score: chosen {last['chosen_mean']:.4f}, rejected {last['rejected_mean']:.4f} "
-                 f"(all: mean {last['score_mean']:.4f}, std {last['score_std']:.4f})"]
+                 f"(all: mean {last['score_mean']:.4f}, std {last['score_std']:.4f})",
+                 f"baselines on the same pairs: the longer answer wins {last['longer_answer_accuracy']:.4f}, "
+                 f"the untrained head {first['accuracy']:.4f}"]
         if "judge_spearman" in last:
             fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
             lines.append(f"Spearman(reward, judge) on {2 * len(self.judge_rows)} held-out builtin answers: "

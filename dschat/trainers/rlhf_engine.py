@@ -39,13 +39,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((vocab + json.dumps(special)).encode()).hexdigest()
 
 
-def check_same_tokenizer(actor_tokenizer, actor_path: str, critic_path: str, trust_remote_code: bool) -> None:
-    """Actor and critic read the same token ids, so they must share a tokenizer; a clear error if not."""
+def check_same_tokenizer(actor_tokenizer, actor_path: str, critic_path: str, trust_remote_code: bool,
+                         flag: str = "--critic_model_name_or_path") -> None:
+    """Actor and critic (or `flag`'s model) read the same token ids, so they must share a tokenizer."""
     critic_tokenizer = load_tokenizer(critic_path, trust_remote_code)
     if tokenizer_fingerprint(actor_tokenizer) != tokenizer_fingerprint(critic_tokenizer):
-        raise FlagError(f"--actor_model_name_or_path ({actor_path}) and --critic_model_name_or_path "
+        raise FlagError(f"--actor_model_name_or_path ({actor_path}) and {flag} "
                         f"({critic_path}) use different tokenizers (vocabulary or special tokens differ); "
-                        f"PPO scores the actor's token ids with the critic, so both must come from one family")
+                        f"PPO scores the actor's token ids with that model, so both must come from one family")
 
 
 def read_reward_stats(directory: str) -> dict[str, Any]:
