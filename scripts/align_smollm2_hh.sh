@@ -26,22 +26,22 @@ PPO="$ROOT/step3-models/smollm2-135m"
 REPORT="$ROOT/report.txt"
 S=training_scripts/smollm2/run_smollm2_135m_hh.sh
 
-step() {  # step NAME DONE_MARKER_DIR COMMAND...: run unless already complete, with its wall time
-    local name=$1 done_dir=$2
-    shift 2
+step() {  # step NAME DONE_MARKER_DIR LOG COMMAND...: run unless already complete, with its wall time
+    local name=$1 done_dir=$2 log=$3
+    shift 3
     if [ -f "$done_dir/dschat_complete.json" ]; then
         echo "$name: already complete in $done_dir (skipped)"
         return 0
     fi
-    echo "$name: running (log: $done_dir/training.log)"
+    echo "$name: running (log: $log)"
     local start=$SECONDS
-    "$@" || { echo "$name failed (exit $?); see $done_dir/training.log" >&2; exit 1; }
+    "$@" || { echo "$name failed (exit $?); see $log" >&2; exit 1; }
     echo "$name: done in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s" | tee -a "$REPORT.times"
 }
 
-step "step 1 SFT" "$SFT" bash "$REPO/training/step1_supervised_finetuning/$S" "$SFT" 0 smollm2-135m
-step "step 2 reward model" "$RM" bash "$REPO/training/step2_reward_model_finetuning/$S" "$RM" 0 "$SFT"
-step "step 2 gold reward model" "$GOLD" bash "$REPO/training/step2_reward_model_finetuning/$S" "$GOLD" 0 "$SFT" \
+step "step 1 SFT" "$SFT" "$SFT/training.log" bash "$REPO/training/step1_supervised_finetuning/$S" "$SFT" 0 smollm2-135m
+step "step 2 reward model" "$RM" "$RM/training.log" bash "$REPO/training/step2_reward_model_finetuning/$S" "$RM" 0 "$SFT"
+step "step 2 gold reward model" "$GOLD" "$GOLD/training.log" bash "$REPO/training/step2_reward_model_finetuning/$S" "$GOLD" 0 "$SFT" \
     --data_split 3,2,5
 RW="python $REPO/training/step2_reward_model_finetuning/rw_eval.py --data_path $HH_DATA --max_seq_len 256"
 if [ ! -f "$ROOT/heldout_pairs.txt" ]; then
@@ -51,7 +51,7 @@ if [ ! -f "$ROOT/heldout_pairs.txt" ]; then
         > "$ROOT/heldout_pairs.tmp" && mv "$ROOT/heldout_pairs.tmp" "$ROOT/heldout_pairs.txt" || exit 1
 fi
 cat "$ROOT/heldout_pairs.txt"
-step "step 3 PPO" "$PPO/actor" env GOLD="$GOLD" \
+step "step 3 PPO" "$PPO/actor" "$PPO/training.log" env GOLD="$GOLD" \
     bash "$REPO/training/step3_rlhf_finetuning/$S" "$SFT" "$RM" 0 0 "$PPO"
 {
     echo "== held-out pairs =="; cat "$ROOT/heldout_pairs.txt"
