@@ -29,11 +29,18 @@ def rejection_kind(prompt: str, chosen: str, rejected: str) -> str:
     good, bad = bt.parse_items(chosen), bt.parse_items(rejected)
     if rejected.strip() == bt.format_items([]).strip():
         return "refuse"
-    if len(bad) != len(good):
-        return "drop" if len(bad) < len(good) else ("extra_repeat" if len(set(bad)) < len(bad) else "extra_wrong")
+    if len(bad) < len(good):
+        return "drop"
     if len(set(bad)) < len(bad):
-        return "repeat"
-    return "other_category" if not set(bad) & set(bt.CATEGORIES[cat]) else "wrong"
+        return "extra_repeat" if len(bad) > len(good) else "repeat"
+    extra = "extra_" if len(bad) > len(good) else ""
+    new = [item for item in bad if item not in good]
+    if new[0] in bt.OUTSIDE[cat]:
+        return extra + "outside"
+    if new[0] in {bt.plural(item) for item in good}:
+        return "plural"
+    # one wrong-category item among correct ones is "wrong"; a whole list from another category is not
+    return "other_category" if len(new) > 1 else extra + "wrong"
 
 
 def main() -> None:

@@ -66,6 +66,22 @@ def test_builtin_dataset_properties():
     assert not train_prompts & set(bt.heldout_prompts(n=200))
 
 
+def test_outside_and_plural_rejections_are_what_the_judge_counts_wrong():
+    catalogue = {w for words in bt.CATEGORIES.values() for w in words}
+    assert not catalogue & {w for words in bt.OUTSIDE.values() for w in words}
+    assert not catalogue & {bt.plural(w) for w in catalogue}
+    assert [bt.plural(w) for w in ("peach", "bus", "pea", "box", "city", "key")] == \
+        ["peaches", "buses", "peas", "boxes", "cities", "keys"]
+    p = bt.make_prompt("Ann", bt.GREETINGS[0], bt.REQUESTS[0], "fruits")
+    assert bt.judge(p, " apple, strawberry.") == bt.judge(p, " apple, pears.") == pytest.approx(0.5 / 6)
+    rejected = [r["rejected"] for r in bt.builtin_dataset()["train"]]
+    outside = {w for words in bt.OUTSIDE.values() for w in words}
+    plurals = {bt.plural(w) for w in catalogue}
+    items = [i for r in rejected for i in bt.parse_items(r)]
+    assert 0.05 < sum(i in outside for i in items) / len(rejected) < 0.4
+    assert 0.02 < sum(i in plurals for i in items) / len(rejected) < 0.2
+
+
 # ---- splits -------------------------------------------------------------------------------------------------
 
 def test_phase_indices_disjoint_cover_and_seeded():

@@ -12,7 +12,9 @@ judge ~0.39. They list items in the category's catalogue order (the order of `CA
 catalogue would; the judge ignores order, but the convention lets a tiny model avoid repeats with a
 local rule (each item comes after the previous one) instead of remembering the whole list. Rejected
 answers are derived from the chosen one by dropping an item, swapping an item for a wrong-category word,
-repeating an item, answering another category, or not answering, and so always score strictly lower.
+repeating an item, answering another category, or not answering, and so always score strictly lower. Two
+kinds copy the mistakes a pretrained model makes: a real member of the category that is not in the
+catalogue (`OUTSIDE`: "strawberry" for fruits), and a plural ("onions"); the judge counts both as wrong.
 RLHF has to learn from the reward model that longer correct lists are better to go beyond what it
 imitated. Held-out (eval) prompts come from a disjoint pool of prompt texts.
 """
@@ -54,6 +56,23 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
                   "dresser", "couch", "wardrobe"),
 }
 
+# Real members of each category that are not in its catalogue: what a pretrained model says that the judge
+# counts as wrong. No word here is in any catalogue.
+OUTSIDE: dict[str, tuple[str, ...]] = {
+    "fruits": ("strawberry", "fig", "lime", "papaya", "apricot", "coconut"),
+    "animals": ("elephant", "monkey", "giraffe", "fox", "deer", "sheep"),
+    "colors": ("beige", "teal", "navy", "maroon", "cyan", "magenta"),
+    "tools": ("screwdriver", "knife", "rope", "ladder", "scissors", "tape"),
+    "vehicles": ("motorcycle", "subway", "helicopter", "jeep", "wagon", "tractor"),
+    "sports": ("basketball", "baseball", "swimming", "volleyball", "cycling", "karate"),
+    "instruments": ("saxophone", "clarinet", "ukulele", "accordion", "xylophone", "bagpipes"),
+    "vegetables": ("tomato", "eggplant", "kale", "zucchini", "lettuce", "broccoli"),
+    "countries": ("germany", "brazil", "india", "greece", "sweden", "australia"),
+    "metals": ("steel", "bronze", "brass", "magnesium", "tungsten", "mercury"),
+    "birds": ("penguin", "flamingo", "pelican", "seagull", "stork", "peacock"),
+    "furniture": ("lamp", "ottoman", "armchair", "bookcase", "futon", "nightstand"),
+}
+
 NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gia", "Hugo", "Ivy", "Jack", "Kim", "Leo", "Mia",
          "Ned", "Olga", "Paul", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Vic", "Wes", "Xena", "Yuri", "Zoe",
          "Alma", "Bruno", "Cleo", "Dora", "Elio", "Fay", "Gus", "Hana", "Igor", "Jade")
@@ -64,8 +83,9 @@ REQUESTS = ("Name some {cat}.", "Can you list a few {cat}?", "What are some {cat
 # How many items a chosen answer lists: mostly 2, so greedy imitation stops early.
 CHOSEN_LENGTH_WEIGHTS = {1: 0.15, 2: 0.45, 3: 0.25, 4: 0.15}
 _REFUSAL = "I do not know."
-REJECTION_KINDS = ("drop", "wrong", "repeat", "extra_repeat", "extra_wrong", "other_category", "refuse")
-REJECTION_WEIGHTS = (4, 1, 2, 1, 1, 1, 1)
+REJECTION_KINDS = ("drop", "wrong", "repeat", "extra_repeat", "extra_wrong", "other_category", "refuse",
+                   "outside", "extra_outside", "plural")
+REJECTION_WEIGHTS = (4, 1, 2, 1, 1, 1, 1, 2, 1, 1)
 
 
 def make_prompt(name: str, greeting: str, request: str, cat: str) -> str:
@@ -103,6 +123,15 @@ def judge(prompt: str, response: str) -> float:
     precision = len(correct) / len(items)
     coverage = min(len(correct), TARGET_ITEMS) / TARGET_ITEMS
     return precision * coverage
+
+
+def plural(word: str) -> str:
+    """The English plural of a catalogue word ("peach" -> "peaches", "bus" -> "buses", "pea" -> "peas")."""
+    if word.endswith(("s", "x", "ch", "sh")):
+        return word + "es"
+    if word.endswith("y") and word[-2:-1] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
 
 
 def catalogue_sample(rng: random.Random, cat: str, k: int) -> list[str]:
@@ -147,6 +176,13 @@ def _rejected_for(rng: random.Random, cat: str, chosen: list[str]) -> list[str] 
         out = catalogue_sample(rng, other, len(chosen))
     elif kind == "refuse":
         return None
+    elif kind == "outside":
+        out[rng.randrange(len(out))] = rng.choice(OUTSIDE[cat])
+    elif kind == "extra_outside":
+        out.insert(rng.randrange(len(out) + 1), rng.choice(OUTSIDE[cat]))
+    elif kind == "plural":
+        i = rng.randrange(len(out))
+        out[i] = plural(out[i])
     else:
         out[rng.randrange(len(out))] = rng.choice(others)
     return out
