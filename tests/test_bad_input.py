@@ -26,6 +26,9 @@ import pytest
 
 from tests.helpers import REPO, STEP1, STEP2, STEP3, env, run
 
+# One xdist worker runs every case: the module fixtures (a step-1 run, the driver over all cases) then run once.
+pytestmark = pytest.mark.xdist_group("bad_input")
+
 RW_EVAL = REPO / "training" / "step2_reward_model_finetuning" / "rw_eval.py"
 CHAT = REPO / "chat.py"
 E2E = REPO / "e2e_rlhf.py"

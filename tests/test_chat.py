@@ -135,13 +135,17 @@ def test_interactive_session_in_a_terminal():
     assert "Traceback" not in term.text
 
 
-def test_without_a_trained_actor_says_what_to_pass(tmp_path):
-    if (REPO / chatbot.DEFAULT_ACTOR).exists():
-        pytest.skip("a trained actor exists in this checkout")
-    result = run_chat(cwd=tmp_path)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert "no trained model" in result.stderr and "--path" in result.stderr
+def test_without_a_trained_actor_says_what_to_pass(tmp_path, monkeypatch):
+    # in-process, with the repository root moved to an empty folder: a trained actor in this checkout
+    # (output/step3-models/builtin/actor after the README's run) must not hide the message
+    monkeypatch.setattr(chatbot, "REPO_ROOT", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(chatbot.ChatError, match="no trained model found") as err:
+        chatbot.resolve_model_path(None)
+    assert "--path" in str(err.value)
+    actor = tmp_path / chatbot.DEFAULT_ACTOR
+    actor.mkdir(parents=True)
+    assert chatbot.resolve_model_path(None) == str(actor)
 
 
 # -------------------------------------------------------------------------------------------- in-process
