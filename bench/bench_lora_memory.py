@@ -1,13 +1,15 @@
-"""Step-3 peak memory with LoRA on actor and critic: shared frozen bases vs separate frozen copies.
+"""Step-3 peak memory: full fine-tuning, LoRA with frozen copies, shared frozen bases, gradient checkpointing.
 
     python bench/bench_lora_memory.py --actor output/smol/actor-models/smollm2-135m \
         --critic output/smol/reward-models/smollm2-135m
 
-Runs training/step3_rlhf_finetuning/main.py unchanged, one run after the other, with the same flags:
-LoRA (--actor_lora_dim/--critic_lora_dim, --only_optimize_lora) on the builtin task's prompts for a few
-PPO steps. "copies" adds --no_shared_base (separate reference and reward models, DeepSpeed-Chat's layout);
-"shared" is the default (reference = actor with adapters off, reward = critic with adapters off). Each
-variant is run with and without --enable_hybrid_engine (the hybrid twin is one more full copy of the actor).
+Runs training/step3_rlhf_finetuning/main.py unchanged, one run after the other, with the same flags on the
+builtin task's prompts for a few PPO steps: "full" trains all weights of actor and critic (four models);
+the others use LoRA (--actor_lora_dim/--critic_lora_dim, --only_optimize_lora). "copies" adds --no_shared_base
+(separate reference and reward models, DeepSpeed-Chat's layout); "shared" is the default (reference = actor
+with adapters off, reward = critic with adapters off); "shared-ckpt" adds gradient checkpointing to actor and
+critic (activations recomputed in the backward instead of kept). --hybrid also runs each variant with
+--enable_hybrid_engine (the hybrid twin is one more full copy of the actor).
 Peak RSS is the child process's ru_maxrss (os.wait4); the seconds are its wall time, start-up included.
 """
 
@@ -53,31 +55,36 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--answer_len", type=int, default=24)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--hybrid", action="store_true", help="Also run every variant with --enable_hybrid_engine.")
     p.add_argument("--json", default=None, help="Also write the results here.")
     args = p.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_lora_memory_"))
     workdir.mkdir(parents=True, exist_ok=True)
     common = ["--actor_model_name_or_path", args.actor, "--critic_model_name_or_path", args.critic,
               "--data_path", "dschat/builtin", "--data_split", "3,6,91", "--dtype", "fp32",
-              "--actor_lora_dim", str(args.lora_dim), "--critic_lora_dim", str(args.lora_dim), "--only_optimize_lora",
-              "--actor_lora_learning_rate", "5e-4", "--critic_lora_learning_rate", "5e-4",
               "--per_device_generation_batch_size", str(args.batch), "--per_device_training_batch_size",
               str(args.batch), "--max_answer_seq_len", str(args.answer_len), "--num_judge_prompts", "8",
               "--enable_test_mode", "--test_stop_step", str(args.steps), "--data_output_path", str(workdir / "data")]
+    lora = ["--actor_lora_dim", str(args.lora_dim), "--critic_lora_dim", str(args.lora_dim), "--only_optimize_lora",
+            "--actor_lora_learning_rate", "5e-4", "--critic_lora_learning_rate", "5e-4"]
+    ckpt = ["--actor_gradient_checkpointing", "--critic_gradient_checkpointing"]
+    variants = [("full", "full fine-tuning, four models", []),
+                ("copies", "LoRA, separate frozen copies", [*lora, "--no_shared_base"]),
+                ("shared", "LoRA, actor/critic with adapters off", lora),
+                ("shared-ckpt", "LoRA, adapters off + gradient checkpointing", [*lora, *ckpt])]
     results = []
-    for hybrid in (False, True):
-        for variant, extra in (("copies", ["--no_shared_base"]), ("shared", [])):
-            name = f"{variant}{'-hybrid' if hybrid else ''}"
+    for hybrid in (False, True) if args.hybrid else (False,):
+        for name, label, extra in variants:
+            name = f"{name}{'-hybrid' if hybrid else ''}"
             res = run_step3([*common, *extra, *(["--enable_hybrid_engine"] if hybrid else [])], workdir, name)
+            res["label"] = label + (" (hybrid twin)" if hybrid else "")
             results.append(res)
             print(f"[{name}] {res}", flush=True)
-    print("\n| generation | frozen models | peak RSS MiB | wall s | shared / copies |\n|---|---|---|---|---|")
-    for i in range(0, len(results), 2):
-        copies, shared = results[i], results[i + 1]
-        gen = "hybrid twin" if "hybrid" in copies["name"] else "plain"
-        print(f"| {gen} | separate copies | {copies['peak_rss_mib']} | {copies['seconds']} | |")
-        print(f"| {gen} | actor/critic with adapters off | {shared['peak_rss_mib']} | {shared['seconds']} | "
-              f"{shared['peak_rss_mib'] / copies['peak_rss_mib']:.2f} |")
+    base = {r["name"].endswith("-hybrid"): r["peak_rss_mib"] for r in results if r["name"].startswith("copies")}
+    print("\n| variant | peak RSS MiB | wall s | / LoRA with copies |\n|---|---|---|---|")
+    for r in results:
+        print(f"| {r['label']} | {r['peak_rss_mib']} | {r['seconds']} | "
+              f"{r['peak_rss_mib'] / base[r['name'].endswith('-hybrid')]:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -1,4 +1,4 @@
-"""Steps 1 and 2 on a real model: our SFT and reward-model steps vs the newest TRL SFTTrainer and RewardTrainer.
+"""Steps 1-3 on a real model: our SFT, reward-model and PPO steps vs TRL's SFTTrainer, RewardTrainer, PPOTrainer.
 
     # the dev venv runs everything; the first run builds bench/.venvs/trl-latest (python3 -m venv + pip, torch
     # pinned to 2.13.0, ~1-3 min) and bench/.cache/smollm2-135m-dense (SmolLM2-135M-Instruct unpacked once from
@@ -6,6 +6,7 @@
     .venv/bin/python bench/bench_real_vs_trl.py                                      # sft,rm; 3 interleaved repeats
     .venv/bin/python bench/bench_real_vs_trl.py --steps rm --repeats 5
     .venv/bin/python bench/bench_real_vs_trl.py --rows 4 --max_len 64 --repeats 1    # smoke test (~2 min)
+    .venv/bin/python bench/bench_real_vs_trl.py --steps ppo --repeats 2              # step 3 vs TRL 1.12 (~20 min)
 
 Both sides train the same dense folder (fp32, CPU, torch threads 2: OMP_NUM_THREADS=2 in each child's env; --threads
 changes it, e.g. 1 while another job holds the cores: oversubscribed OpenMP threads slow runs many-fold) on
@@ -38,6 +39,18 @@ FLOP/s = 6 x non-embedding parameters (all weights but the token embedding, whic
 x real (non-pad) tokens / loop seconds, as a fraction of this machine's fp32 matmul peak (median of 2048x2048
 torch.matmul, same threads); the JSON also has the figure with all parameters. Runs interleave ours, TRL, ours,
 TRL, ...; the table shows medians, and ours/TRL speed = TRL time / our time.
+
+Step 3 (--steps ppo) runs bench/bench_vs_trl.py in both venvs: TRL 1.12's PPOTrainer (the last TRL with one,
+bench/.venvs/trl-1.12) against our training/step3_rlhf_finetuning/main.py, on the prompts of the first --rows HH
+rows whose prompt fits --max_len minus --answer_len tokens (our PromptFormat's ids, handed to TRL as ids), one
+epoch of --batch prompts per PPO step, answers of at most --answer_len tokens sampled at temperature 1 and cut at
+EOS, 1 PPO epoch, one mini-batch, lr --lr for policy and value, fp32, ZeRO 0, no hybrid twin (at ZeRO 0 it is the
+same model). Actor and reference: the dense SmolLM2 folder; reward and value model: the same weights with a
+one-label score head drawn once with --seed (bench/.cache/smollm2-135m-dense-score), so neither side trains a
+reward model first. Loop seconds = the sum of per-step times (bench_vs_trl.py: TRL's on_step_end marks, our
+per-step TensorBoard wall times). FLOP/s counts 22 x non-embedding parameters x (prompt + answer) tokens per
+sample: one generation pass (2), four scoring forwards (policy, reference, value, reward: 8) and forward +
+backward of policy and value (12), with each side's own mean answer length.
 """
 
 from __future__ import annotations
@@ -64,18 +77,25 @@ BENCH = ROOT / "bench"
 CACHE = BENCH / ".cache"
 WORK = CACHE / "work"
 DENSE = CACHE / "smollm2-135m-dense"
-PEER_VENV = BENCH / ".venvs" / "trl-latest"
-PEER_PACKAGES = ("torch==2.13.0", "trl", "transformers", "datasets", "accelerate")
+SCORE = CACHE / "smollm2-135m-dense-score"
+PEERS = {  # venv name -> packages; torch pinned to the local CPU wheel
+    "trl-latest": ("torch==2.13.0", "trl", "transformers", "datasets", "accelerate"),
+    "trl-1.12": ("torch==2.13.0", "trl==1.12.0", "transformers==5.23.0", "datasets", "accelerate"),
+}
 PACKAGED_MODEL = "smollm2-135m"
 HH_FILE = Path("/work/shared/data/hh-rlhf-harmless-test.jsonl.gz")
 THREADS = 2
 EVAL_ROWS = 4
 STEPS = {
     "sft": {"phase": 1, "split": "1,0,0", "main": "training/step1_supervised_finetuning/main.py",
-            "tb": "step1_tensorboard", "trl": "SFTTrainer"},
+            "tb": "step1_tensorboard", "trl": "SFTTrainer", "peer": "trl-latest"},
     "rm": {"phase": 2, "split": "0,1,0", "main": "training/step2_reward_model_finetuning/main.py",
-           "tb": "step2_tensorboard", "trl": "RewardTrainer"},
+           "tb": "step2_tensorboard", "trl": "RewardTrainer", "peer": "trl-latest"},
+    "ppo": {"phase": 3, "split": "0,0,1", "main": "training/step3_rlhf_finetuning/main.py",
+            "tb": "step3_tensorboard", "trl": "PPOTrainer", "peer": "trl-1.12"},
 }
+PPO_SCRIPT = BENCH / "bench_vs_trl.py"
+PPO_FLOPS_PER_TOKEN = 22  # x params: generation 2 + four scoring forwards 8 + policy and value fwd+bwd 12
 VERSIONS_PY = ("import json, torch, transformers, trl, datasets, accelerate; print(json.dumps({m.__name__: "
                "m.__version__ for m in (torch, transformers, trl, datasets, accelerate)}))")
 KNOWN_DIFFERENCES = [
@@ -92,37 +112,49 @@ KNOWN_DIFFERENCES = [
     "order: TRL is given our batch order with a sequential sampler instead of its own RandomSampler",
     "outside the timing: our start/end evaluations (4 rows) and DeepSpeed set-up; TRL's dataset preparation",
 ]
+PPO_DIFFERENCES = [
+    "experience: ours 4 forwards (actor old log-probs, reference, critic values, reward; --ppo_our_flags "
+    "--logprobs_from_generation drops the first), TRL 1.12 3 (old log-probs from the sampling pass's scores)",
+    "updates: ours separate actor and critic DeepSpeed engines (two backward passes, two AdamW steps, gradient "
+    "clipping), TRL one backward through policy + value and one optimizer step",
+    "rewards: ours standardised scores (when step 2 stored mean/std; not for this score head) clipped to +-5 and "
+    "whitened advantages over the rollout; TRL raw scores, whitened advantages",
+    "schedule: ours cosine without warmup, TRL linear decay; same lr; answers sampled at temperature 1 on both "
+    "sides, so answer lengths differ from run to run (each side's own mean enters its FLOP/s)",
+    "outside the timing: our start/end evaluations (greedy answers to 4 prompts) and DeepSpeed set-up",
+]
 
 
 # --- the peer environment -------------------------------------------------------------------------------------
-def peer_python() -> Path:
-    """The interpreter of the TRL venv."""
-    return PEER_VENV / "bin" / "python"
+def peer_python(peer: str) -> Path:
+    """The interpreter of one TRL venv (a key of PEERS)."""
+    return BENCH / ".venvs" / peer / "bin" / "python"
 
 
-def peer_versions() -> dict[str, str] | None:
-    """Package versions in the TRL venv, or None when it is missing or trl does not import."""
-    if not peer_python().exists():
+def peer_versions(peer: str) -> dict[str, str] | None:
+    """Package versions in a TRL venv, or None when it is missing or trl does not import."""
+    if not peer_python(peer).exists():
         return None
-    proc = subprocess.run([str(peer_python()), "-c", VERSIONS_PY], capture_output=True, text=True)
+    proc = subprocess.run([str(peer_python(peer)), "-c", VERSIONS_PY], capture_output=True, text=True)
     if proc.returncode != 0:
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def ensure_peer_venv() -> dict[str, str]:
-    """Reuse bench/.venvs/trl-latest if it imports trl, else (re)create it: torch pinned (the local CPU wheel)."""
-    versions = peer_versions()
+def ensure_peer_venv(peer: str) -> dict[str, str]:
+    """Reuse bench/.venvs/<peer> if it imports trl, else (re)create it: torch pinned (the local CPU wheel)."""
+    venv = BENCH / ".venvs" / peer
+    versions = peer_versions(peer)
     if versions is None:
-        print(f"[setup] creating {PEER_VENV}: pip install {' '.join(PEER_PACKAGES)}", flush=True)
-        PEER_VENV.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(PEER_VENV)], check=True)
-        subprocess.run([str(peer_python()), "-m", "pip", "install", "-q", *PEER_PACKAGES], check=True)
-        versions = peer_versions()
+        print(f"[setup] creating {venv}: pip install {' '.join(PEERS[peer])}", flush=True)
+        venv.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run([str(peer_python(peer)), "-m", "pip", "install", "-q", *PEERS[peer]], check=True)
+        versions = peer_versions(peer)
         if versions is None:
-            sys.exit(f"error: {PEER_VENV} was built but does not import trl")
+            sys.exit(f"error: {venv} was built but does not import trl")
     else:
-        print(f"[setup] reusing {PEER_VENV}", flush=True)
+        print(f"[setup] reusing {venv}", flush=True)
     if not versions["torch"].startswith("2.13.0"):
         print(f"warning: the TRL venv has torch {versions['torch']}, not 2.13.0", file=sys.stderr)
     return versions
@@ -152,6 +184,32 @@ def convert_worker() -> None:
     os.replace(tmp, DENSE)
 
 
+def score_worker(seed: int) -> None:
+    """(dev venv) The dense model with a one-label score head drawn with `seed`: step 3's reward and value init."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(DENSE)
+    model = AutoModelForSequenceClassification.from_pretrained(DENSE, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    tmp = SCORE.with_name(SCORE.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(SCORE, ignore_errors=True)
+    os.replace(tmp, SCORE)
+
+
+def ensure_score_model(seed: int) -> None:
+    """Build the score-head folder once (a dev-venv subprocess); reuse it after."""
+    if (SCORE / "config.json").exists() and any(SCORE.glob("*.safetensors")):
+        print(f"[setup] reusing {SCORE}", flush=True)
+        return
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "score", "--seed", str(seed)],
+                   check=True, cwd=ROOT)
+
+
 def ensure_dense_model() -> None:
     """Convert the GGUF once (in a dev-venv subprocess, so this process stays small); reuse the folder after."""
     if (DENSE / "config.json").exists() and any(DENSE.glob("*.safetensors")):
@@ -176,8 +234,12 @@ def param_counts(folder: Path) -> dict[str, int]:
 
 
 # --- the data -------------------------------------------------------------------------------------------------
-def select_rows(n: int, max_len: int, tokenizer) -> tuple[list[dict[str, str]], dict[str, int]]:
-    """The first `n` HH rows whose prompt + chosen and prompt + rejected (EOS included) fit `max_len` tokens."""
+def select_rows(n: int, max_len: int, tokenizer, answer_room: int | None = None
+                ) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """The first `n` HH rows whose prompt + chosen and prompt + rejected (EOS included) fit `max_len` tokens.
+
+    With `answer_room` (step 3), a row fits when its prompt leaves that many tokens for a sampled answer.
+    """
     from dschat.data.prompts import PromptFormat
     from dschat.data.sources import normalize_row
 
@@ -192,7 +254,9 @@ def select_rows(n: int, max_len: int, tokenizer) -> tuple[list[dict[str, str]], 
                 scan["empty_answer"] += 1
                 continue
             prompt = len(fmt.prompt_ids(row["prompt"]))
-            if prompt + max(len(fmt.answer_ids(row["chosen"])), len(fmt.answer_ids(row["rejected"]))) > max_len:
+            answer = answer_room if answer_room is not None else \
+                max(len(fmt.answer_ids(row["chosen"])), len(fmt.answer_ids(row["rejected"])))
+            if prompt + answer > max_len:
                 scan["too_long"] += 1
                 continue
             rows.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
@@ -331,7 +395,8 @@ def run_trl(step: str, cfg: dict[str, Any], run_dir: Path, rows: list[dict]) -> 
             "lr": cfg["lr"], "seed": cfg["seed"], "output_dir": str(run_dir / "trl_out"),
             "out": str(run_dir / "result.json")}
     (run_dir / "spec.json").write_text(json.dumps(spec))
-    cmd = [str(peer_python()), str(Path(__file__).resolve()), "--worker", "trl", "--spec", str(run_dir / "spec.json")]
+    cmd = [str(peer_python(STEPS[step]["peer"])), str(Path(__file__).resolve()), "--worker", "trl", "--spec",
+           str(run_dir / "spec.json")]
     rc, wall, rss = run_child(cmd, run_dir / "log.txt", cfg["threads"])
     if rc != 0 or not (run_dir / "result.json").exists():
         sys.exit(f"error: TRL {step} failed (rc {rc}); log: {run_dir / 'log.txt'}\n"
@@ -341,6 +406,53 @@ def run_trl(step: str, cfg: dict[str, Any], run_dir: Path, rows: list[dict]) -> 
     res["step_tokens"] = [b - a for a, b in zip([0] + cum, cum)] if cum and cum[0] is not None else None
     return {"side": "trl", "step": step, **loop_timing(res.pop("marks")), "peak_rss_kib": rss, "wall_s": wall,
             **res}
+
+
+def run_ppo(side: str, cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """One step-3 run of one side: bench_vs_trl.py in that side's venv, peak RSS of it and its children."""
+    ours = side == "ours"
+    python = sys.executable if ours else str(peer_python(STEPS["ppo"]["peer"]))
+    our_flags = (f"--data_path {cfg['data_dir']} --data_split {STEPS['ppo']['split']} --prompt_format dschat "
+                 f"--actor_learning_rate {cfg['lr']} --critic_learning_rate {cfg['lr']} --num_warmup_steps 0 "
+                 f"--dtype fp32 --num_judge_prompts {EVAL_ROWS} {cfg['our_flags']}")
+    cmd = [python, str(PPO_SCRIPT), "ours" if ours else "trl", "--actor", str(DENSE), "--reward", str(SCORE),
+           "--steps", str(cfg["ppo_steps"]), "--warmup", "1", "--batch", str(cfg["batch"]),
+           "--answer_len", str(cfg["answer_len"]), "--max_prompt_len", str(cfg["max_len"] - cfg["answer_len"]),
+           "--lr", str(cfg["lr"]), "--seed", str(cfg["seed"]), "--workdir", str(run_dir / "work"),
+           "--json", str(run_dir / "result.json"),
+           *(["--no-hybrid", "--data_output_path", str(run_dir / "data"), "--our_args", our_flags] if ours
+             else ["--prompt_ids", str(cfg["prompt_ids"])])]
+    (run_dir / "work").mkdir(parents=True, exist_ok=True)
+    rc, wall, rss = run_child(cmd, run_dir / "log.txt", cfg["threads"])
+    if rc != 0 or not (run_dir / "result.json").exists():
+        sys.exit(f"error: {side} ppo failed (rc {rc}); log: {run_dir / 'log.txt'}\n"
+                 f"{(run_dir / 'log.txt').read_text()[-3000:]}")
+    res = json.loads((run_dir / "result.json").read_text())
+    return {"side": side, "step": "ppo", "loop_s": res["loop_s"], "steps": res["steps"],
+            "median_step_s": res["median_s_per_step"], "step_s": res["step_times_s"],
+            "mean_answer_len": res["mean_answer_len"], "peak_rss_kib": rss, "wall_s": wall,
+            "phases": {k: v for k, v in res.items() if k.startswith("median_") and k.endswith("_steady")
+                       or k.startswith("median_experience")},
+            "versions": res.get("versions", ""), "command": " ".join(cmd)}
+
+
+def summarise_ppo(runs: list[dict], prompt_tokens: int, samples: int, params: dict[str, int],
+                  peak_gflops: float) -> dict[str, Any]:
+    """Medians, speed ratio, peak RSS and FLOP/s fractions of step 3 (each side's own answer lengths)."""
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "samples": samples}
+    for side in ("ours", "trl"):
+        mine = [r for r in runs if r["side"] == side]
+        loop = statistics.median(r["loop_s"] for r in mine)
+        answer = statistics.fmean(r["mean_answer_len"] for r in mine)
+        tokens = prompt_tokens + samples * answer
+        flops = PPO_FLOPS_PER_TOKEN * params["non_embedding"] * tokens / loop
+        out[side] = {"loop_s_runs": [r["loop_s"] for r in mine], "loop_s_median": loop,
+                     "median_step_s": statistics.median(r["median_step_s"] for r in mine),
+                     "optimizer_steps": sorted({r["steps"] for r in mine}), "mean_answer_len": answer,
+                     "peak_rss_mib_median": statistics.median(r["peak_rss_kib"] for r in mine) / 1024,
+                     "peak_fraction_non_embedding": flops / 1e9 / peak_gflops, "phases": mine[-1]["phases"]}
+    out["speed_ours_over_trl"] = out["trl"]["loop_s_median"] / out["ours"]["loop_s_median"]
+    return out
 
 
 # --- the TRL worker (runs in the TRL venv: imports nothing from dschat) ----------------------------------------
@@ -477,14 +589,25 @@ def print_report(summary: dict[str, dict], meta: dict[str, Any]) -> None:
               f"{s['speed_ours_over_trl']:.2f}x | {o['peak_rss_mib_median']:.0f} | {t['peak_rss_mib_median']:.0f} | "
               f"{o['peak_fraction_non_embedding']:.3f} | {t['peak_fraction_non_embedding']:.3f} |")
     print()
-    print(f"training-loop seconds (medians over runs); FLOP/s fraction = 6 x {meta['params']['non_embedding']:,} "
-          f"non-embedding params x real tokens / loop s / fp32 matmul peak {meta['peak']['gflops']:.1f} GFLOP/s "
+    print(f"training-loop seconds (medians over runs); FLOP/s fraction = 6 (ppo: {PPO_FLOPS_PER_TOKEN}) x "
+          f"{meta['params']['non_embedding']:,} non-embedding params x real tokens / loop s / fp32 matmul peak "
+          f"{meta['peak']['gflops']:.1f} GFLOP/s "
           f"({meta['peak']['n']}x{meta['peak']['n']}, {meta['threads']} thread{'s' * (meta['threads'] != 1)})")
+    peers = "; ".join(f"{name}: trl {v['trl']}, transformers {v['transformers']}, torch {v['torch']}"
+                      for name, v in meta["peer_versions"].items())
     print(f"versions: ours torch {meta['ours_versions']['torch']}, transformers {meta['ours_versions']['transformers']}"
-          f", deepspeed {meta['ours_versions']['deepspeed']}; TRL venv trl {meta['peer_versions']['trl']}, transformers "
-          f"{meta['peer_versions']['transformers']}, torch {meta['peer_versions']['torch']}")
-    print(f"data: {meta['rows']} rows, --max_len {meta['max_len']}, batch {meta['batch']} ({meta['scan']})")
+          f", deepspeed {meta['ours_versions']['deepspeed']}; {peers}")
+    if meta["rows"]:
+        print(f"data: {meta['rows']} rows, --max_len {meta['max_len']}, batch {meta['batch']} ({meta['scan']})")
     for step, s in summary.items():
+        if step == "ppo":
+            o, t = s["ours"], s["trl"]
+            print(f"[ppo] PPO steps ours {o['optimizer_steps']} TRL {t['optimizer_steps']} of {meta['batch']} prompts "
+                  f"({s['prompt_tokens']} prompt tokens in all); median s/step ours {o['median_step_s']:.3f} TRL "
+                  f"{t['median_step_s']:.3f}; mean answer tokens ours {o['mean_answer_len']:.1f} TRL "
+                  f"{t['mean_answer_len']:.1f}; FLOP/s counts {PPO_FLOPS_PER_TOKEN} x params x tokens")
+            print(f"[ppo] phase medians ours {o['phases']}; TRL {t['phases']}")
+            continue
         o, t, tok = s["ours"], s["trl"], s["tokenization"]
         print(f"[{step}] optimizer steps ours {o['optimizer_steps']} TRL {t['optimizer_steps']}; median s/step ours "
               f"{o['median_step_s']:.3f} TRL {t['median_step_s']:.3f}; real tokens {s['real_tokens']} "
@@ -503,39 +626,62 @@ def on_sigterm(signum: int, frame: Any) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", default="sft,rm", help="Comma-separated: sft (step 1), rm (step 2).")
+    p.add_argument("--steps", default="sft,rm", help="Comma-separated: sft (step 1), rm (step 2), ppo (step 3).")
     p.add_argument("--rows", type=int, default=48, help="Training rows (pairs) per step.")
     p.add_argument("--max_len", type=int, default=256, help="Longest prompt + answer in tokens (both sides).")
-    p.add_argument("--batch", type=int, default=4, help="Rows per device per optimizer step.")
+    p.add_argument("--batch", type=int, default=4, help="Rows per device per optimizer step (ppo: prompts per step).")
+    p.add_argument("--answer_len", type=int, default=32, help="ppo: most sampled answer tokens.")
+    p.add_argument("--ppo_our_flags", default="", help="ppo: more flags for our step 3, one string (e.g. "
+                                                         "\"--logprobs_from_generation\"); recorded in the JSON.")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--repeats", type=int, default=3, help="Interleaved runs per side and step.")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=THREADS, help="OMP_NUM_THREADS of every child (torch threads).")
     p.add_argument("--out", default=str(CACHE / "real_vs_trl.json"), help="JSON with every raw number.")
-    p.add_argument("--worker", choices=["trl", "convert"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["trl", "convert", "score"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker == "trl":
         return trl_worker(args.spec)
     if args.worker == "convert":
         return convert_worker()
+    if args.worker == "score":
+        return score_worker(args.seed)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     if not steps or any(s not in STEPS for s in steps) or min(args.rows, args.repeats, args.threads) < 1:
         p.error(f"--steps takes a comma-separated subset of {', '.join(STEPS)}; --rows, --repeats and --threads "
                 f"must be >= 1")
+    if "ppo" in steps and (args.rows % args.batch or not 1 <= args.answer_len < args.max_len):
+        p.error(f"--steps ppo needs --rows ({args.rows}) a multiple of --batch ({args.batch}) (one epoch of whole "
+                f"PPO steps) and 1 <= --answer_len ({args.answer_len}) < --max_len ({args.max_len})")
     signal.signal(signal.SIGTERM, on_sigterm)  # a killed benchmark kills its running child too (run_child)
 
     started = time.time()
-    peer = ensure_peer_venv()
+    peer = {name: ensure_peer_venv(name) for name in dict.fromkeys(STEPS[s]["peer"] for s in steps)}
     ensure_dense_model()
+    from dschat.data.prompts import PromptFormat
     from dschat.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(DENSE))
-    rows, scan = select_rows(args.rows, args.max_len, tokenizer)
+    pair_steps = [s for s in steps if s != "ppo"]
+    rows, scan = select_rows(args.rows, args.max_len, tokenizer) if pair_steps else ([], {})
     cfg = {"data_dir": CACHE / f"hh-harmless-{args.rows}x{args.max_len}", "max_len": args.max_len,
            "batch": args.batch, "lr": args.lr, "seed": args.seed, "threads": args.threads}
-    write_local_dataset(rows, cfg["data_dir"])
-    ordered = {s: our_order(cfg["data_dir"], s, args.seed, args.max_len, tokenizer) for s in steps}
+    if pair_steps:
+        write_local_dataset(rows, cfg["data_dir"])
+    ordered = {s: our_order(cfg["data_dir"], s, args.seed, args.max_len, tokenizer) for s in pair_steps}
+    ppo_cfg: dict[str, Any] = {}
+    if "ppo" in steps:
+        ensure_score_model(args.seed)
+        prompt_rows, prompt_scan = select_rows(args.rows, args.max_len, tokenizer, answer_room=args.answer_len)
+        ids = [PromptFormat(tokenizer, "dschat").prompt_ids(r["prompt"]) for r in prompt_rows]
+        ppo_cfg = {**cfg, "data_dir": CACHE / f"hh-harmless-prompts-{args.rows}x{args.max_len - args.answer_len}",
+                   "prompt_ids": CACHE / f"hh-harmless-prompt-ids-{args.rows}x{args.max_len - args.answer_len}.json",
+                   "answer_len": args.answer_len, "ppo_steps": args.rows // args.batch, "our_flags": args.ppo_our_flags,
+                   "prompt_tokens": sum(len(i) for i in ids), "scan": prompt_scan}
+        write_local_dataset(prompt_rows, ppo_cfg["data_dir"])
+        ppo_cfg["prompt_ids"].write_text(json.dumps([list(i) for i in ids]))
+        print(f"[setup] ppo: {len(ids)} prompts, {ppo_cfg['prompt_tokens']} tokens ({prompt_scan})", flush=True)
     peak = matmul_peak(args.threads)
     params = param_counts(DENSE)
     print(f"[setup] {len(rows)} rows ({scan}); fp32 matmul peak {peak['gflops']:.1f} GFLOP/s; params {params}",
@@ -548,7 +694,12 @@ def main() -> None:
                 run_dir = WORK / f"{step}-{side}-{repeat}"
                 shutil.rmtree(run_dir, ignore_errors=True)
                 run_dir.mkdir(parents=True)
-                res = run_ours(step, cfg, run_dir) if side == "ours" else run_trl(step, cfg, run_dir, ordered[step][0])
+                if step == "ppo":
+                    res = run_ppo(side, ppo_cfg, run_dir)
+                elif side == "ours":
+                    res = run_ours(step, cfg, run_dir)
+                else:
+                    res = run_trl(step, cfg, run_dir, ordered[step][0])
                 res["repeat"] = repeat
                 runs.append(res)
                 print(f"[run {repeat}/{args.repeats}] {step} {side}: loop {res['loop_s']:.2f} s, {res['steps']} steps, "
@@ -556,7 +707,10 @@ def main() -> None:
                       f"child wall {res['wall_s']:.1f} s", flush=True)
 
     summary = {}
-    for step in steps:
+    if "ppo" in steps:
+        summary["ppo"] = summarise_ppo([r for r in runs if r["step"] == "ppo"], ppo_cfg["prompt_tokens"], args.rows,
+                                       params, peak["gflops"])
+    for step in pair_steps:
         mine = [r for r in runs if r["step"] == step]
         trl_run = next(r for r in mine if r["side"] == "trl")
         encs = ordered[step][1]
@@ -567,15 +721,16 @@ def main() -> None:
         summary[step]["trl_torch_threads"] = trl_run["torch_threads"]
     for r in runs:
         r.pop("rows", None)  # token ids: compared above, too bulky for the JSON
-    meta = {"rows": len(rows), "max_len": args.max_len, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+    meta = {"rows": len(rows), "ppo": {k: str(v) for k, v in ppo_cfg.items()}, "max_len": args.max_len, "batch": args.batch, "lr": args.lr, "seed": args.seed,
             "repeats": args.repeats, "scan": scan, "peak": peak, "params": params, "peer_versions": peer,
             "ours_versions": {m: importlib.metadata.version(m) for m in ("torch", "transformers", "deepspeed")},
             "model": str(DENSE), "data": str(cfg["data_dir"]), "threads": args.threads,
             "flops_note": "6 x params x real (non-pad) tokens / training-loop s; non_embedding excludes the token "
                           "embedding (tied to SmolLM2's LM head); attention score FLOPs are not counted",
-            "known_differences": KNOWN_DIFFERENCES, "total_wall_s": time.time() - started}
+            "known_differences": KNOWN_DIFFERENCES, "ppo_differences": PPO_DIFFERENCES, "total_wall_s": time.time() - started}
     print_report(summary, meta)
-    print("known differences:\n  - " + "\n  - ".join(KNOWN_DIFFERENCES))
+    notes = (KNOWN_DIFFERENCES if pair_steps else []) + (PPO_DIFFERENCES if "ppo" in steps else [])
+    print("known differences:\n  - " + "\n  - ".join(notes))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1, default=str))

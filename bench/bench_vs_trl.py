@@ -9,6 +9,9 @@ Both modes use the SFT actor (policy, and a frozen copy as reference), the rewar
 value model initialised from the reward model; the builtin task's phase-3 train prompts (the same rows
 step 3 samples from: --data_split 2,4,4, seed 1234), left-padded; 16 prompts per PPO step, 1 PPO epoch,
 one mini-batch of 16, answers of at most 64 tokens sampled at temperature 1.0 and cut at EOS, fp32.
+--batch, --answer_len, --max_prompt_len, --prompt_ids (TRL: a JSON list of prompt token-id lists instead of the
+builtin prompts) and --our_args (ours: more step-3 flags, e.g. --data_path) change that;
+bench/bench_real_vs_trl.py --steps ppo drives this file on SmolLM2-135M in both venvs.
 
 Seconds per step are measured the same way in both: the wall-clock time between the ends of
 consecutive PPO steps (TRL: its `on_step_end` callback; ours: the wall time TensorBoard records with
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -39,17 +43,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BATCH = 16
-ANSWER_LEN = 64
-
-
-def summarise(name: str, step_times: list[float], answer_lens: list[float], warmup: int, extra: dict) -> dict:
+def summarise(name: str, step_times: list[float], answer_lens: list[float], warmup: int, batch: int,
+              extra: dict) -> dict:
     """Print and return per-step times, the steady-state median s/step and samples/s, answer lengths."""
     steady = step_times[warmup:]
     med = statistics.median(steady)
     res = {"trainer": name, "steps": len(step_times), "warmup": warmup, "threads": extra.pop("threads"),
            "median_s_per_step": med, "mean_s_per_step_steady": statistics.fmean(steady),
-           "samples_per_s": BATCH / med, "mean_answer_len": statistics.fmean(answer_lens),
+           "loop_s": sum(step_times), "samples_per_s": batch / med, "mean_answer_len": statistics.fmean(answer_lens),
            "mean_answer_len_steady": statistics.fmean(answer_lens[warmup:]), **extra,
            "step_times_s": [round(t, 4) for t in step_times], "answer_lens": [round(a, 2) for a in answer_lens]}
     print(f"[{name}] per-step seconds: {' '.join(f'{t:.3f}' for t in step_times)}")
@@ -57,7 +58,7 @@ def summarise(name: str, step_times: list[float], answer_lens: list[float], warm
     for k, v in extra.items():
         print(f"[{name}] {k}: {v:.3f}" if isinstance(v, float) else f"[{name}] {k}: {v}")
     print(f"[{name}] RESULT steps {len(step_times)} (median over steps {warmup + 1}..{len(step_times)}): "
-          f"{med:.4f} s/step, {BATCH / med:.1f} samples/s; mean answer length {res['mean_answer_len']:.2f} "
+          f"{med:.4f} s/step, {batch / med:.1f} samples/s; mean answer length {res['mean_answer_len']:.2f} "
           f"tokens (steady {res['mean_answer_len_steady']:.2f}); torch threads {res['threads']}")
     return res
 
@@ -87,8 +88,11 @@ def run_trl(args: argparse.Namespace) -> dict:
 
     start = time.time()
     tok = AutoTokenizer.from_pretrained(args.actor, padding_side="left")
-    ids = [tok(p)["input_ids"] for p in phase3_prompts(args.seed)]  # = dschat's prompt_ids()
-    ids = [i for i in ids if len(i) <= 256]  # step 3's --max_prompt_seq_len filter
+    if args.prompt_ids:  # already tokenised by the caller (bench_real_vs_trl.py: our PromptFormat's ids)
+        ids = json.loads(Path(args.prompt_ids).read_text())
+    else:
+        ids = [tok(p)["input_ids"] for p in phase3_prompts(args.seed)]  # = dschat's prompt_ids()
+    ids = [i for i in ids if len(i) <= args.max_prompt_len]  # step 3's --max_prompt_seq_len filter
     train = Dataset.from_dict({"input_ids": ids})
     f32 = {"dtype": torch.float32}
     policy = AutoModelForCausalLM.from_pretrained(args.actor, **f32)
@@ -101,9 +105,9 @@ def run_trl(args: argparse.Namespace) -> dict:
     cfg = PPOConfig(
         output_dir=args.workdir, report_to="none", save_strategy="no", seed=args.seed, use_cpu=True,
         bf16=False, fp16=False, gradient_checkpointing=False,  # PPOConfig defaults: bf16 on, checkpointing on
-        per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, num_mini_batches=1,
-        local_rollout_forward_batch_size=BATCH, num_ppo_epochs=1, total_episodes=BATCH * args.steps,
-        response_length=ANSWER_LEN, stop_token="eos", temperature=1.0, kl_coef=0.1, kl_estimator="k1",
+        per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, num_mini_batches=1,
+        local_rollout_forward_batch_size=args.batch, num_ppo_epochs=1, total_episodes=args.batch * args.steps,
+        response_length=args.answer_len, stop_token="eos", temperature=1.0, kl_coef=0.1, kl_estimator="k1",
         cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95, learning_rate=args.lr,
         num_sample_generations=0, logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
 
@@ -147,7 +151,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     step_times = [b - a for a, b in zip(marks, marks[1:])]
     answer_lens = [statistics.fmean(x) for x in lens]
     assert len(step_times) == args.steps == len(answer_lens), (len(step_times), len(answer_lens))
-    return summarise("trl-no-gc" if args.trl_no_gc else "trl", step_times, answer_lens, args.warmup, {
+    return summarise("trl-no-gc" if args.trl_no_gc else "trl", step_times, answer_lens, args.warmup, args.batch, {
         "threads": torch.get_num_threads(),
         "versions": f"trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}",
         "optimizer": type(trainer.optimizer).__name__,
@@ -165,9 +169,12 @@ def run_ours(args: argparse.Namespace) -> dict:
     tb = f"{args.workdir}/tb"
     cmd = [sys.executable, str(ROOT / "training/step3_rlhf_finetuning/main.py"),
            "--actor_model_name_or_path", args.actor, "--critic_model_name_or_path", args.reward,
-           "--enable_hybrid_engine", "--enable_test_mode", "--test_stop_step", str(args.steps),
+           "--enable_test_mode", "--test_stop_step", str(args.steps),
+           "--per_device_generation_batch_size", str(args.batch), "--per_device_training_batch_size", str(args.batch),
+           "--max_answer_seq_len", str(args.answer_len), "--max_prompt_seq_len", str(args.max_prompt_len),
            "--output_dir", f"{args.workdir}/out", "--data_output_path", args.data_output_path,
-           "--seed", str(args.seed), "--enable_tensorboard", "--tensorboard_path", tb]
+           "--seed", str(args.seed), "--enable_tensorboard", "--tensorboard_path", tb,
+           *(["--enable_hybrid_engine"] if args.hybrid else []), *shlex.split(args.our_args)]
     print("[ours] command:", " ".join(cmd), flush=True)
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -188,7 +195,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     gen = [e.value for e in ea.Scalars("train/gen_time_s")][args.warmup:]
     exp = [e.value for e in ea.Scalars("train/experience_time_s")][args.warmup:]
     trn = [e.value for e in ea.Scalars("train/train_time_s")][args.warmup:]
-    return summarise("ours", step_times, answer_lens, args.warmup, {
+    return summarise("ours", step_times, answer_lens, args.warmup, args.batch, {
         "threads": f"{torch.get_num_threads()} (this process; step 3 inherits OMP_NUM_THREADS="
                    f"{os.environ.get('OMP_NUM_THREADS')})",
         "median_gen_time_s_steady": statistics.median(gen),
@@ -205,6 +212,14 @@ def main() -> None:
     p.add_argument("--actor", default="/tmp/e2e1/actor-models/builtin")
     p.add_argument("--reward", default="/tmp/e2e1/reward-models/builtin")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--batch", type=int, default=16, help="Prompts per PPO step (one mini-batch, 1 PPO epoch).")
+    p.add_argument("--answer_len", type=int, default=64, help="Most answer tokens (cut at EOS).")
+    p.add_argument("--max_prompt_len", type=int, default=256, help="Longer prompts are dropped (both sides).")
+    p.add_argument("--prompt_ids", default=None, help="trl: JSON list of prompt token-id lists (default: the "
+                                                       "builtin task's phase-3 prompts, tokenised here).")
+    p.add_argument("--our_args", default="", help="ours: more step-3 flags, one string (e.g. \"--data_path DIR\").")
+    p.add_argument("--hybrid", action=argparse.BooleanOptionalAction, default=True,
+                   help="ours: --enable_hybrid_engine (default on).")
     p.add_argument("--lr", type=float, default=2e-4, help="TRL (one optimizer for policy and value); ours uses "
                                                           "its defaults, actor 2e-4 and critic 5e-4.")
     p.add_argument("--trl_no_gc", action="store_true",
