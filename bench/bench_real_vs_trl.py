@@ -431,8 +431,7 @@ def run_ppo(side: str, cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return {"side": side, "step": "ppo", "loop_s": res["loop_s"], "steps": res["steps"],
             "median_step_s": res["median_s_per_step"], "step_s": res["step_times_s"],
             "mean_answer_len": res["mean_answer_len"], "peak_rss_kib": rss, "wall_s": wall,
-            "phases": {k: v for k, v in res.items() if k.startswith("median_") and k.endswith("_steady")
-                       or k.startswith("median_experience")},
+            "phases": {k: v for k, v in res.items() if k.startswith("median_") and k != "median_s_per_step"},
             "versions": res.get("versions", ""), "command": " ".join(cmd)}
 
 
