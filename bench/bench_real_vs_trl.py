@@ -201,22 +201,14 @@ def score_worker(seed: int) -> None:
     os.replace(tmp, SCORE)
 
 
-def ensure_score_model(seed: int) -> None:
-    """Build the score-head folder once (a dev-venv subprocess); reuse it after."""
-    if (SCORE / "config.json").exists() and any(SCORE.glob("*.safetensors")):
-        print(f"[setup] reusing {SCORE}", flush=True)
-        return
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "score", "--seed", str(seed)],
-                   check=True, cwd=ROOT)
-
-
-def ensure_dense_model() -> None:
-    """Convert the GGUF once (in a dev-venv subprocess, so this process stays small); reuse the folder after."""
-    if (DENSE / "config.json").exists() and any(DENSE.glob("*.safetensors")):
-        print(f"[setup] reusing {DENSE}", flush=True)
+def ensure_model_folder(folder: Path, *worker: str) -> None:
+    """Build a cached model folder once with this file's --worker (a dev-venv subprocess, so this process stays
+    small); reuse the folder after."""
+    if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
+        print(f"[setup] reusing {folder}", flush=True)
         return
     CACHE.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "convert"], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", *worker], check=True, cwd=ROOT)
 
 
 def param_counts(folder: Path) -> dict[str, int]:
@@ -657,7 +649,7 @@ def main() -> None:
 
     started = time.time()
     peer = {name: ensure_peer_venv(name) for name in dict.fromkeys(STEPS[s]["peer"] for s in steps)}
-    ensure_dense_model()
+    ensure_model_folder(DENSE, "convert")  # the GGUF unpacked to dense fp32
     from dschat.data.prompts import PromptFormat
     from dschat.models.loading import load_tokenizer
 
@@ -671,7 +663,7 @@ def main() -> None:
     ordered = {s: our_order(cfg["data_dir"], s, args.seed, args.max_len, tokenizer) for s in pair_steps}
     ppo_cfg: dict[str, Any] = {}
     if "ppo" in steps:
-        ensure_score_model(args.seed)
+        ensure_model_folder(SCORE, "score", "--seed", str(args.seed))
         prompt_rows, prompt_scan = select_rows(args.rows, args.max_len, tokenizer, answer_room=args.answer_len)
         ids = [PromptFormat(tokenizer, "dschat").prompt_ids(r["prompt"]) for r in prompt_rows]
         ppo_cfg = {**cfg, "data_dir": CACHE / f"hh-harmless-prompts-{args.rows}x{args.max_len - args.answer_len}",
@@ -720,13 +712,15 @@ def main() -> None:
         summary[step]["trl_torch_threads"] = trl_run["torch_threads"]
     for r in runs:
         r.pop("rows", None)  # token ids: compared above, too bulky for the JSON
-    meta = {"rows": len(rows), "ppo": {k: str(v) for k, v in ppo_cfg.items()}, "max_len": args.max_len, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+    meta = {"rows": len(rows), "ppo": {k: str(v) for k, v in ppo_cfg.items()}, "max_len": args.max_len,
+            "batch": args.batch, "lr": args.lr, "seed": args.seed,
             "repeats": args.repeats, "scan": scan, "peak": peak, "params": params, "peer_versions": peer,
             "ours_versions": {m: importlib.metadata.version(m) for m in ("torch", "transformers", "deepspeed")},
             "model": str(DENSE), "data": str(cfg["data_dir"]), "threads": args.threads,
             "flops_note": "6 x params x real (non-pad) tokens / training-loop s; non_embedding excludes the token "
                           "embedding (tied to SmolLM2's LM head); attention score FLOPs are not counted",
-            "known_differences": KNOWN_DIFFERENCES, "ppo_differences": PPO_DIFFERENCES, "total_wall_s": time.time() - started}
+            "known_differences": KNOWN_DIFFERENCES, "ppo_differences": PPO_DIFFERENCES,
+            "total_wall_s": time.time() - started}
     print_report(summary, meta)
     notes = (KNOWN_DIFFERENCES if pair_steps else []) + (PPO_DIFFERENCES if "ppo" in steps else [])
     print("known differences:\n  - " + "\n  - ".join(notes))
