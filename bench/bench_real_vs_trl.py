@@ -7,8 +7,11 @@
     .venv/bin/python bench/bench_real_vs_trl.py --steps rm --repeats 5
     .venv/bin/python bench/bench_real_vs_trl.py --rows 4 --max_len 64 --repeats 1    # smoke test (~2 min)
     .venv/bin/python bench/bench_real_vs_trl.py --steps ppo --repeats 2              # step 3 vs TRL 1.12 (~20 min)
+    .venv/bin/python bench/bench_real_vs_trl.py --steps ppo --repeats 1 --profile 20 # + where each side's time goes
+    .venv/bin/python bench/bench_real_vs_trl.py --dtype bf16                         # both sides in bf16
 
-Both sides train the same dense folder (fp32, CPU, torch threads 2: OMP_NUM_THREADS=2 in each child's env; --threads
+Both sides train the same dense folder (fp32 unless --dtype bf16: ours bf16 weights in DeepSpeed's bf16 mode with
+fp32 master weights, TRL bf16=True, its autocast mixed precision; CPU, torch threads 2: OMP_NUM_THREADS=2 in each child's env; --threads
 changes it, e.g. 1 while another job holds the cores: oversubscribed OpenMP threads slow runs many-fold) on
 the same rows: the first --rows usable rows of the Anthropic HH harmless test file, split at the last
 "\\n\\nAssistant:" by our own dschat.data.sources.normalize_row, in plain DeepSpeed-Chat text (prompt
@@ -70,6 +73,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import profile_fold  # bench/profile_fold.py (this script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -95,11 +100,15 @@ STEPS = {
             "tb": "step3_tensorboard", "trl": "PPOTrainer", "peer": "trl-1.12"},
 }
 PPO_SCRIPT = BENCH / "bench_vs_trl.py"
+PROFILE_FILES = {  # --profile: the trainer's own source files whose lines a sample is charged to
+    "ours": ("dschat/trainers/ppo.py", "dschat/trainers/rollout.py", "dschat/trainers/ppo_run.py"),
+    "trl": ("trl/experimental/ppo/ppo_trainer.py",),
+}
 PPO_FLOPS_PER_TOKEN = 22  # x params: generation 2 + four scoring forwards 8 + policy and value fwd+bwd 12
 VERSIONS_PY = ("import json, torch, transformers, trl, datasets, accelerate; print(json.dumps({m.__name__: "
                "m.__version__ for m in (torch, transformers, trl, datasets, accelerate)}))")
 KNOWN_DIFFERENCES = [
-    "optimizer: ours torch.optim.AdamW (foreach) inside a DeepSpeed ZeRO-0 engine, DeepSpeed's gradient clipping; "
+    "optimizer: ours torch.optim.AdamW (fused where torch has the kernel) inside a DeepSpeed ZeRO-0 engine, DeepSpeed's gradient clipping; "
     "TRL the Trainer default optim (recorded per run) through accelerate; same lr, betas, weight decay, clip norm",
     "per-step extras: ours NaN guard (an all_reduce and .item() per step), loss/lr (+ tokens or acc/score means) "
     "logged to TensorBoard, and --enable_tensorboard also turns on DeepSpeed's own TensorBoard monitor (needed "
@@ -298,12 +307,13 @@ def batch_tokens(step: str, encs: list[dict], batch: int) -> list[int]:
 
 
 # --- the machine's peak -----------------------------------------------------------------------------------------
-def matmul_peak(threads: int, n: int = 2048, reps: int = 7) -> dict[str, Any]:
-    """fp32 GFLOP/s of an n x n torch.matmul with `threads` threads (median of `reps` after 2 warm-ups)."""
+def matmul_peak(threads: int, dtype: str = "fp32", n: int = 2048, reps: int = 15) -> dict[str, Any]:
+    """GFLOP/s of an n x n torch.matmul in `dtype` with `threads` threads (median of `reps` after 2 warm-ups)."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(n, n, dtype=tdtype), torch.randn(n, n, dtype=tdtype)
     for _ in range(2):
         torch.matmul(a, b)
     times = []
@@ -311,7 +321,16 @@ def matmul_peak(threads: int, n: int = 2048, reps: int = 7) -> dict[str, Any]:
         t = time.perf_counter()
         torch.matmul(a, b)
         times.append(time.perf_counter() - t)
-    return {"n": n, "threads": threads, "times_s": times, "gflops": 2 * n ** 3 / statistics.median(times) / 1e9}
+    return {"n": n, "threads": threads, "dtype": dtype, "times_s": times,
+            "gflops": 2 * n ** 3 / statistics.median(times) / 1e9}
+
+
+def profiled(cmd: list[str], out: Path, rate: int) -> list[str]:
+    """`cmd` under py-spy (every child process too), raw stacks to `out` at `rate` samples/s."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        sys.exit("error: --profile needs py-spy in the dev venv: pip install py-spy")
+    return [spy, "record", "--subprocesses", "--rate", str(rate), "--format", "raw", "--output", str(out), "--", *cmd]
 
 
 # --- one run of one side ----------------------------------------------------------------------------------------
@@ -349,7 +368,7 @@ def our_command(step: str, cfg: dict[str, Any], run_dir: Path) -> list[str]:
             "--per_device_eval_batch_size", str(cfg["batch"]), "--eval_iters", "1",
             "--learning_rate", str(cfg["lr"]), "--weight_decay", "0", "--num_train_epochs", "1",
             "--gradient_accumulation_steps", "1", "--lr_scheduler_type", "cosine", "--num_warmup_steps", "0",
-            "--dtype", "fp32", "--zero_stage", "0", "--seed", str(cfg["seed"]),
+            "--dtype", cfg["dtype"], "--zero_stage", "0", "--seed", str(cfg["seed"]),
             "--enable_tensorboard", "--tensorboard_path", str(run_dir / "tb")]
 
 
@@ -384,6 +403,7 @@ def run_ours(step: str, cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 def run_trl(step: str, cfg: dict[str, Any], run_dir: Path, rows: list[dict]) -> dict[str, Any]:
     """One run of TRL's trainer in the TRL venv (this file's --worker trl) as a subprocess."""
     spec = {"step": step, "model": str(DENSE), "rows": rows, "max_len": cfg["max_len"], "batch": cfg["batch"],
+            "bf16": cfg["dtype"] == "bf16",
             "lr": cfg["lr"], "seed": cfg["seed"], "output_dir": str(run_dir / "trl_out"),
             "out": str(run_dir / "result.json")}
     (run_dir / "spec.json").write_text(json.dumps(spec))
@@ -406,21 +426,27 @@ def run_ppo(side: str, cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     python = sys.executable if ours else str(peer_python(STEPS["ppo"]["peer"]))
     our_flags = (f"--data_path {cfg['data_dir']} --data_split {STEPS['ppo']['split']} --prompt_format dschat "
                  f"--actor_learning_rate {cfg['lr']} --critic_learning_rate {cfg['lr']} --num_warmup_steps 0 "
-                 f"--dtype fp32 --num_judge_prompts {EVAL_ROWS} {cfg['our_flags']}")
+                 f"--dtype {cfg['dtype']} --num_judge_prompts {EVAL_ROWS} {cfg['our_flags']}")
     cmd = [python, str(PPO_SCRIPT), "ours" if ours else "trl", "--actor", str(DENSE), "--reward", str(SCORE),
            "--steps", str(cfg["ppo_steps"]), "--warmup", "1", "--batch", str(cfg["batch"]),
            "--answer_len", str(cfg["answer_len"]), "--max_prompt_len", str(cfg["max_len"] - cfg["answer_len"]),
            "--lr", str(cfg["lr"]), "--seed", str(cfg["seed"]), "--workdir", str(run_dir / "work"),
            "--json", str(run_dir / "result.json"),
            *(["--no-hybrid", "--data_output_path", str(run_dir / "data"), "--our_args", our_flags] if ours
-             else ["--prompt_ids", str(cfg["prompt_ids"])])]
+             else ["--prompt_ids", str(cfg["prompt_ids"]), *(["--bf16"] if cfg["dtype"] == "bf16" else [])])]
+    if cfg["profile"]:
+        cmd = profiled(cmd, run_dir / "profile.txt", cfg["profile"])
     (run_dir / "work").mkdir(parents=True, exist_ok=True)
     rc, wall, rss = run_child(cmd, run_dir / "log.txt", cfg["threads"])
     if rc != 0 or not (run_dir / "result.json").exists():
         sys.exit(f"error: {side} ppo failed (rc {rc}); log: {run_dir / 'log.txt'}\n"
                  f"{(run_dir / 'log.txt').read_text()[-3000:]}")
     res = json.loads((run_dir / "result.json").read_text())
-    return {"side": side, "step": "ppo", "loop_s": res["loop_s"], "steps": res["steps"],
+    profile = None
+    if cfg["profile"]:
+        sites = profile_fold.fold((run_dir / "profile.txt").read_text(), PROFILE_FILES[side])
+        profile = profile_fold.table(sites, cfg["profile"], top=12)
+    return {"side": side, "step": "ppo", "loop_s": res["loop_s"], "steps": res["steps"], "profile": profile,
             "median_step_s": res["median_s_per_step"], "step_s": res["step_times_s"],
             "mean_answer_len": res["mean_answer_len"], "peak_rss_kib": rss, "wall_s": wall,
             "phases": {k: v for k, v in res.items() if k.startswith("median_") and k != "median_s_per_step"},
@@ -441,7 +467,8 @@ def summarise_ppo(runs: list[dict], prompt_tokens: int, samples: int, params: di
                      "median_step_s": statistics.median(r["median_step_s"] for r in mine),
                      "optimizer_steps": sorted({r["steps"] for r in mine}), "mean_answer_len": answer,
                      "peak_rss_mib_median": statistics.median(r["peak_rss_kib"] for r in mine) / 1024,
-                     "peak_fraction_non_embedding": flops / 1e9 / peak_gflops, "phases": mine[-1]["phases"]}
+                     "peak_fraction_non_embedding": flops / 1e9 / peak_gflops, "phases": mine[-1]["phases"],
+                     "profile": mine[-1]["profile"]}
     out["speed_ours_over_trl"] = out["trl"]["loop_s_median"] / out["ours"]["loop_s_median"]
     return out
 
@@ -469,7 +496,7 @@ def trl_worker(spec_file: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     common = dict(
         output_dir=spec["output_dir"], report_to="none", save_strategy="no", eval_strategy="no", use_cpu=True,
-        bf16=False, fp16=False, gradient_checkpointing=False,  # TRL's defaults: bf16 on, checkpointing on
+        bf16=spec["bf16"], fp16=False, gradient_checkpointing=False,  # TRL's defaults: bf16 on, checkpointing on
         per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1, num_train_epochs=1,
         learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
         adam_beta2=0.95, max_grad_norm=1.0, seed=spec["seed"], data_seed=spec["seed"], logging_steps=1,
@@ -581,7 +608,8 @@ def print_report(summary: dict[str, dict], meta: dict[str, Any]) -> None:
               f"{o['peak_fraction_non_embedding']:.3f} | {t['peak_fraction_non_embedding']:.3f} |")
     print()
     print(f"training-loop seconds (medians over runs); FLOP/s fraction = 6 (ppo: {PPO_FLOPS_PER_TOKEN}) x "
-          f"{meta['params']['non_embedding']:,} non-embedding params x real tokens / loop s / fp32 matmul peak "
+          f"{meta['params']['non_embedding']:,} non-embedding params x real tokens / loop s / {meta['peak']['dtype']} "
+          f"matmul peak "
           f"{meta['peak']['gflops']:.1f} GFLOP/s "
           f"({meta['peak']['n']}x{meta['peak']['n']}, {meta['threads']} thread{'s' * (meta['threads'] != 1)})")
     peers = "; ".join(f"{name}: trl {v['trl']}, transformers {v['transformers']}, torch {v['torch']}"
@@ -598,6 +626,9 @@ def print_report(summary: dict[str, dict], meta: dict[str, Any]) -> None:
                   f"{t['median_step_s']:.3f}; mean answer tokens ours {o['mean_answer_len']:.1f} TRL "
                   f"{t['mean_answer_len']:.1f}; FLOP/s counts {PPO_FLOPS_PER_TOKEN} x params x tokens")
             print(f"[ppo] phase medians ours {o['phases']}; TRL {t['phases']}")
+            for side, prof in (("ours", o.get("profile")), ("TRL", t.get("profile"))):
+                for row in prof or []:
+                    print(f"[ppo profile {side}] {row['s']:7.1f} s {row['share']:6.1%}  {row['site']}")
             continue
         o, t, tok = s["ours"], s["trl"], s["tokenization"]
         print(f"[{step}] optimizer steps ours {o['optimizer_steps']} TRL {t['optimizer_steps']}; median s/step ours "
@@ -625,6 +656,12 @@ def main() -> None:
     p.add_argument("--ppo_our_flags", default="", help="ppo: more flags for our step 3, one string (e.g. "
                                                          "\"--logprobs_from_generation\"); recorded in the JSON.")
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="Training precision of both sides: ours --dtype (bf16 weights, DeepSpeed's bf16 mode), TRL "
+                        "bf16=True (its mixed precision); the FLOP/s fraction uses this dtype's matmul peak.")
+    p.add_argument("--profile", type=int, default=0, metavar="RATE",
+                   help="ppo: run each side under py-spy at RATE samples/s and print where its time goes by call "
+                        "site of its trainer (bench/profile_fold.py); timings then include py-spy's overhead.")
     p.add_argument("--repeats", type=int, default=3, help="Interleaved runs per side and step.")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=THREADS, help="OMP_NUM_THREADS of every child (torch threads).")
@@ -657,7 +694,8 @@ def main() -> None:
     pair_steps = [s for s in steps if s != "ppo"]
     rows, scan = select_rows(args.rows, args.max_len, tokenizer) if pair_steps else ([], {})
     cfg = {"data_dir": CACHE / f"hh-harmless-{args.rows}x{args.max_len}", "max_len": args.max_len,
-           "batch": args.batch, "lr": args.lr, "seed": args.seed, "threads": args.threads}
+           "batch": args.batch, "lr": args.lr, "seed": args.seed, "threads": args.threads, "dtype": args.dtype,
+           "profile": args.profile}
     if pair_steps:
         write_local_dataset(rows, cfg["data_dir"])
     ordered = {s: our_order(cfg["data_dir"], s, args.seed, args.max_len, tokenizer) for s in pair_steps}
@@ -673,9 +711,9 @@ def main() -> None:
         write_local_dataset(prompt_rows, ppo_cfg["data_dir"])
         ppo_cfg["prompt_ids"].write_text(json.dumps([list(i) for i in ids]))
         print(f"[setup] ppo: {len(ids)} prompts, {ppo_cfg['prompt_tokens']} tokens ({prompt_scan})", flush=True)
-    peak = matmul_peak(args.threads)
+    peak = matmul_peak(args.threads, args.dtype)
     params = param_counts(DENSE)
-    print(f"[setup] {len(rows)} rows ({scan}); fp32 matmul peak {peak['gflops']:.1f} GFLOP/s; params {params}",
+    print(f"[setup] {len(rows)} rows ({scan}); {args.dtype} matmul peak {peak['gflops']:.1f} GFLOP/s; params {params}",
           flush=True)
 
     runs: list[dict[str, Any]] = []

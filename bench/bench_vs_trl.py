@@ -104,7 +104,7 @@ def run_trl(args: argparse.Namespace) -> dict:
 
     cfg = PPOConfig(
         output_dir=args.workdir, report_to="none", save_strategy="no", seed=args.seed, use_cpu=True,
-        bf16=False, fp16=False, gradient_checkpointing=False,  # PPOConfig defaults: bf16 on, checkpointing on
+        bf16=args.bf16, fp16=False, gradient_checkpointing=False,  # PPOConfig defaults: bf16 on, checkpointing on
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, num_mini_batches=1,
         local_rollout_forward_batch_size=args.batch, num_ppo_epochs=1, total_episodes=args.batch * args.steps,
         response_length=args.answer_len, stop_token="eos", temperature=1.0, kl_coef=0.1, kl_estimator="k1",
@@ -222,6 +222,8 @@ def main() -> None:
                    help="ours: --enable_hybrid_engine (default on).")
     p.add_argument("--lr", type=float, default=2e-4, help="TRL (one optimizer for policy and value); ours uses "
                                                           "its defaults, actor 2e-4 and critic 5e-4.")
+    p.add_argument("--bf16", action="store_true", help="trl: bf16=True (TRL's mixed precision: fp32 weights, bf16 "
+                                                       "autocast); ours takes --dtype through --our_args.")
     p.add_argument("--trl_no_gc", action="store_true",
                    help="Diagnostic, not TRL as shipped: make the two gc.collect() calls in each TRL PPO step "
                         "no-ops (they free GPU memory; on this tiny CPU model they dominate the step).")

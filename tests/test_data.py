@@ -216,3 +216,40 @@ def test_a_zero_share_is_not_called_dropped_for_length(tmp_path, tokenizer):
     f.write_text("\n".join(json.dumps({"prompt": "hi", "chosen": " a", "rejected": " b"}) for _ in range(10)))
     with pytest.raises(DatasetError, match=r"phase 2 gets no training rows: its --data_split share \(1,0,1\) is 0"):
         load_phase_data(settings([str(f)], phase=2, data_split="1,0,1"), tokenizer, str(tmp_path / "cache"))
+
+
+def test_length_grouped_keeps_every_row_and_cuts_padding():
+    import random
+
+    from dschat.data.loaders import length_grouped
+
+    rng = random.Random(0)
+    lengths = [rng.randrange(5, 200) for _ in range(103)]
+    order = length_grouped(list(range(103)), lengths, 4, random.Random(1), mega_batches=10)
+    assert sorted(order) == list(range(103))
+    padded = sum(max(lengths[i] for i in order[b: b + 4]) * len(order[b: b + 4]) for b in range(0, 103, 4))
+    plain = sum(max(lengths[b: b + 4]) * len(lengths[b: b + 4]) for b in range(0, 103, 4))
+    assert padded < 0.85 * plain  # random order wastes far more on padding
+    assert order[-3:] == sorted(range(80, 103), key=lambda i: -lengths[i])[-3:]  # the partial batch stays last
+    assert order == length_grouped(list(range(103)), lengths, 4, random.Random(1), mega_batches=10)
+    assert order != length_grouped(list(range(103)), lengths, 4, random.Random(2), mega_batches=10)
+
+
+def test_group_by_length_loader_shards_ranks_and_reshuffles_per_epoch(monkeypatch):
+    from datasets import Dataset
+
+    from dschat.data import loaders
+
+    data = Dataset.from_dict({"prompt_ids": [[1] * (1 + (7 * i) % 50) for i in range(40)]})
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setattr(loaders.dist, "world_size", lambda: 2)
+        monkeypatch.setattr(loaders.dist, "rank", lambda r=rank: r)
+        loader = loaders.make_loader(data, PromptCollator(0), 4, True, 1234, group_by_length=True)
+        epochs = []
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)
+            epochs.append([list(b["prompt_att_mask"].sum(1)) for b in loader])
+        assert epochs[0] != epochs[1] and len(epochs[0]) == 5
+        seen.append(list(loader.sampler))
+    assert not set(seen[0]) & set(seen[1]) and len(seen[0] + seen[1]) == 40

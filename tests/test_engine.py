@@ -35,3 +35,25 @@ def test_one_rank_zero0_skips_the_identity_allreduce_with_equal_results(world_of
     assert all(torch.equal(skipped[k], reduced[k]) for k in skipped)
     assert not torch.equal(skipped["lm_head.weight"], AutoModelForCausalLM.from_pretrained(BUILTIN_MODEL_DIR)
                            .state_dict()["lm_head.weight"])  # it trained
+
+
+def test_adamw_is_fused_on_cpu_and_steps_like_the_default():
+    from dschat.runtime.engine import make_adamw
+
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5), torch.randn(5)]
+    grads = [torch.randn_like(t) for t in start]
+    results = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        groups = [{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}]
+        opt = make_adamw(groups, 1e-2) if fused else torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95))
+        assert bool(opt.defaults["fused"]) == fused
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        results.append(params)
+    for a, b, s in zip(*results, start):
+        assert not torch.equal(a, s)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -58,3 +58,14 @@ def test_two_ranks_zero3_saves_loadable_model(tmp_path):
     state = load_file(str(out / "model.safetensors"))
     assert all(t.numel() > 0 for t in state.values())  # gathered, not ZeRO-3 placeholders
     _loads_and_generates(out)
+
+
+def test_bf16_with_length_grouped_batches_lowers_eval_loss(tmp_path):
+    out = tmp_path / "bf16"
+    run([STEP1, "--output_dir", out, "--data_output_path", tmp_path / "data", *QUICK_STEP1, "--dtype", "bf16",
+         "--group_by_length"])
+    evals = metrics(out)["evals"]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    state = load_file(str(out / "model.safetensors"))
+    assert all(t.dtype in (torch.bfloat16, torch.float32) and torch.isfinite(t.float()).all() for t in state.values())
+    _loads_and_generates(out)

@@ -35,6 +35,10 @@ def add_data_args(p: argparse.ArgumentParser, step: int) -> None:
                    help="How prompts are written: auto (default) = the model's chat template when its tokenizer "
                         "has one, else DeepSpeed-Chat's 'Human: ... Assistant:' text; answers end with the "
                         "template's end-of-turn token (else the EOS). chat.py's --prompt_format means the same.")
+    p.add_argument("--group_by_length", action="store_true",
+                   help="Train on batches of rows of similar length (windows of 50 shuffled batches sorted by "
+                        "length, the batches then shuffled; step 3: prompts), so less of each batch is padding. "
+                        "Same rows per epoch, another order.")
     if step == 1:
         p.add_argument("--sft_only_data_path", nargs="*", default=[],
                        help="Single-response datasets used only in phase 1.")

@@ -61,7 +61,7 @@ class OneModelRun:
         data = load_phase_data(self.data_settings, self.tokenizer, args.data_output_path)
         self.collator = self.make_collator()
         self.train_loader = make_loader(data["train"], self.collator, args.per_device_train_batch_size, True,
-                                        args.seed)
+                                        args.seed, group_by_length=args.group_by_length)
         self.eval_loader = make_loader(data["eval"], self.collator, args.per_device_eval_batch_size, False,
                                        args.seed)
         tb = args.tensorboard_path if args.enable_tensorboard else None

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from dschat.data.loaders import LengthGroupedSampler
 from dschat.runtime import checkpoint, dist
 from dschat.runtime.engine import to_device
 from dschat.runtime.errors import NonFiniteLossError
@@ -65,7 +66,7 @@ def resume_key(loop: LoopSettings, loader: DataLoader) -> dict[str, Any]:
     """Settings that must not change between a run and its resumption (they fix the data position)."""
     return {"world_size": dist.world_size(), "per_device_train_batch_size": loop.per_device_train_batch_size,
             "gradient_accumulation_steps": loop.gradient_accumulation_steps, "seed": loop.seed,
-            "batches_per_epoch": len(loader)}
+            "batches_per_epoch": len(loader), "group_by_length": isinstance(loader.sampler, LengthGroupedSampler)}
 
 
 def train_epochs(engine, loader, loss_fn: Callable[[Any, dict], tuple[torch.Tensor, dict[str, float]]],

@@ -49,7 +49,8 @@ class RLHFRun:
                                           prompt_format=self.fmt.kind)
         data = load_phase_data(self.data_settings, self.tokenizer, args.data_output_path)
         self.prompt_loader = make_loader(data["train"], PromptCollator(self.tokenizer.pad_token_id),
-                                         args.per_device_generation_batch_size, True, args.seed)
+                                         args.per_device_generation_batch_size, True, args.seed,
+                                         group_by_length=args.group_by_length)
         self.unsup_loader = None
         if args.unsupervised_dataset_name:
             self.unsup_loader = unsupervised_loader(args.unsupervised_dataset_name,
@@ -158,7 +159,8 @@ class RLHFRun:
         a = self.args
         # Settings that fix the data position; a resumed run must use the same ones.
         key = {"world_size": dist.world_size(), "per_device_generation_batch_size": a.per_device_generation_batch_size,
-               "generation_batches": a.generation_batches, "seed": a.seed, "batches_per_epoch": self.batches_per_epoch}
+               "generation_batches": a.generation_batches, "seed": a.seed, "batches_per_epoch": self.batches_per_epoch,
+               "group_by_length": a.group_by_length}
         state = {"epoch": 0, "batch": 0}
         if a.resume:
             state = checkpoint.resume_state(a.output_dir, self.engine.trained_engines(), key)
