@@ -528,6 +528,14 @@ def load_step3_parse_args():
     return module.parse_args
 
 
+def test_critic_defaults_are_filled_in_when_a_critic_trains():
+    """The critic-only flags are None in the parser (to tell given from default) and filled in for gae."""
+    args = load_step3_parse_args()(["--critic_weight_decay", "0.1"])
+    assert (args.critic_learning_rate, args.critic_weight_decay) == (5e-4, 0.1)
+    args = load_step3_parse_args()(["--advantage_estimator", "rloo", "--n_samples_per_prompt", "2"])
+    assert (args.critic_learning_rate, args.critic_weight_decay) == (5e-4, 0.0)
+
+
 @pytest.mark.parametrize("flags,expected", [
     (["--inference_tp_size", "2"], "--inference_tp_size > 1 requires --actor_zero_stage 3"),
     (["--inference_tp_size", "2", "--actor_zero_stage", "3"], "tensor-parallel generation is not supported"),
@@ -541,6 +549,10 @@ def load_step3_parse_args():
     (["--advantage_estimator", "grpo"], "set --n_samples_per_prompt 2 or more"),
     (["--advantage_estimator", "rloo", "--n_samples_per_prompt", "2", "--critic_lora_dim", "4"],
      "--critic_lora_dim: --advantage_estimator rloo trains no critic"),
+    (["--advantage_estimator", "grpo", "--n_samples_per_prompt", "2", "--critic_learning_rate", "5e-4"],
+     "--critic_learning_rate: --advantage_estimator grpo trains no critic"),
+    (["--advantage_estimator", "reinforce_pp", "--critic_weight_decay", "0"],
+     "--critic_weight_decay: --advantage_estimator reinforce_pp trains no critic"),
     (["--n_samples_per_prompt", "3", "--per_device_generation_batch_size", "2",
       "--per_device_training_batch_size", "4"], "must be a multiple"),
 ])

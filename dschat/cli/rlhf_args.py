@@ -10,13 +10,18 @@ from dschat.algos.kl import KL_ESTIMATORS
 from dschat.cli.args import check_common_args
 from dschat.runtime.errors import FlagError
 
+# Flags that only the critic's optimizer reads: None in the parser, so that a critic-free estimator can refuse
+# them when given, and filled in with these defaults otherwise.
+CRITIC_DEFAULTS = {"critic_learning_rate": 5e-4, "critic_weight_decay": 0.0}
+
 
 def add_ppo_args(p: argparse.ArgumentParser) -> None:
     """Learning rates, hybrid-engine and memory flags, PPO constants, sampling and evaluation."""
     p.add_argument("--actor_learning_rate", type=float, default=2e-4,
                    help="DeepSpeed-Chat's 9.65e-6 suits 1B+ models; the tiny builtin actor needs more.")
-    p.add_argument("--critic_learning_rate", type=float, default=5e-4,
-                   help="DeepSpeed-Chat uses 5e-6 for 350M critics; the tiny builtin critic needs more.")
+    p.add_argument("--critic_learning_rate", type=float, default=None,
+                   help=f"Default {CRITIC_DEFAULTS['critic_learning_rate']}. DeepSpeed-Chat uses 5e-6 for 350M critics; "
+                        "the tiny builtin critic needs more. Refused with a critic-free --advantage_estimator.")
     he = p.add_argument_group("generation")
     he.add_argument("--enable_hybrid_engine", action="store_true",
                     help="Generate with a hook-free twin of the actor (gathered once per rollout, LoRA merged).")
@@ -108,10 +113,14 @@ def check_rlhf_args(args: argparse.Namespace) -> None:
     if not estimator.needs_critic:
         used = [f for f, on in (("--critic_lora_dim", args.critic_lora_dim > 0),
                                 ("--critic_gradient_checkpointing", args.critic_gradient_checkpointing),
-                                ("--critic_dropout", args.critic_dropout is not None)) if on]
+                                ("--critic_dropout", args.critic_dropout is not None),
+                                *((f"--{k}", getattr(args, k) is not None) for k in CRITIC_DEFAULTS)) if on]
         if used:
             raise FlagError(f"{', '.join(used)}: --advantage_estimator {args.advantage_estimator} trains no critic; "
                             f"drop the critic flags (--critic_model_name_or_path is still the reward model)")
+    for name, default in CRITIC_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.enable_mixed_precision_lora:
         raise FlagError("--enable_mixed_precision_lora (MixZ++) is not supported; drop the flag")
     rollout = args.per_device_generation_batch_size * args.generation_batches * args.n_samples_per_prompt

@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="DeepSpeed-Chat: 100 (for runs of thousands of steps).")
     p.add_argument("--preprocessing_num_workers", type=int, default=None, help="Accepted for compatibility.")
     for role in ("actor", "critic"):
-        p.add_argument(f"--{role}_weight_decay", type=float, default=0.0)
+        p.add_argument(f"--{role}_weight_decay", type=float, default=None if role == "critic" else 0.0,
+                       help="Critic: default 0.0, refused with a critic-free --advantage_estimator." if role == "critic"
+                       else None)
         p.add_argument(f"--{role}_zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
         p.add_argument(f"--{role}_gradient_checkpointing", action="store_true")
         p.add_argument(f"--{role}_dropout", type=float, default=None)

@@ -1,7 +1,9 @@
 #!/bin/bash
 # Step 3 (PPO) of SmolLM2-135M-Instruct's step-1 actor against its step-2 reward model on the builtin
-# task, through its chat template. Without a GPU: CPU-sized (fp32, 60 PPO steps of 8 prompts from the
-# --data_split 3,12,85 share, hybrid generation); with one: GPU-sized (bf16, 1 epoch of the 2,4,4 split).
+# task, through its chat template, with RLOO (4 answers per prompt, each one's baseline the mean reward of the
+# other three; no critic is trained, the reward model only scores). Without a GPU: CPU-sized (fp32, 60 steps of
+# 4 prompts x 4 answers from the --data_split 3,12,85 share, hybrid generation); with one: GPU-sized (bf16,
+# 1 epoch of the 2,4,4 split, 16 prompts x 4 answers per step).
 # Usage: bash run_smollm2_135m.sh [ACTOR] [CRITIC] [ACTOR_ZERO] [CRITIC_ZERO] [OUTPUT] [more main.py flags]
 ACTOR_MODEL_PATH=$1
 CRITIC_MODEL_PATH=$2
@@ -26,7 +28,7 @@ if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
     SIZED=(--data_split 2,4,4 --per_device_generation_batch_size 16 --per_device_training_batch_size 16
            --dtype bf16)
 else
-    SIZED=(--data_split 3,12,85 --per_device_generation_batch_size 8 --per_device_training_batch_size 8
+    SIZED=(--data_split 3,12,85 --per_device_generation_batch_size 4 --per_device_training_batch_size 16
            --dtype fp32 --enable_test_mode --test_stop_step 60)
 fi
 python main.py \
@@ -39,7 +41,9 @@ python main.py \
    --max_prompt_seq_len 96 \
    --max_answer_seq_len 24 \
    --actor_learning_rate 3e-5 \
-   --critic_learning_rate 5e-5 \
+   --advantage_estimator rloo \
+   --n_samples_per_prompt 4 \
+   --logprobs_from_generation \
    --num_warmup_steps 5 \
    --num_judge_prompts 64 \
    --enable_hybrid_engine \
