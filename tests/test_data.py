@@ -46,6 +46,15 @@ def test_judge_values_by_hand():
     assert bt.judge(p, " apple, pear. Human: more?") == pytest.approx(2 / 6)  # a new turn is not the answer
 
 
+def test_item_counts_sort_each_item_once():
+    prompt = "Hi, I am Ann. Name some fruits."
+    counts = bt.item_counts(prompt, " apple, dog, strawberry, apple, pear.")
+    assert counts == {"items": 5, "correct": 2, "other_category": 1, "outside": 1, "repeats": 1}
+    assert bt.item_counts(prompt, " I do not know.")["correct"] == 0
+    assert bt.item_counts("Tell me a joke.", " apple.") == {"items": 1, "correct": 0, "other_category": 1,
+                                                             "outside": 0, "repeats": 0}
+
+
 def test_builtin_dataset_properties():
     data = bt.builtin_dataset()
     assert data == bt.builtin_dataset()  # deterministic

@@ -32,6 +32,7 @@ def test_one_rank_lowers_eval_loss_and_saves_plain_hf(tmp_path):
     proc = run([PROMPT_EVAL, "--model_name_or_path_finetune", out, "--num_prompts", "2", "--max_new_tokens", "8"])
     assert proc.stdout.count("==========baseline:") == 2 and proc.stdout.count("==========finetune:") == 2
     assert "mean judge over 2 held-out prompts: baseline" in proc.stdout
+    assert "per answer, finetune: items " in proc.stdout and "outside " in proc.stdout
 
 
 def test_lora_is_merged_on_save(tmp_path):

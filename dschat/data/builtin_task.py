@@ -125,6 +125,30 @@ def judge(prompt: str, response: str) -> float:
     return precision * coverage
 
 
+ITEM_KINDS = ("items", "correct", "other_category", "outside", "repeats")
+
+
+def item_counts(prompt: str, response: str) -> dict[str, int]:
+    """What a response to a builtin `prompt` lists: all items, and how many are distinct catalogue members
+    of the asked category, members of another category, outside every catalogue, or repeats."""
+    cat = category_of(prompt)
+    counts = dict.fromkeys(ITEM_KINDS, 0)
+    everything = {word for words in CATEGORIES.values() for word in words}
+    seen: set[str] = set()
+    for item in parse_items(response):
+        counts["items"] += 1
+        if item in seen:
+            counts["repeats"] += 1
+        elif cat is not None and item in CATEGORIES[cat]:
+            counts["correct"] += 1
+        elif item in everything:
+            counts["other_category"] += 1
+        else:
+            counts["outside"] += 1
+        seen.add(item)
+    return counts
+
+
 def plural(word: str) -> str:
     """The English plural of a catalogue word ("peach" -> "peaches", "bus" -> "buses", "pea" -> "peas")."""
     if word.endswith(("s", "x", "ch", "sh")):

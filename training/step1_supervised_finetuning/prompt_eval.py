@@ -2,7 +2,8 @@
 
 Both models answer each prompt with the same decoding settings (greedy by default) and the answers are
 printed side by side. Without --prompt the prompts are held-out builtin ones, and each answer also gets
-the builtin judge's score, with the mean per model at the end. The baseline defaults to the builtin
+the builtin judge's score, with the mean per model at the end and what the answers list on average (items;
+distinct correct ones; ones from another category; ones outside every catalogue; repeats). The baseline defaults to the builtin
 base model, so `python prompt_eval.py --model_name_or_path_finetune <step-1 output>` just works.
 """
 
@@ -95,7 +96,7 @@ def answers(path: str, prompts: list[str], kwargs: dict[str, object], seed: int,
 def main(argv: list[str] | None = None) -> None:
     """Print both models' answers per prompt (and judge scores on builtin prompts)."""
     args = parse_args(argv)
-    from dschat.data.builtin_task import heldout_prompts, judge
+    from dschat.data.builtin_task import ITEM_KINDS, heldout_prompts, item_counts, judge
 
     builtin = not args.prompt
     prompts = heldout_prompts(n=args.num_prompts) if builtin else args.prompt
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     paths = {"baseline": resolve_model_name(args.model_name_or_path_baseline),
              "finetune": resolve_model_name(args.model_name_or_path_finetune)}
     results = {name: answers(path, prompts, kwargs, args.seed, args.prompt_format) for name, path in paths.items()}
-    totals = {name: [] for name in paths}
+    totals: dict[str, list[float]] = {name: [] for name in paths}
+    items = {name: dict.fromkeys(ITEM_KINDS, 0) for name in paths}
     for i, prompt in enumerate(prompts):
         print(f"==========prompt {i + 1}=========\n{prompt}")
         for name in paths:
@@ -112,11 +114,16 @@ def main(argv: list[str] | None = None) -> None:
                 if builtin:
                     totals[name].append(judge(prompt, answer))
                     score = f"   (judge {totals[name][-1]:.3f})"
+                    for kind, n in item_counts(prompt, answer).items():
+                        items[name][kind] += n
                 print(f"=========={name}: {answer.strip()!r}{score}")
     if builtin:
         means = {name: sum(v) / len(v) for name, v in totals.items()}
         print(f"mean judge over {len(prompts)} held-out prompts: baseline {means['baseline']:.3f}, "
               f"finetune {means['finetune']:.3f}")
+        for name in paths:
+            per = ", ".join(f"{kind.replace('_', '-')} {n / len(totals[name]):.2f}" for kind, n in items[name].items())
+            print(f"per answer, {name}: {per}")
 
 
 if __name__ == "__main__":
