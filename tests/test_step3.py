@@ -43,8 +43,11 @@ def test_hybrid_generation_matches_plain_at_zero0(world_of_one):
     outs = []
     for hybrid in (False, True):
         torch.manual_seed(7)
-        outs.append(Generator(engine, PromptFormat(tok), hybrid, 0).generate(prompt, mask, do_sample=True, max_new_tokens=12).seq)
+        gen = Generator(engine, PromptFormat(tok), hybrid, 0)
+        outs.append(gen.generate(prompt, mask, do_sample=True, max_new_tokens=12).seq)
     assert torch.equal(outs[0], outs[1])
+    # the twin's weights are not frozen (bf16 decoding on CPU is slower with frozen weights) and get no grads
+    assert all(p.requires_grad and p.grad is None for p in gen.twin.parameters())
     assert engine.module.training  # generation left the actor in training mode
 
 
