@@ -46,8 +46,8 @@ def main() -> None:
     try:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
-        p.error(f"--batch {args.batch!r}: expected positive integers separated by commas")
-    if min(batches) < 1:
+        batches = []
+    if not batches or min(batches) < 1:
         p.error(f"--batch {args.batch!r}: expected positive integers separated by commas")
     dist.init_distributed()
     torch.manual_seed(0)
@@ -75,6 +75,7 @@ def main() -> None:
         dist.print_rank0(f"{args.model} {args.dtype}, ZeRO-{args.zero_stage}, {dist.world_size()} rank(s), "
                          f"batch {batch}, {args.new_tokens} new tokens: plain {plain:.0f} tok/s/rank, "
                          f"hybrid {hybrid:.0f} tok/s/rank, hybrid/plain {hybrid / plain:.2f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -126,6 +126,7 @@ def judge(prompt: str, response: str) -> float:
 
 
 ITEM_KINDS = ("items", "correct", "other_category", "outside", "repeats")
+_CATALOGUE_WORDS = frozenset(word for words in CATEGORIES.values() for word in words)
 
 
 def item_counts(prompt: str, response: str) -> dict[str, int]:
@@ -133,7 +134,6 @@ def item_counts(prompt: str, response: str) -> dict[str, int]:
     of the asked category, members of another category, outside every catalogue, or repeats."""
     cat = category_of(prompt)
     counts = dict.fromkeys(ITEM_KINDS, 0)
-    everything = {word for words in CATEGORIES.values() for word in words}
     seen: set[str] = set()
     for item in parse_items(response):
         counts["items"] += 1
@@ -141,7 +141,7 @@ def item_counts(prompt: str, response: str) -> dict[str, int]:
             counts["repeats"] += 1
         elif cat is not None and item in CATEGORIES[cat]:
             counts["correct"] += 1
-        elif item in everything:
+        elif item in _CATALOGUE_WORDS:
             counts["other_category"] += 1
         else:
             counts["outside"] += 1
