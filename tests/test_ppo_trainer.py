@@ -136,3 +136,35 @@ def test_update_ema_moves_the_ema_towards_the_actor():
     engine.update_ema(beta=0.75)
     for a, e, b in zip(actor.parameters(), ema.parameters(), before):
         torch.testing.assert_close(e, 0.75 * b + 0.25 * a.detach())
+
+
+def test_reused_critic_forward_gives_the_recomputed_update_with_one_forward_fewer():
+    """reuse_critic_forward: the experience forward (graph kept) is the update's, so old values, losses and
+    critic gradients equal the recomputing path's, with one critic forward instead of two."""
+    grads, stats = {}, {}
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        t = trainer()
+        t.s = PPOSettings(reuse_critic_forward=reuse)
+        exp = experience(t)
+        assert (exp["live_values"] is not None) == reuse
+        stats[reuse] = t.train_rlhf(exp, NanGuard(3))
+        grads[reuse] = [p.grad.clone() for p in t.engine.critic.parameters()]
+        assert len(t.engine.critic.modes) == (1 if reuse else 2) and t.engine.critic.steps == 1
+    assert stats[True] == pytest.approx(stats[False], abs=1e-6)
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b)
+
+
+def test_has_dropout_sees_modules_and_config_dropout():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dschat.models.heads import has_dropout
+
+    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    assert not has_dropout(LlamaForCausalLM(config))
+    config.attention_dropout = 0.1
+    assert has_dropout(SimpleNamespace(module=LlamaForCausalLM(config)))  # an engine around it
+    assert has_dropout(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
+    assert not has_dropout(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.0)))

@@ -553,6 +553,8 @@ def test_critic_defaults_are_filled_in_when_a_critic_trains():
      "--critic_learning_rate: --advantage_estimator grpo trains no critic"),
     (["--advantage_estimator", "reinforce_pp", "--critic_weight_decay", "0"],
      "--critic_weight_decay: --advantage_estimator reinforce_pp trains no critic"),
+    (["--advantage_estimator", "reinforce_pp", "--recompute_critic_values"],
+     "--recompute_critic_values: --advantage_estimator reinforce_pp trains no critic"),
     (["--n_samples_per_prompt", "3", "--per_device_generation_batch_size", "2",
       "--per_device_training_batch_size", "4"], "must be a multiple"),
 ])

@@ -183,3 +183,18 @@ def test_gold_reward_model_scores_the_same_held_out_answers(tmp_path, quick, tin
     bad = run([STEP3, *quick, "--output_dir", tmp_path / "bad", "--gold_reward_model", BUILTIN_MODEL_DIR],
               check=False)
     assert bad.returncode == 2 and "--gold_reward_model" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_reused_critic_forward_trains_as_the_recomputed_one(tmp_path, quick):
+    """The default (the critic's experience forward serves its update) trains actor and critic as
+    --recompute_critic_values does (DeepSpeed-Chat's separate old-value forward), up to float rounding."""
+    outs = {}
+    for name, extra in (("reuse", []), ("recompute", ["--recompute_critic_values"])):
+        outs[name] = tmp_path / name
+        run([STEP3, *quick, *extra, "--dtype", "fp32", "--output_dir", outs[name],
+             "--data_output_path", tmp_path / "data"])
+    for part in ("actor", "critic"):
+        a, b = (load_file(str(outs[n] / part / "model.safetensors")) for n in ("reuse", "recompute"))
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=f"{part} {k}")
+    assert metrics(outs["reuse"] / "actor")["evals"][-1]["judge"] == metrics(outs["recompute"] / "actor")["evals"][-1]["judge"]

@@ -75,6 +75,12 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
     ppo.add_argument("--n_samples_per_prompt", type=int, default=1,
                      help="Answers sampled per prompt in one rollout (grpo, rloo and reinforce_pp_baseline compare "
                           "them; they need at least 2).")
+    ppo.add_argument("--recompute_critic_values", action="store_true",
+                     help="Run the critic's old-value forward apart from its update forward, as DeepSpeed-Chat does. "
+                          "By default, when one PPO epoch updates each rollout batch whole (--ppo_epochs 1, "
+                          "--generation_batches 1, a training batch that holds the rollout batch) and the critic "
+                          "has no dropout, the update reuses the experience forward (graph kept): one critic "
+                          "forward fewer per PPO step, the same values.")
     ppo.add_argument("--use_kl_loss", action="store_true",
                      help="Put the KL to the reference in the actor's loss (coefficient --kl_ctl, estimator "
                           "--kl_estimator; k3 is the usual choice) instead of in the reward.")
@@ -114,6 +120,7 @@ def check_rlhf_args(args: argparse.Namespace) -> None:
         used = [f for f, on in (("--critic_lora_dim", args.critic_lora_dim > 0),
                                 ("--critic_gradient_checkpointing", args.critic_gradient_checkpointing),
                                 ("--critic_dropout", args.critic_dropout is not None),
+                                ("--recompute_critic_values", args.recompute_critic_values),
                                 *((f"--{k}", getattr(args, k) is not None) for k in CRITIC_DEFAULTS)) if on]
         if used:
             raise FlagError(f"{', '.join(used)}: --advantage_estimator {args.advantage_estimator} trains no critic; "

@@ -86,6 +86,10 @@ _REFUSAL = "I do not know."
 REJECTION_KINDS = ("drop", "wrong", "repeat", "extra_repeat", "extra_wrong", "other_category", "refuse",
                    "outside", "extra_outside", "plural")
 REJECTION_WEIGHTS = (4, 1, 2, 1, 1, 1, 1, 2, 1, 1)
+# The share of chosen lists of each length whose rejected answer is that list minus one item, before the kinds
+# above are drawn: as many "4 correct items beat 3" pairs as "2 beat 1", so that a reward model pays for every
+# further correct item up to the longest demonstrations, not only for the first two or three.
+DROP_SHARE = {3: 0.4, 4: 0.6}
 
 
 def make_prompt(name: str, greeting: str, request: str, cat: str) -> str:
@@ -181,6 +185,8 @@ def _rejected_for(rng: random.Random, cat: str, chosen: list[str]) -> list[str] 
     others = [w for c, words in CATEGORIES.items() if c != cat for w in words]
     # Mostly "one item fewer", so that the reward model learns that every distinct correct item counts.
     kind = rng.choices(REJECTION_KINDS, REJECTION_WEIGHTS)[0]
+    if rng.random() < DROP_SHARE.get(len(chosen), 0.0):
+        kind = "drop"
     if kind.startswith("extra_") and len(chosen) == max(CHOSEN_LENGTH_WEIGHTS):
         # No list length may appear only among rejected answers, or the reward model learns that length
         # itself is bad and cannot reward correct lists longer than the demonstrations.

@@ -78,6 +78,18 @@ def hf_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether train mode can change a forward of `model` (engine, peft or HF): a dropout module or a config
+    dropout probability above zero (attention dropout is applied functionally, from the config)."""
+    inner = getattr(model, "module", model)
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in inner.modules()):
+        return True
+    config = getattr(hf_model(model), "config", None)
+    settings = config.to_dict() if config is not None else {}
+    return any(("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and v > 0
+               for k, v in settings.items())
+
+
 def head_name(model: torch.nn.Module) -> str:
     """Attribute name of the scalar head of a (wrapped) sequence-classification model ("score" usually)."""
     inner = hf_model(model)

@@ -51,12 +51,15 @@ class PPOSettings:
     max_answer_seq_len: int = 64
     logprobs_from_generation: bool = False
     fp32_loss: bool = True
+    reuse_critic_forward: bool = False
+
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, fp32_loss: bool) -> PPOSettings:
-        """The settings from step 3's flags (same names)."""
-        names = [f for f in cls.__dataclass_fields__ if f != "fp32_loss"]
-        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)}, fp32_loss=fp32_loss)
+    def from_args(cls, args: argparse.Namespace, fp32_loss: bool, reuse_critic_forward: bool = False) -> PPOSettings:
+        """The settings from step 3's flags (same names); the last two are derived by the caller."""
+        names = [f for f in cls.__dataclass_fields__ if f not in ("fp32_loss", "reuse_critic_forward")]
+        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)}, fp32_loss=fp32_loss,
+                   reuse_critic_forward=reuse_critic_forward)
 
 
 def answer_logprobs(model, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
@@ -109,15 +112,22 @@ class PPOTrainer:
             logprobs, _ = answer_logprobs(e.actor, seq, attention_mask, p, fp32=True)
             e.actor.train()
         ref_logprobs, _ = answer_logprobs(e.ref, seq, attention_mask, p, fp32=True)
-        values = None
-        if e.critic is not None:  # old values in eval mode (no dropout), as the actor's old log-probs
+        values, live_values = None, None
+        if e.critic is not None and self.s.reuse_critic_forward:
+            # The update's one critic forward, run now with its graph kept: its detached values are the old
+            # values (train mode equals eval mode: the critic has no dropout), so no second forward is needed.
+            with torch.enable_grad():
+                live_values = answer_values(e.critic, seq, attention_mask, p)
+            values = live_values.detach()
+        elif e.critic is not None:  # old values in eval mode (no dropout), as the actor's old log-probs
             e.critic.eval()
             values = answer_values(e.critic, seq, attention_mask, p)
             e.critic.train()
         raw_scores, scores = self._score(seq, attention_mask)
         group = torch.arange(seq.shape[0], device=seq.device) // n  # which prompt of this batch a row answers
         return {"seq": seq, "attention_mask": attention_mask, "prompt_len": p, "action_mask": rollout.action_mask,
-                "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": scores,
+                "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "live_values": live_values,
+                "scores": scores,
                 "raw_scores": raw_scores, "group": group, "experience_time": time.time() - start,
                 "gen_time": gen_time}
 
@@ -176,7 +186,9 @@ class PPOTrainer:
             stats["kl_loss"] = kl_loss.detach()
         losses = [actor_loss]
         if e.critic is not None:
-            values = answer_values(e.critic, exp["seq"], exp["attention_mask"], p)
+            values = exp.get("live_values")
+            if values is None:
+                values = answer_values(e.critic, exp["seq"], exp["attention_mask"], p)
             vf_loss, vf_stats = value_loss(values, exp["values"], exp["returns"], mask, s.cliprange_value,
                                            token_count=tokens)
             losses.append(vf_loss)

@@ -20,7 +20,7 @@ from dschat.data.prompts import PromptFormat
 from dschat.data.ptx import unsupervised_loader
 from dschat.models.export import save_hf_model
 from dschat.models.forward import answer_logits
-from dschat.models.heads import token_values
+from dschat.models.heads import has_dropout, token_values
 from dschat.models.loading import load_tokenizer
 from dschat.runtime import checkpoint, dist
 from dschat.runtime.engine import device, setup, to_device, torch_dtype
@@ -67,7 +67,8 @@ class RLHFRun:
         estimator = get_estimator(args.advantage_estimator)
         self.engine = RLHFEngine(args, self.tokenizer, self.dtype, total, with_critic=estimator.needs_critic)
         # DeepSpeed-Chat's --compute_fp32_loss: without it the actor's log-probs keep the model's dtype.
-        settings = PPOSettings.from_args(args, fp32_loss=args.compute_fp32_loss or self.dtype == "fp32")
+        settings = PPOSettings.from_args(args, fp32_loss=args.compute_fp32_loss or self.dtype == "fp32",
+                                         reuse_critic_forward=self._can_reuse_critic_forward(rows_per_rollout))
         generator = Generator(self.engine.actor, self.fmt, args.enable_hybrid_engine, args.actor_zero_stage,
                               args.release_inference_cache)
         self.trainer = PPOTrainer(self.engine, settings, generator)
@@ -81,6 +82,14 @@ class RLHFRun:
         self.guard = NanGuard(args.max_bad_steps)
         self.step = 0
         self.updates = 0  # actor updates applied (a run that applies none saves nothing)
+
+    def _can_reuse_critic_forward(self, rows_per_rollout: int) -> bool:
+        """Whether the critic's experience forward can serve as its update forward: each rollout batch is
+        updated once and whole, and train mode equals eval mode (no dropout)."""
+        a, critic = self.args, self.engine.critic
+        return (critic is not None and not a.recompute_critic_values and a.ppo_epochs == 1
+                and a.generation_batches == 1 and a.per_device_training_batch_size >= rows_per_rollout
+                and not has_dropout(critic))
 
     def _gold_reward_model(self, path: str) -> torch.nn.Module:
         """--gold_reward_model: a trained reward model with the actor's tokenizer, evaluation only (one per rank)."""
