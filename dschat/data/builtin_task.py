@@ -15,6 +15,8 @@ answers are derived from the chosen one by dropping an item, swapping an item fo
 repeating an item, answering another category, or not answering, and so always score strictly lower. Two
 kinds copy the mistakes a pretrained model makes: a real member of the category that is not in the
 catalogue (`OUTSIDE`: "strawberry" for fruits), and a plural ("onions"); the judge counts both as wrong.
+The longest chosen lists are mostly rejected as themselves minus one item (`DROP_SHARE`), so that a reward
+model learns what a fourth correct item is worth, not only a second or third.
 RLHF has to learn from the reward model that longer correct lists are better to go beyond what it
 imitated. Held-out (eval) prompts come from a disjoint pool of prompt texts.
 """
