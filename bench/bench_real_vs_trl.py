@@ -8,6 +8,7 @@
     .venv/bin/python bench/bench_real_vs_trl.py --rows 4 --max_len 64 --repeats 1    # smoke test (~2 min)
     .venv/bin/python bench/bench_real_vs_trl.py --steps ppo --repeats 2              # step 3 vs TRL 1.12 (~20 min)
     .venv/bin/python bench/bench_real_vs_trl.py --steps ppo --repeats 1 --profile 20 # + where each side's time goes
+    .venv/bin/python bench/bench_real_vs_trl.py --repeats 1 --dtype bf16 --profile 20 # the same for steps 1-2
     .venv/bin/python bench/bench_real_vs_trl.py --dtype bf16                         # both sides in bf16
 
 Both sides train the same dense folder (fp32 unless --dtype bf16: ours bf16 weights in DeepSpeed's bf16 mode with
@@ -100,9 +101,13 @@ STEPS = {
             "tb": "step3_tensorboard", "trl": "PPOTrainer", "peer": "trl-1.12"},
 }
 PPO_SCRIPT = BENCH / "bench_vs_trl.py"
-PROFILE_FILES = {  # --profile: the trainer's own source files whose lines a sample is charged to
-    "ours": ("dschat/trainers/ppo.py", "dschat/trainers/rollout.py", "dschat/trainers/ppo_run.py"),
-    "trl": ("trl/experimental/ppo/ppo_trainer.py",),
+_OURS_12 = ("dschat/trainers/loop.py", "dschat/trainers/base.py", "dschat/trainers/sft.py", "dschat/trainers/reward.py",
+            "dschat/models/forward.py", "dschat/models/heads.py", "dschat/runtime/engine.py")
+_TRL_12 = ("transformers/trainer.py", "trl/trainer/sft_trainer.py", "trl/trainer/reward_trainer.py")
+PROFILE_FILES = {  # --profile: (side, step) -> the trainer's own source files whose lines a sample is charged to
+    ("ours", "ppo"): ("dschat/trainers/ppo.py", "dschat/trainers/rollout.py", "dschat/trainers/ppo_run.py"),
+    ("trl", "ppo"): ("trl/experimental/ppo/ppo_trainer.py",),
+    ("ours", "sft"): _OURS_12, ("ours", "rm"): _OURS_12, ("trl", "sft"): _TRL_12, ("trl", "rm"): _TRL_12,
 }
 PPO_FLOPS_PER_TOKEN = 22  # x params: generation 2 + four scoring forwards 8 + policy and value fwd+bwd 12
 VERSIONS_PY = ("import json, torch, transformers, trl, datasets, accelerate; print(json.dumps({m.__name__: "
@@ -389,15 +394,25 @@ def read_our_run(step: str, run_dir: Path) -> dict[str, Any]:
             "step_tokens": [int(e.value) for e in ea.Scalars("train/tokens")] if "train/tokens" in tags else None}
 
 
+def profile_table(side: str, step: str, cfg: dict[str, Any], run_dir: Path) -> list[dict] | None:
+    """--profile: the run's py-spy samples folded into call sites of that side's trainer (None without it)."""
+    if not cfg["profile"]:
+        return None
+    sites = profile_fold.fold((run_dir / "profile.txt").read_text(), PROFILE_FILES[(side, step)])
+    return profile_fold.table(sites, cfg["profile"], top=12)
+
+
 def run_ours(step: str, cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """One run of our step as a subprocess (its real entry point, unchanged)."""
     cmd = our_command(step, cfg, run_dir)
+    if cfg["profile"]:
+        cmd = profiled(cmd, run_dir / "profile.txt", cfg["profile"])
     rc, wall, rss = run_child(cmd, run_dir / "log.txt", cfg["threads"])
     if rc != 0:
         sys.exit(f"error: our {step} failed (rc {rc}); log: {run_dir / 'log.txt'}\n"
                  f"{(run_dir / 'log.txt').read_text()[-3000:]}")
     return {"side": "ours", "step": step, **read_our_run(step, run_dir), "peak_rss_kib": rss, "wall_s": wall,
-            "command": " ".join(cmd)}
+            "profile": profile_table("ours", step, cfg, run_dir), "command": " ".join(cmd)}
 
 
 def run_trl(step: str, cfg: dict[str, Any], run_dir: Path, rows: list[dict]) -> dict[str, Any]:
@@ -409,6 +424,8 @@ def run_trl(step: str, cfg: dict[str, Any], run_dir: Path, rows: list[dict]) -> 
     (run_dir / "spec.json").write_text(json.dumps(spec))
     cmd = [str(peer_python(STEPS[step]["peer"])), str(Path(__file__).resolve()), "--worker", "trl", "--spec",
            str(run_dir / "spec.json")]
+    if cfg["profile"]:
+        cmd = profiled(cmd, run_dir / "profile.txt", cfg["profile"])
     rc, wall, rss = run_child(cmd, run_dir / "log.txt", cfg["threads"])
     if rc != 0 or not (run_dir / "result.json").exists():
         sys.exit(f"error: TRL {step} failed (rc {rc}); log: {run_dir / 'log.txt'}\n"
@@ -417,7 +434,7 @@ def run_trl(step: str, cfg: dict[str, Any], run_dir: Path, rows: list[dict]) -> 
     cum = res.pop("cumulative_tokens")
     res["step_tokens"] = [b - a for a, b in zip([0] + cum, cum)] if cum and cum[0] is not None else None
     return {"side": "trl", "step": step, **loop_timing(res.pop("marks")), "peak_rss_kib": rss, "wall_s": wall,
-            **res}
+            "profile": profile_table("trl", step, cfg, run_dir), **res}
 
 
 def run_ppo(side: str, cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -442,11 +459,8 @@ def run_ppo(side: str, cfg: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         sys.exit(f"error: {side} ppo failed (rc {rc}); log: {run_dir / 'log.txt'}\n"
                  f"{(run_dir / 'log.txt').read_text()[-3000:]}")
     res = json.loads((run_dir / "result.json").read_text())
-    profile = None
-    if cfg["profile"]:
-        sites = profile_fold.fold((run_dir / "profile.txt").read_text(), PROFILE_FILES[side])
-        profile = profile_fold.table(sites, cfg["profile"], top=12)
-    return {"side": side, "step": "ppo", "loop_s": res["loop_s"], "steps": res["steps"], "profile": profile,
+    return {"side": side, "step": "ppo", "loop_s": res["loop_s"], "steps": res["steps"],
+            "profile": profile_table(side, "ppo", cfg, run_dir),
             "median_step_s": res["median_s_per_step"], "step_s": res["step_times_s"],
             "mean_answer_len": res["mean_answer_len"], "peak_rss_kib": rss, "wall_s": wall,
             "phases": {k: v for k, v in res.items() if k.startswith("median_") and k != "median_s_per_step"},
@@ -589,10 +603,17 @@ def summarise(step: str, runs: list[dict], tokens: int, predicted: list[int], pa
             "peak_fraction_non_embedding": flops["non_embedding"] / 1e9 / peak_gflops,
             "peak_fraction_all": flops["all"] / 1e9 / peak_gflops,
             "first_step_loss": [r["losses"][0] if r["losses"] else None for r in mine],
-            "same_batches_as_predicted": same_batches(mine, predicted),
+            "same_batches_as_predicted": same_batches(mine, predicted), "profile": mine[-1].get("profile"),
         }
     out["speed_ours_over_trl"] = out["trl"]["loop_s_median"] / out["ours"]["loop_s_median"]
     return out
+
+
+def print_profiles(step: str, ours: dict, trl: dict) -> None:
+    """--profile: each side's call sites of its last run, seconds of samples and share."""
+    for side, prof in (("ours", ours.get("profile")), ("TRL", trl.get("profile"))):
+        for row in prof or []:
+            print(f"[{step} profile {side}] {row['s']:7.1f} s {row['share']:6.1%}  {row['site']}")
 
 
 def print_report(summary: dict[str, dict], meta: dict[str, Any]) -> None:
@@ -626,9 +647,7 @@ def print_report(summary: dict[str, dict], meta: dict[str, Any]) -> None:
                   f"{t['median_step_s']:.3f}; mean answer tokens ours {o['mean_answer_len']:.1f} TRL "
                   f"{t['mean_answer_len']:.1f}; FLOP/s counts {PPO_FLOPS_PER_TOKEN} x params x tokens")
             print(f"[ppo] phase medians ours {o['phases']}; TRL {t['phases']}")
-            for side, prof in (("ours", o.get("profile")), ("TRL", t.get("profile"))):
-                for row in prof or []:
-                    print(f"[ppo profile {side}] {row['s']:7.1f} s {row['share']:6.1%}  {row['site']}")
+            print_profiles(step, o, t)
             continue
         o, t, tok = s["ours"], s["trl"], s["tokenization"]
         print(f"[{step}] optimizer steps ours {o['optimizer_steps']} TRL {t['optimizer_steps']}; median s/step ours "
@@ -639,6 +658,7 @@ def print_report(summary: dict[str, dict], meta: dict[str, Any]) -> None:
               f"TRL optimizer {s['trl_optimizer']}")
         if o["optimizer_steps"] != t["optimizer_steps"]:
             print(f"[{step}] WARNING: the two sides ran different numbers of optimizer steps")
+        print_profiles(step, o, t)
 
 
 def on_sigterm(signum: int, frame: Any) -> None:
@@ -660,7 +680,7 @@ def main() -> None:
                    help="Training precision of both sides: ours --dtype (bf16 weights, DeepSpeed's bf16 mode), TRL "
                         "bf16=True (its mixed precision); the FLOP/s fraction uses this dtype's matmul peak.")
     p.add_argument("--profile", type=int, default=0, metavar="RATE",
-                   help="ppo: run each side under py-spy at RATE samples/s and print where its time goes by call "
+                   help="Run each side under py-spy at RATE samples/s and print where its time goes by call "
                         "site of its trainer (bench/profile_fold.py); timings then include py-spy's overhead.")
     p.add_argument("--repeats", type=int, default=3, help="Interleaved runs per side and step.")
     p.add_argument("--seed", type=int, default=1234)

@@ -53,7 +53,6 @@ class PPOSettings:
     fp32_loss: bool = True
     reuse_critic_forward: bool = False
 
-
     @classmethod
     def from_args(cls, args: argparse.Namespace, fp32_loss: bool, reuse_critic_forward: bool = False) -> PPOSettings:
         """The settings from step 3's flags (same names); the last two are derived by the caller."""
@@ -127,8 +126,7 @@ class PPOTrainer:
         group = torch.arange(seq.shape[0], device=seq.device) // n  # which prompt of this batch a row answers
         return {"seq": seq, "attention_mask": attention_mask, "prompt_len": p, "action_mask": rollout.action_mask,
                 "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "live_values": live_values,
-                "scores": scores,
-                "raw_scores": raw_scores, "group": group, "experience_time": time.time() - start,
+                "scores": scores, "raw_scores": raw_scores, "group": group, "experience_time": time.time() - start,
                 "gen_time": gen_time}
 
     @torch.no_grad()
