@@ -136,7 +136,7 @@ def test_communication_device_follows_the_backend(monkeypatch):
     monkeypatch.setattr(dist.tdist, "get_backend", lambda *a: "gloo")
     assert dist.comm_device() == torch.device("cpu")
     monkeypatch.setattr(dist.tdist, "get_backend", lambda *a: "nccl")
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the rank's own device (bound at set-up), not whichever is current
     assert dist.comm_device() == torch.device("cuda", 1)
 
 

@@ -58,7 +58,8 @@ def add_model_args(p: argparse.ArgumentParser, lr: float, lr_help: str | None = 
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULERS)
     p.add_argument("--num_warmup_steps", type=int, default=0)
-    p.add_argument("--dropout", type=float, default=None, help="Override the model's dropout rates.")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="Override the model's dropout rates (default: the model's own; DPO's policy: 0, no dropout).")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
     p.add_argument("--offload", action="store_true", help="ZeRO-Offload of optimizer state and parameters to CPU.")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dschat.runtime.errors import DschatError
+from dschat.runtime.errors import DschatError, FlagError
 
 
 def parse_step_args(p: argparse.ArgumentParser, argv: list[str] | None,
@@ -24,8 +24,32 @@ def parse_step_args(p: argparse.ArgumentParser, argv: list[str] | None,
     import deepspeed
 
     args = deepspeed.add_config_arguments(p).parse_args(argv)
+    check_deepspeed_config(args)
     check(args)
     return args
+
+
+# The DeepSpeed config keys the steps write, and the flags that set them (where a step has the flag).
+DS_CONFIG_FLAGS = (("ZeRO stage", ("zero_stage", "actor_zero_stage", "critic_zero_stage")),
+                   ("offload", ("offload", "offload_reference_model", "offload_reward_model")),
+                   ("precision", ("dtype",)),
+                   ("micro-batch", ("per_device_train_batch_size", "per_device_training_batch_size")),
+                   ("accumulation", ("gradient_accumulation_steps",)),
+                   ("TensorBoard", ("enable_tensorboard",)))
+
+
+def check_deepspeed_config(args: argparse.Namespace) -> None:
+    """Refuse --deepspeed_config/--deepscale_config FILE: the steps build their DeepSpeed config from their flags."""
+    # deepspeed.add_config_arguments adds the flags (DeepSpeed-Chat's scripts pass --deepspeed, which stays a
+    # harmless switch); a file given there would be silently ignored, so a user's ZeRO or batch settings in it
+    # would not apply.
+    for flag in ("deepspeed_config", "deepscale_config"):
+        value = getattr(args, flag, None)
+        if value:
+            keys = "; ".join(f"{what}: {', '.join('--' + f for f in flags if hasattr(args, f))}"
+                             for what, flags in DS_CONFIG_FLAGS if any(hasattr(args, f) for f in flags))
+            raise FlagError(f"--{flag} {value} is not read: this step writes its DeepSpeed config from its own "
+                            f"flags ({keys}); drop --{flag} and set those flags")
 
 
 def run_step(run: Any, start: str = "start") -> None:

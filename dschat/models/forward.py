@@ -17,7 +17,7 @@ import sys
 import torch
 from torch import Tensor
 
-from dschat.models.heads import hf_model
+from dschat.models.heads import hf_model, position_kwargs
 
 
 @functools.cache
@@ -46,9 +46,11 @@ def label_positions(labels: Tensor) -> Tensor:
 
 
 def logits_at(model, input_ids: Tensor, attention_mask: Tensor, keep: Tensor) -> Tensor:
-    """Logits [N, V] at the True positions of keep [B, T] (row-major order), projecting only where possible."""
+    """Logits [N, V] at the True positions of keep [B, T] (row-major order), projecting only where possible;
+    positions come from the attention mask."""
     mode = keep_mode(model)
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False,
+              **position_kwargs(model, attention_mask)}
     if mode == "mask":
         return model(**kwargs, logits_to_keep=keep).logits
     if mode == "index":
@@ -71,7 +73,9 @@ def label_logits(model, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
 def answer_logits(model, seq: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
     """Logits [B, T - prompt_len, V] that predict the answer tokens seq[:, prompt_len:] (left-padded prompts)."""
     keep = seq.shape[1] - prompt_len + 1  # the positions prompt_len - 1 .. T - 1; the last one predicts nothing
+    kwargs = {"input_ids": seq, "attention_mask": attention_mask, "use_cache": False,
+              **position_kwargs(model, attention_mask)}  # left padding must not shift the positions
     if keep_mode(model) == "none":
-        return model(input_ids=seq, attention_mask=attention_mask, use_cache=False).logits[:, prompt_len - 1: -1]
-    out = model(input_ids=seq, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits
+        return model(**kwargs).logits[:, prompt_len - 1: -1]
+    out = model(**kwargs, logits_to_keep=keep).logits
     return out[:, :-1]

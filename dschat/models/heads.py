@@ -14,6 +14,8 @@ padding and OPT-style sequences whose BOS id equals the pad id all work; DeepSpe
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
 
@@ -90,6 +92,35 @@ def has_dropout(model: torch.nn.Module) -> bool:
                for k, v in settings.items())
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions [B, T] counted over attended tokens (cumsum(mask) - 1, clamped at 0 on left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@functools.cache
+def _takes_position_ids(cls: type) -> bool:
+    try:
+        return "position_ids" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def position_kwargs(model: torch.nn.Module, attention_mask: torch.Tensor,
+                    position_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """{"position_ids": ...} for a forward of `model` (engine, peft or HF): `position_ids` if given, else counted
+    from a 2-D attention mask, so that a left-padded row sits at the positions it has unpadded.
+
+    Models with absolute position embeddings (GPT-2, GPT-Neo, OPT-style learned ones computed from 0) otherwise
+    number left padding too, and their outputs depend on how much padding a row got; rotary models are
+    invariant up to rounding. {} for a model whose forward takes no position_ids, or a mask that is not 2-D.
+    """
+    if position_ids is None:
+        if attention_mask.dim() != 2 or not _takes_position_ids(type(hf_model(model))):
+            return {}
+        position_ids = position_ids_from_mask(attention_mask)
+    return {"position_ids": position_ids}
+
+
 def head_name(model: torch.nn.Module) -> str:
     """Attribute name of the scalar head of a (wrapped) sequence-classification model ("score" usually)."""
     inner = hf_model(model)
@@ -101,7 +132,8 @@ def head_name(model: torch.nn.Module) -> str:
 
 def token_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, L] scalar value of every position (the head applied to every hidden state).
+    """[B, L] scalar value of every position (the head applied to every hidden state); positions from the
+    attention mask unless `position_ids` are given (left padding does not shift them).
 
     `model` may be the HF model, a peft PeftModel or a DeepSpeed engine around either. The model's own
     forward runs (so ZeRO-3's gather/release hooks see a normal top-level call) and a forward hook on the
@@ -111,8 +143,8 @@ def token_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     captured: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda _mod, _inp, out: captured.append(out))
     try:
-        extra = {} if position_ids is None else {"position_ids": position_ids}
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+              **position_kwargs(model, attention_mask, position_ids))
     finally:
         handle.remove()
     values = captured[-1]

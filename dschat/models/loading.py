@@ -205,8 +205,11 @@ def load_model(model_class, path: str, tokenizer=None, dropout: float | None = N
     for key, value in (config_updates or {}).items():  # e.g. num_labels=1 for a reward model
         setattr(config, key, value)
     if dropout is not None:
+        # Every dropout rate the config has (GPT-2 also carries summary_first_dropout), as heads.has_dropout reads them.
+        numeric = [k for k, v in config.to_dict().items() if ("dropout" in k or "pdrop" in k)
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)]
         for key in ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout",
-                    "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout_prob"):
+                    "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout_prob", *numeric):
             if hasattr(config, key):
                 setattr(config, key, dropout)
     if tokenizer is not None:
@@ -246,8 +249,15 @@ def read_json(path: str | Path) -> dict[str, Any]:
 def create_hf_model(model_class, path: str, tokenizer, ds_config: dict, dtype: torch.dtype,
                     dropout: float | None = None, gradient_checkpointing: bool = False,
                     trust_remote_code: bool = False, config_updates: dict[str, Any] | None = None,
-                    allow_fresh_head: bool = False):
-    """Load a model for a DeepSpeed engine; under ZeRO-3 it is partitioned while loading (zero.Init)."""
+                    allow_fresh_head: bool = False, default_dropout: float | None = None):
+    """Load a model for a DeepSpeed engine; under ZeRO-3 it is partitioned while loading (zero.Init).
+
+    `dropout` None means `default_dropout`, and that None keeps the model config's rates. A trained policy whose
+    log-probs are compared with a dropout-free reference or old policy (DPO, the PPO actor) passes 0.0 here,
+    so its default is no dropout (OPT and GPT-2 configs carry 0.1); an explicit `dropout` still wins.
+    """
+    if dropout is None:
+        dropout = default_dropout
     zero3_guard = None
     if ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig

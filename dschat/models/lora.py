@@ -64,8 +64,15 @@ class WithoutAdapters:
         return self
 
 
-def merge_lora_state_dict(state: dict[str, torch.Tensor], peft_config: Any) -> dict[str, torch.Tensor]:
-    """Fold LoRA weights into their base Linear (W + scale * B @ A) and drop peft's name prefixes."""
+def merge_lora_state_dict(state: dict[str, torch.Tensor], peft_config: Any,
+                          rounding: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """Fold LoRA weights into their base Linear and drop peft's name prefixes.
+
+    Each merge runs in fp32, W.float() + scale * B.float() @ A.float(), and is cast to W's (the training)
+    dtype once, after the sum. In bf16/fp16 that one cast still drops the part of the update below half a
+    step of W: `rounding`, when given, receives the squared norms of the update ("update") and of what the
+    cast lost ("lost") summed over the merged weights, so a caller can say how much survived.
+    """
     scale = peft_config.lora_alpha / peft_config.r
     merged: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
@@ -75,7 +82,12 @@ def merge_lora_state_dict(state: dict[str, torch.Tensor], peft_config: Any) -> d
             stem = name.split(".base_layer.weight")[0]
             lora_a = state[next(k for k in state if k.startswith(stem + ".lora_A."))]
             lora_b = state[next(k for k in state if k.startswith(stem + ".lora_B."))]
-            tensor = (tensor.float() + scale * (lora_b.float() @ lora_a.float())).to(tensor.dtype)
+            update = scale * (lora_b.float() @ lora_a.float())
+            exact = tensor.float() + update
+            tensor = exact.to(tensor.dtype)
+            if rounding is not None:
+                rounding["update"] = rounding.get("update", 0.0) + update.square().sum().item()
+                rounding["lost"] = rounding.get("lost", 0.0) + (tensor.float() - exact).square().sum().item()
         clean = name.replace(".base_layer", "").replace(".modules_to_save.default", "")
         merged[clean.removeprefix("base_model.model.")] = tensor
     return merged

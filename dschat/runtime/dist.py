@@ -50,20 +50,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def bind_device() -> None:
+    """Make this rank's own accelerator (LOCAL_RANK) the current device; a no-op on DeepSpeed's CPU accelerator.
+
+    Must run before the first collective: NCCL runs a collective on the current device, which is device 0 on
+    every rank until someone sets it (DeepSpeed's engine does, but only in `deepspeed.initialize`, after the
+    data set-up's collectives); several ranks on one GPU fail with "Duplicate GPU" or hang.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(local_rank())
+
+
 def init_distributed() -> None:
-    """Start the process group (gloo on CPU, nccl on CUDA), also for a plain single-process `python main.py`."""
+    """Start the process group (gloo on CPU, nccl on CUDA), also for a plain single-process `python main.py`;
+    each rank's accelerator is bound to its LOCAL_RANK first."""
     import deepspeed
 
     if is_dist():
+        bind_device()
         return
     if os.environ.get("WORLD_SIZE", "1") == "1":
         _skip_shm_op()
-    if "RANK" in os.environ:
+    launched = "RANK" in os.environ
+    if not launched:  # not started by a launcher: be a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
+    bind_device()  # before the process group and its first collective
+    if launched:
         deepspeed.init_distributed(verbose=False)
-    else:  # not started by a launcher: be a world of one
+    else:
         for attempt in range(3):
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            os.environ["MASTER_PORT"] = str(_free_port())
             try:
                 deepspeed.init_distributed(verbose=False)
                 break
@@ -113,11 +132,12 @@ DEVICE_BACKENDS = {"nccl": "cuda", "hccl": "npu", "xccl": "xpu", "ccl": "xpu"}
 
 
 def comm_device() -> torch.device:
-    """The device the process group's backend communicates from (CUDA for NCCL, CPU for gloo)."""
+    """The device the process group's backend communicates from: this rank's own accelerator (cuda:LOCAL_RANK)
+    for NCCL and its kin, the CPU for gloo."""
     kind = DEVICE_BACKENDS.get(str(tdist.get_backend()).lower()) if is_dist() else None
     if kind is None:
         return torch.device("cpu")
-    return torch.device(kind, getattr(torch, kind).current_device())
+    return torch.device(kind, local_rank())  # the device bind_device made current, not whatever is current now
 
 
 def to_comm(t: torch.Tensor) -> torch.Tensor:

@@ -59,10 +59,11 @@ class DPORun(OneModelRun):
         return DPOCollator(self.tokenizer.pad_token_id)
 
     def build_model(self, ds_config: dict, dtype: torch.dtype) -> torch.nn.Module:
-        """The policy: the causal LM from --model_name_or_path (normally step 1's output)."""
+        """The policy: the causal LM from --model_name_or_path (normally step 1's output), without dropout unless
+        --dropout is given (its log-probs are compared with the dropout-free reference's, as in TRL)."""
         a = self.args
         return create_hf_model(AutoModelForCausalLM, a.model_name_or_path, self.tokenizer, ds_config, dtype,
-                               a.dropout, a.gradient_checkpointing, a.trust_remote_code)
+                               a.dropout, a.gradient_checkpointing, a.trust_remote_code, default_dropout=0.0)
 
     def description(self) -> str:
         """Progress-bar label."""

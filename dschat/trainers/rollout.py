@@ -2,8 +2,9 @@
 
 DeepSpeed's HybridEngine breaks on modern transformers decoders, so `--enable_hybrid_engine` gives the
 actor a generation mode of our own: once per rollout the actor's weights are gathered (all ZeRO-3
-partitions in one collective, LoRA folded in) and copied into a plain Hugging Face twin of the model that
-lives outside DeepSpeed: no ZeRO forward hooks, no gradient checkpointing, dropout off, KV cache on. The
+partitions in one collective) and copied into a plain Hugging Face twin of the model that lives outside
+DeepSpeed: no ZeRO forward hooks, no gradient checkpointing, dropout off, KV cache on. LoRA adapters stay
+adapters in the twin (a bf16 merge would round small deltas away), so it computes what the actor does. The
 training engine itself is not touched, so the actor goes back to training exactly as it was.
 Measured on CPU, the hooks (not the gathers) are what make ZeRO-3 generation slow; the twin avoids them.
 Cost: one extra full copy of the actor's weights on each rank while it exists.
@@ -12,6 +13,7 @@ Cost: one extra full copy of the actor's weights on each rank while it exists.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +22,6 @@ from dschat.algos.masked import action_mask_from_tokens
 from dschat.data.collators import pad_sequences
 from dschat.data.prompts import PromptFormat
 from dschat.models.export import unwrap
-from dschat.models.lora import merge_lora_state_dict
 from dschat.runtime import dist
 
 
@@ -112,6 +113,38 @@ def _gather_all(module: torch.nn.Module):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None) if params else contextlib.nullcontext()
 
 
+def build_twin(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain HF model (peft-wrapped like `module` when it has LoRA) with `module`'s config and tensor dtypes.
+
+    The twin computes what the actor engine computes: LoRA stays a separate adapter path. Merging the adapters
+    into bf16 weights (W + s * B @ A, rounded to bf16) would drop every delta below half a bf16 step of W
+    (about 1e-4 for weights of size 0.02), so rollouts and --logprobs_from_generation would come from an
+    older policy than the one trained. Dropout off, KV cache on; building does not consume the sampling RNG.
+    """
+    base = module.get_base_model() if hasattr(module, "peft_config") else module
+    config = base.config.__class__.from_dict(base.config.to_dict())
+    config.use_cache = True
+    for key in ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    first = next(iter(state.values()))
+    with torch.random.fork_rng(devices=[]):  # building must not shift the sampling RNG
+        twin = type(base)._from_config(config, dtype=first.dtype)
+        twin.generation_config = base.generation_config
+        if hasattr(module, "peft_config"):
+            from peft import get_peft_model
+
+            twin = get_peft_model(twin, copy.deepcopy(module.peft_config["default"]), autocast_adapter_dtype=False)
+    twin = twin.to(first.device)
+    for name, param in twin.named_parameters():  # same dtype per tensor as the actor (adapters, fp32-kept layers)
+        if name in state and param.dtype != state[name].dtype:
+            param.data = param.data.to(state[name].dtype)
+    # Its weights keep requires_grad=True (it only ever runs under no_grad): on CPU, PyTorch 2.13's bf16
+    # decode-shaped matmuls run 1.3-1.6x slower with frozen weights (measured, BENCHMARKS.md).
+    twin.requires_grad_(True)
+    return twin.eval()
+
+
 class Generator:
     """Samples answers from the actor engine: plain `generate` on the engine's module, or the hybrid twin."""
 
@@ -121,31 +154,16 @@ class Generator:
         self.twin: torch.nn.Module | None = None
 
     def _refresh_twin(self) -> torch.nn.Module:
-        """Copy the actor's current weights (gathered, LoRA merged) into the hook-free twin."""
+        """Copy the actor's current weights (gathered; LoRA adapters as adapters, unmerged) into the hook-free twin."""
         module = unwrap(self.actor)
         with _gather_all(module), torch.no_grad():
             state = {n: p.data for n, p in module.named_parameters()}
             state.update({n: b for n, b in module.named_buffers()})
-            if hasattr(module, "peft_config"):
-                state = merge_lora_state_dict(state, module.peft_config["default"])
             if self.twin is None:
-                base = module.get_base_model() if hasattr(module, "peft_config") else module
-                config = base.config.__class__.from_dict(base.config.to_dict())
-                config.use_cache = True
-                for key in ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout"):
-                    if hasattr(config, key):
-                        setattr(config, key, 0.0)
-                dtype = next(iter(state.values())).dtype
-                with torch.random.fork_rng(devices=[]):  # building must not shift the sampling RNG
-                    twin = type(base)._from_config(config, dtype=dtype)
-                self.twin = twin.to(next(iter(state.values())).device)
-                self.twin.generation_config = base.generation_config
-                # Its weights keep requires_grad=True (it only ever runs under no_grad): on CPU, PyTorch 2.13's
-                # bf16 decode-shaped matmuls run 1.3-1.6x slower with frozen weights (measured, BENCHMARKS.md).
-                self.twin.eval()
+                self.twin = build_twin(module, state)
             missing, _ = self.twin.load_state_dict(state, strict=False)
             tied = set(getattr(self.twin, "_tied_weights_keys", None) or [])
-            real_missing = [k for k in missing if k not in tied and "lm_head" not in k]
+            real_missing = [k for k in missing if k.removeprefix("base_model.model.") not in tied and "lm_head" not in k]
             if real_missing:
                 raise RuntimeError(f"hybrid generation: actor weights missing in twin: {real_missing[:5]}")
         return self.twin
