@@ -10,8 +10,8 @@ import pytest
 import torch
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dschat"
-# Lower layers never import higher ones: runtime -> data -> models -> algos -> trainers -> cli.
-LAYERS = ["runtime", "data", "models", "algos", "trainers", "cli"]
+# Lower layers never import higher ones: runtime -> data -> models -> algos -> rewards -> trainers -> cli.
+LAYERS = ["runtime", "data", "models", "algos", "rewards", "trainers", "cli"]
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "broadcast", "reduce", "reduce_scatter",
                "all_to_all", "barrier", "gather", "scatter", "broadcast_object_list", "all_gather_into_tensor"}
 

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dschat.rewards.combine import RewardSet, resolve_spec
+from dschat.rewards.registry import RewardContext
 from dschat.trainers.loop import NanGuard
 from dschat.trainers.ppo import PPOSettings, PPOTrainer
 from dschat.trainers.rlhf_engine import RLHFEngine
@@ -61,7 +63,10 @@ def trainer(actor_nan=False, critic_nan=False, with_critic=True, reward_stats=No
     engine = SimpleNamespace(actor=FakeLM(actor_nan), ref=FakeLM(), reward=FakeCritic(),
                              critic=FakeCritic(critic_nan) if with_critic else None,
                              reward_stats=reward_stats or {}, tokenizer=None)
-    return PPOTrainer(engine, PPOSettings(advantage_estimator=estimator, n_samples_per_prompt=n_samples), FakeGenerator())
+    rewards = RewardSet([resolve_spec("reward_model")], [1.0],
+                        RewardContext(reward_model=engine.reward, reward_stats=engine.reward_stats, clip_reward_value=5.0))
+    return PPOTrainer(engine, PPOSettings(advantage_estimator=estimator, n_samples_per_prompt=n_samples), FakeGenerator(),
+                      rewards)
 
 
 def experience(t: PPOTrainer) -> dict:
@@ -118,14 +123,19 @@ def test_kl_loss_moves_the_kl_out_of_the_reward():
     assert stats["kl_loss"] > 0
 
 
-def test_reward_score_is_raw_and_the_normalised_one_is_named_apart():
+def test_reward_model_scores_are_normalised_with_step2_stats_and_logged_by_name():
     t = trainer(reward_stats={"mean": 1.0, "std": 2.0})
     prompt = torch.tensor([[4, 5, 1], [5, 4, 2]])
     exp = t.generate_experience(prompt, torch.ones_like(prompt))
     logged = t.add_advantages([exp])
-    raw = exp["raw_scores"].mean().item()
-    assert logged["reward_score"] == pytest.approx(raw, abs=1e-6)
-    assert logged["reward_score_normalised"] == pytest.approx((raw - 1.0) / 2.0, abs=1e-6)
+    from dschat.algos.masked import end_scores
+    from dschat.models.heads import token_values
+
+    raw = end_scores(token_values(t.engine.reward, exp["seq"], exp["attention_mask"]), exp["attention_mask"])
+    normalised = ((raw.float() - 1.0) / 2.0).clamp(-5, 5)
+    torch.testing.assert_close(exp["scores"], normalised)
+    assert logged["reward/reward_model"] == pytest.approx(normalised.mean().item(), abs=1e-6)
+    assert logged["reward_score"] == pytest.approx(normalised.mean().item(), abs=1e-6)
 
 
 def test_update_ema_moves_the_ema_towards_the_actor():

@@ -84,6 +84,25 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
     ppo.add_argument("--use_kl_loss", action="store_true",
                      help="Put the KL to the reference in the actor's loss (coefficient --kl_ctl, estimator "
                           "--kl_estimator; k3 is the usual choice) instead of in the reward.")
+    rw = p.add_argument_group("rewards")
+    rw.add_argument("--reward_fn", type=str, nargs="+", default=["reward_model"],
+                    help="What scores a rollout: registered rewards (reward_model: the step-2 model at "
+                         "--critic_model_name_or_path; builtin_judge: the builtin task's judge; accuracy: the final "
+                         "answer against the row's answer/solution/ground_truth; overlong: DAPO's soft length "
+                         "penalty) and/or your own functions as path/to/file.py:name or package.module:name, called "
+                         "as TRL calls reward functions: fn(prompts=, completions=, completion_ids=, **row_columns) "
+                         "-> one float (or None: no opinion) per completion. Several are summed with "
+                         "--reward_weights. Without reward_model no reward model is loaded.")
+    rw.add_argument("--reward_weights", type=float, nargs="+", default=None,
+                    help="One weight per --reward_fn entry (default 1 each); the rollout's reward is the weighted "
+                         "sum of the rewards that gave a value.")
+    rw.add_argument("--overlong_buffer_len", type=int, default=None,
+                    help="The overlong reward's L_cache: answers longer than --max_answer_seq_len minus this many "
+                         "tokens are penalised linearly down to -1 at --max_answer_seq_len (default: a quarter of "
+                         "--max_answer_seq_len).")
+    rw.add_argument("--critic_from_actor", action="store_true",
+                    help="With --advantage_estimator gae and no reward model: start the critic from the actor with "
+                         "a fresh value head (the only case a fresh head is accepted).")
     out = p.add_argument_group("output")
     out.add_argument("--print_answers", action="store_true")
     out.add_argument("--print_answers_interval", type=int, default=1)
@@ -91,6 +110,13 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
     out.add_argument("--test_stop_step", type=int, default=0)
     out.add_argument("--num_judge_prompts", type=int, default=64,
                      help="Held-out prompts answered (greedy) at the start and end: builtin ones, else the eval split.")
+    out.add_argument("--eval_n_samples", type=int, default=1,
+                     help="Answers per held-out prompt at each evaluation: 1 is greedy; more are sampled (--temperature, "
+                          "--top_p) and give pass@k of 0/1 rewards (unbiased estimator) beside each reward's mean.")
+    out.add_argument("--save_best_by", type=str, default=None,
+                     help="Save the actor of the evaluation (after training began) with the highest value of this "
+                          "held-out metric (judge, reward_score, gold_score, reward/<name>, pass@<k>/<name>) "
+                          "instead of the last state; evaluate more often with --eval_interval. Off by default.")
     out.add_argument("--gold_reward_model", type=str, default=None,
                      help="A second step-2 reward model (e.g. trained on a disjoint half of the pairs) that scores the "
                           "held-out answers at every evaluation but never the training rollouts: if the trained "
@@ -113,6 +139,7 @@ def check_rlhf_args(args: argparse.Namespace) -> None:
             raise FlagError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     check_ppo_numbers(args)
     estimator = ADVANTAGE_ESTIMATORS[args.advantage_estimator]
+    check_reward_args(args, estimator.needs_critic)
     if estimator.needs_group and args.n_samples_per_prompt < 2:
         raise FlagError(f"--advantage_estimator {args.advantage_estimator} compares several answers to one prompt: "
                         f"set --n_samples_per_prompt 2 or more (got {args.n_samples_per_prompt})")
@@ -125,6 +152,8 @@ def check_rlhf_args(args: argparse.Namespace) -> None:
         if used:
             raise FlagError(f"{', '.join(used)}: --advantage_estimator {args.advantage_estimator} trains no critic; "
                             f"drop the critic flags (--critic_model_name_or_path is still the reward model)")
+        if args.critic_from_actor:
+            raise FlagError(f"--critic_from_actor: --advantage_estimator {args.advantage_estimator} trains no critic")
     for name, default in CRITIC_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -140,6 +169,57 @@ def check_rlhf_args(args: argparse.Namespace) -> None:
         raise FlagError("a hub --unsupervised_dataset_name needs --unsupervised_dataset_config_name too")
     # PTX adds a second backward per step, so the actor accumulates twice as many micro-batches.
     args.actor_gradient_accumulation_steps = args.gradient_accumulation_steps * (2 if args.unsupervised_dataset_name else 1)
+
+
+DEFAULT_REWARD_MODEL = "output/reward-models/builtin"  # e2e's step-2 output folder
+EVAL_METRICS = ("reward_score", "judge", "gold_score")
+
+
+def check_reward_args(args: argparse.Namespace, needs_critic: bool) -> None:
+    """--reward_fn and friends: weights per reward, a reward model path only where one is used, metric names."""
+    if args.reward_weights is not None:
+        if len(args.reward_weights) != len(args.reward_fn):
+            raise FlagError(f"--reward_weights has {len(args.reward_weights)} values for {len(args.reward_fn)} "
+                            f"--reward_fn entries ({' '.join(args.reward_fn)})")
+        if not all(math.isfinite(w) for w in args.reward_weights):
+            raise FlagError(f"--reward_weights must be finite numbers (got {args.reward_weights})")
+    if len(set(args.reward_fn)) != len(args.reward_fn):
+        raise FlagError(f"--reward_fn names a reward twice ({' '.join(args.reward_fn)})")
+    uses_rm = "reward_model" in args.reward_fn
+    if args.critic_from_actor and uses_rm:
+        raise FlagError("--critic_from_actor: the critic starts from the reward model when --reward_fn has "
+                        "reward_model; drop the flag")
+    needs_path = uses_rm or (needs_critic and not args.critic_from_actor)
+    if args.critic_model_name_or_path is None:
+        args.critic_model_name_or_path = DEFAULT_REWARD_MODEL if needs_path else None
+    elif not needs_path:
+        raise FlagError(f"--critic_model_name_or_path {args.critic_model_name_or_path} is not used: --reward_fn "
+                        f"{' '.join(args.reward_fn)} needs no reward model and --advantage_estimator "
+                        f"{args.advantage_estimator} {'starts its critic from the actor' if needs_critic else 'trains no critic'}"
+                        f"; drop the flag or add reward_model to --reward_fn")
+    if not uses_rm and not args.normalize_reward:
+        raise FlagError("--no_normalize_reward: only the reward model's scores are normalised, and --reward_fn has "
+                        "no reward_model; drop the flag")
+    if args.overlong_buffer_len is not None:
+        if "overlong" not in args.reward_fn:
+            raise FlagError("--overlong_buffer_len is the overlong reward's setting: add overlong to --reward_fn")
+        if not 1 <= args.overlong_buffer_len <= args.max_answer_seq_len:
+            raise FlagError(f"--overlong_buffer_len must be in [1, --max_answer_seq_len={args.max_answer_seq_len}] "
+                            f"(got {args.overlong_buffer_len})")
+    if args.eval_n_samples < 1:
+        raise FlagError(f"--eval_n_samples must be at least 1 (got {args.eval_n_samples})")
+    if args.save_best_by is not None:
+        if not args.output_dir:
+            raise FlagError("--save_best_by needs --output_dir (the best actor is kept there)")
+        metric, _, name = args.save_best_by.partition("/")
+        names = [f.rpartition(":")[2] for f in args.reward_fn]
+        ok = (args.save_best_by in EVAL_METRICS
+              or (metric == "reward" and name in names)
+              or (metric.startswith("pass@") and metric[5:].isdigit() and name in names))
+        if not ok or (args.save_best_by == "gold_score" and not args.gold_reward_model):
+            raise FlagError(f"--save_best_by {args.save_best_by}: expected a held-out metric where higher is better: "
+                            f"{', '.join(EVAL_METRICS)} (gold_score needs --gold_reward_model), reward/<name> or "
+                            f"pass@<k>/<name> for a --reward_fn name ({', '.join(names)})")
 
 
 # (flag, lowest, highest, whether the lowest is allowed); None: unbounded on that side.

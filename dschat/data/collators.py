@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -47,15 +49,18 @@ class RewardCollator:
 
 
 class PromptCollator:
-    """Phase 3: prompts left-padded so that every answer starts at the same column."""
+    """Phase 3: prompts left-padded so that every answer starts at the same column, with each row's prompt
+    text and other columns ("fields") for the rewards."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
         ids = [r["prompt_ids"] for r in rows]
         return {"prompt": pad_sequences(ids, self.pad_token_id, left=True),
-                "prompt_att_mask": _mask(ids, left=True)}
+                "prompt_att_mask": _mask(ids, left=True),
+                "prompt_text": [r.get("prompt") for r in rows],
+                "fields": [json.loads(r["fields"]) if r.get("fields") else {} for r in rows]}
 
 
 class DPOCollator:

@@ -25,7 +25,7 @@ from dschat.data.sources import Row, load_raw
 from dschat.runtime import dist
 from dschat.runtime.errors import DatasetError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 SPLITS = ("train", "eval")
 BUILTIN_NAMES = ("dschat/builtin", "builtin")
 
@@ -89,14 +89,24 @@ def phase_rows(data_paths: list[str], data_split: str, phase: int, seed: int,
         raw = load_raw(path, seed)
         for split in SPLITS:
             rows = raw[split]
-            if phase > 1 and path_shares is shares:
-                missing = next((i for i, r in enumerate(rows) if r["rejected"] is None), None)
-                if missing is not None:
-                    raise DatasetError(f"{path}: row {missing} of '{split}' has no 'rejected' answer; "
-                                       f"single-response data belongs in --sft_only_data_path")
             idx = phase_indices(len(rows), path_shares, phase, seed)
+            check_rows_fit_phase(path, split, [rows[i] for i in idx], phase, path_shares is not shares)
             out[split].extend(rows[i] for i in idx)
     return out
+
+
+def check_rows_fit_phase(path: str, split: str, rows: list[Row], phase: int, sft_only: bool) -> None:
+    """Phase 1 needs a chosen answer, phase 2 chosen and rejected ones; phase 3 only a prompt."""
+    needed = {1: ("chosen",), 2: ("chosen", "rejected"), 3: ()}[phase]
+    for field in needed:
+        missing = next((i for i, r in enumerate(rows) if r.get(field) is None), None)
+        if missing is None:
+            continue
+        if field == "rejected" and not sft_only:
+            raise DatasetError(f"{path}: a '{split}' row of phase {phase} has no 'rejected' answer; "
+                               f"single-response data belongs in --sft_only_data_path")
+        raise DatasetError(f"{path}: a '{split}' row of phase {phase} has no '{field}' answer (prompt-only rows "
+                           f"are step-3 data: give them to step 3, e.g. with --data_split 0,0,1)")
 
 
 def tokenize_row(row: Row, fmt: PromptFormat, phase: int, max_seq_len: int, max_prompt_len: int,
@@ -104,7 +114,11 @@ def tokenize_row(row: Row, fmt: PromptFormat, phase: int, max_seq_len: int, max_
     """Token ids for one row in phase `phase`; None when the row does not fit the length limits."""
     prompt = fmt.prompt_ids(row["prompt"])
     if phase == 3:
-        return {"prompt_ids": prompt, "prompt": row["prompt"]} if len(prompt) <= max_prompt_len else None
+        if len(prompt) > max_prompt_len:
+            return None
+        # The row's other columns ride along (as JSON: Arrow needs one type per column) to step 3's rewards.
+        return {"prompt_ids": prompt, "prompt": row["prompt"],
+                "fields": json.dumps(row.get("fields") or {}, default=str, sort_keys=True)}
     if len(prompt) >= max_seq_len:
         return None
     chosen = (prompt + fmt.answer_ids(row["chosen"]))[:max_seq_len]

@@ -2,7 +2,8 @@
 
 One registry maps a `--data_path` name to a loader; local files and folders are recognised by path.
 Prompts follow DeepSpeed-Chat's contract ("Human: ... Assistant:"), responses start with a space.
-`rejected` is None for single-response (SFT-only) sources.
+`rejected` is None for single-response (SFT-only) sources; `chosen` and `rejected` are None for prompt-only
+rows (step-3 data). A row's other columns (a reference answer, ...) are kept in `fields`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dschat.runtime.errors import DatasetError
 Row = dict[str, Any]
 Splits = dict[str, list[Row]]
 HH_ASSISTANT = "\n\nAssistant:"
+ROW_KEYS = ("prompt", "chosen", "rejected", "response")  # other columns of a prompt row become its "fields"
 
 
 
@@ -44,6 +46,9 @@ def normalize_row(raw: Any, where: str) -> Row | None:
     if "prompt" in raw:
         chosen = raw.get("chosen", raw.get("response"))
         row = {"prompt": raw["prompt"], "chosen": chosen, "rejected": raw.get("rejected")}
+        extra = {k: v for k, v in raw.items() if k not in ROW_KEYS}
+        if extra:  # other columns (a reference answer, ...) travel with the row to step 3's rewards
+            row["fields"] = extra
     elif "chosen" in raw and "rejected" in raw:  # Anthropic HH: whole dialogues
         prompt, chosen = _hh_split(_text(raw, "chosen", where), where)
         # The prompt is the chosen dialogue's; in the public data a few rejected dialogues differ earlier.
@@ -54,10 +59,12 @@ def normalize_row(raw: Any, where: str) -> Row | None:
     else:
         raise DatasetError(f"{where}: missing field 'prompt' (or 'chosen'/'rejected' HH dialogues); "
                            f"fields present: {sorted(raw)}")
-    for field in ("prompt", "chosen"):
-        _text(row, field, where)
-    if row["rejected"] is not None:
-        _text(row, "rejected", where)
+    _text(row, "prompt", where)
+    if row["chosen"] is None and row["rejected"] is not None:
+        raise DatasetError(f"{where}: missing field 'chosen' (a row with 'rejected' needs one)")
+    for field in ("chosen", "rejected"):  # a prompt-only row (step-3 data) has neither
+        if row[field] is not None:
+            _text(row, field, where)
     return row
 
 

@@ -32,3 +32,7 @@ class NonFiniteLossError(DschatError, RuntimeError):
 
 class NothingTrainedError(DschatError, RuntimeError):
     """A run that ended without applying a single update (so there is nothing to save)."""
+
+
+class RewardFunctionError(DschatError, RuntimeError):
+    """A reward function that raised or returned something other than one number (or None) per completion."""

@@ -18,13 +18,14 @@ import torch
 from dschat.algos.advantages import AdvantageInputs, compute_rewards, get_estimator
 from dschat.algos.kl import kl_penalty, make_kl_controller
 from dschat.algos.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from dschat.algos.masked import end_scores, masked_mean, masked_sum, masked_whiten
+from dschat.algos.masked import masked_mean, masked_sum, masked_whiten
 from dschat.models.forward import answer_logits
 from dschat.models.heads import token_values
+from dschat.rewards.combine import RewardBatch, RewardResult, RewardSet
 from dschat.runtime import dist
 from dschat.trainers.loop import NanGuard
 from dschat.trainers.rlhf_engine import RLHFEngine
-from dschat.trainers.rollout import Generator
+from dschat.trainers.rollout import Generator, Rollout, decode_answers
 
 
 @dataclass(frozen=True)
@@ -74,31 +75,51 @@ def answer_values(critic, seq: torch.Tensor, attention_mask: torch.Tensor, promp
     return token_values(critic, seq, attention_mask)[:, prompt_len - 1: -1].float()
 
 
+def reward_sum_count(values: list[float | None]) -> tuple[float, float]:
+    """(sum, count) of the values a reward gave (None: no opinion, left out of both)."""
+    seen = [v for v in values if v is not None]
+    return float(sum(seen)), float(len(seen))
+
+
 class PPOTrainer:
     """Experience generation and PPO updates for one RLHFEngine."""
 
-    def __init__(self, engine: RLHFEngine, settings: PPOSettings, generator: Generator):
-        self.engine, self.s, self.generator = engine, settings, generator
+    def __init__(self, engine: RLHFEngine, settings: PPOSettings, generator: Generator, rewards: RewardSet):
+        self.engine, self.s, self.generator, self.rewards = engine, settings, generator, rewards
         self.estimator = get_estimator(settings.advantage_estimator)
         self.kl_ctl = make_kl_controller(settings.kl_ctl, settings.target_kl, settings.kl_horizon)
         self.sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
                          "top_k": 0, "max_new_tokens": settings.max_answer_seq_len}
 
-    def _score(self, seq: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reward-model scores at each sequence's last token: (raw, normalised with step 2's stats if asked)."""
-        raw = end_scores(token_values(self.engine.reward, seq, attention_mask), attention_mask).float()
-        stats = self.engine.reward_stats
-        if self.s.normalize_reward and stats:
-            return raw, (raw - stats["mean"]) / max(stats["std"], 1e-6)
-        return raw, raw
+    def score(self, rollout: Rollout, prompt_text: list[Any] | None, fields: list[dict[str, Any]] | None
+              ) -> RewardResult:
+        """Every --reward_fn reward of a rollout's answers (decoded only when a reward reads text)."""
+        n = rollout.seq.shape[0]
+        answers = rollout.seq[:, rollout.prompt_len:]
+        ids = [row[mask.bool()].tolist() for row, mask in zip(answers, rollout.action_mask)]
+        prompts = list(prompt_text) if prompt_text is not None else [None] * n
+        completions: list[Any] = [None] * n
+        if self.rewards.needs_text:
+            texts = decode_answers(self.generator.fmt, rollout)
+            # TRL's convention: conversational prompts (message lists) get conversational completions.
+            completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
+                           for p, t in zip(prompts, texts)]
+        batch = RewardBatch(prompts, completions, ids, list(fields) if fields is not None else [{}] * n,
+                            rollout.seq, rollout.attention_mask)
+        return self.rewards(batch)
 
     @torch.no_grad()
-    def generate_experience(self, prompt: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, Any]:
-        """Sample --n_samples_per_prompt answers per prompt and record what PPO needs (log-probs, values, scores)."""
+    def generate_experience(self, prompt: torch.Tensor, prompt_mask: torch.Tensor,
+                            prompt_text: list[Any] | None = None,
+                            fields: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Sample --n_samples_per_prompt answers per prompt and record what PPO needs (log-probs, values, rewards);
+        `prompt_text` and `fields` (the rows' other columns) reach the reward functions."""
         start = time.time()
         n = self.s.n_samples_per_prompt
         if n > 1:  # a prompt's samples sit next to each other, so a group never spans batches or ranks
             prompt, prompt_mask = prompt.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
+            prompt_text = [t for t in prompt_text for _ in range(n)] if prompt_text is not None else None
+            fields = [f for f in fields for _ in range(n)] if fields is not None else None
         from_sampling = self.s.logprobs_from_generation
         rollout = self.generator.generate(prompt, prompt_mask, with_logprobs=from_sampling, **self.sampling)
         gen_time = time.time() - start
@@ -122,18 +143,19 @@ class PPOTrainer:
             e.critic.eval()
             values = answer_values(e.critic, seq, attention_mask, p)
             e.critic.train()
-        raw_scores, scores = self._score(seq, attention_mask)
+        rewards = self.score(rollout, prompt_text, fields)
         group = torch.arange(seq.shape[0], device=seq.device) // n  # which prompt of this batch a row answers
         return {"seq": seq, "attention_mask": attention_mask, "prompt_len": p, "action_mask": rollout.action_mask,
                 "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "live_values": live_values,
-                "scores": scores, "raw_scores": raw_scores, "group": group, "experience_time": time.time() - start,
-                "gen_time": gen_time}
+                "scores": rewards.total.to(seq.device), "reward_values": rewards.values, "group": group,
+                "experience_time": time.time() - start, "gen_time": gen_time}
 
     @torch.no_grad()
     def add_advantages(self, batches: list[dict[str, Any]]) -> dict[str, float]:
         """Token rewards (score + KL penalty), the estimator's advantages, whitened over every batch and rank."""
         s = self.s
-        sums = torch.zeros(4, dtype=torch.float64)  # KL, raw score, normalised score, sequences
+        names = self.rewards.names
+        sums = torch.zeros(2 + 2 * len(names), dtype=torch.float64)  # KL, total reward, then (sum, count) per reward
         for exp in batches:
             kl_coef = 0.0 if s.use_kl_loss else self.kl_ctl.value  # KL in the reward or in the loss, not both
             rewards, kl = compute_rewards(exp["logprobs"], exp["ref_logprobs"], exp["action_mask"], exp["scores"],
@@ -142,9 +164,10 @@ class PPOTrainer:
                                      scores=exp["scores"].float().clamp(-s.clip_reward_value, s.clip_reward_value),
                                      group=exp["group"], values=exp["values"], gamma=s.gamma, lam=s.lam)
             exp["advantages"], exp["returns"] = self.estimator.fn(inputs)
-            sums += torch.stack([masked_sum(kl, exp["action_mask"]).double().cpu(),
-                                 exp["raw_scores"].double().sum().cpu(), exp["scores"].double().sum().cpu(),
-                                 torch.tensor(exp["scores"].numel(), dtype=torch.float64)])
+            per_reward = [x for name in names for x in reward_sum_count(exp["reward_values"][name])]
+            sums += torch.tensor([masked_sum(kl, exp["action_mask"]).item(), exp["scores"].double().sum().item(),
+                                  *per_reward], dtype=torch.float64)
+        n_seq_local = torch.tensor([float(sum(exp["scores"].numel() for exp in batches))], dtype=torch.float64)
         if self.estimator.whiten:  # over the whole rollout (all buffered batches, all ranks), not per micro-batch
             flat_adv = torch.cat([exp["advantages"].flatten() for exp in batches])
             flat_mask = torch.cat([exp["action_mask"].flatten() for exp in batches])
@@ -154,11 +177,14 @@ class PPOTrainer:
                 n = exp["advantages"].numel()
                 exp["advantages"] = whitened[offset: offset + n].view_as(exp["advantages"])
                 offset += n
-        kl_sum, raw_sum, score_sum, n_seq = dist.all_reduce_sum(sums).tolist()
+        totals = dist.all_reduce_sum(torch.cat([sums, n_seq_local])).tolist()
+        kl_sum, total_sum, n_seq = totals[0], totals[1], totals[-1]
         self.kl_ctl.update(kl_sum / n_seq, int(n_seq))
-        out = {"kl": kl_sum / n_seq, "reward_score": raw_sum / n_seq, "kl_coef": self.kl_ctl.value}
-        if self.s.normalize_reward and self.engine.reward_stats:
-            out["reward_score_normalised"] = score_sum / n_seq
+        out = {"kl": kl_sum / n_seq, "reward_score": total_sum / n_seq, "kl_coef": self.kl_ctl.value}
+        for i, name in enumerate(names):  # each reward's mean over the rows it had an opinion on
+            value_sum, count = totals[2 + 2 * i], totals[3 + 2 * i]
+            if count:
+                out[f"reward/{name}"] = value_sum / count
         return out
 
     def train_rlhf(self, exp: dict[str, Any], guard: NanGuard) -> dict[str, float] | None:

@@ -3,46 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from dschat.algos.advantages import get_estimator
 from dschat.algos.kl import exact_kl
-from dschat.algos.masked import end_scores
 from dschat.data.builtin_task import heldout_chosen_judge, heldout_prompts, judge
 from dschat.data.collators import PromptCollator
 from dschat.data.loaders import make_loader
 from dschat.data.phases import DataSettings, load_phase_data
 from dschat.data.prompts import PromptFormat
 from dschat.data.ptx import unsupervised_loader
-from dschat.models.export import save_hf_model
+from dschat.models.export import DONE_MARKER, atomic_dir, save_hf_model
 from dschat.models.forward import answer_logits
-from dschat.models.heads import has_dropout, token_values
+from dschat.models.heads import has_dropout
 from dschat.models.loading import load_tokenizer
+from dschat.rewards.combine import pass_at_k, pass_ks, resolve_spec
 from dschat.runtime import checkpoint, dist
-from dschat.runtime.engine import device, setup, to_device, torch_dtype
-from dschat.runtime.errors import NothingTrainedError
+from dschat.runtime.engine import device, setup, to_device
+from dschat.runtime.errors import FlagError, NothingTrainedError
 from dschat.runtime.logger import Logger
 from dschat.trainers.loop import NanGuard
 from dschat.trainers.ppo import PPOSettings, PPOTrainer
-from dschat.trainers.rlhf_engine import RLHFEngine, check_same_tokenizer
+from dschat.trainers.rlhf_engine import RLHFEngine
 from dschat.trainers.rollout import Generator, decode_answers, encode_prompts, generate_rollout
+
+BEST_DIR = "best_actor"  # --save_best_by keeps the best evaluated actor here until the run ends
 
 
 class RLHFRun:
-    """One PPO run: prompts, engines, trainer, evaluation history."""
+    """One PPO run: prompts, engines, rewards, trainer, evaluation history."""
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.start = args, time.time()
         self.dtype = setup(args.dtype, args.seed)
         self.dev = device()
         self.tokenizer = load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code, padding_side="left")
-        check_same_tokenizer(self.tokenizer, args.actor_model_name_or_path, args.critic_model_name_or_path,
-                             args.trust_remote_code)
-        self.gold = self._gold_reward_model(args.gold_reward_model) if args.gold_reward_model else None
         self.fmt = PromptFormat.create(self.tokenizer, args.prompt_format)
         self.data_settings = DataSettings(data_path=tuple(args.data_path), data_split=args.data_split, phase=3,
                                           seed=args.seed, max_prompt_len=args.max_prompt_seq_len,
@@ -65,16 +67,24 @@ class RLHFRun:
         cycles = args.num_train_epochs * self.batches_per_epoch // args.generation_batches
         total = max(1, cycles * micro_per_rollout * args.ppo_epochs // args.gradient_accumulation_steps)
         estimator = get_estimator(args.advantage_estimator)
-        self.engine = RLHFEngine(args, self.tokenizer, self.dtype, total, with_critic=estimator.needs_critic)
+        reward_specs = [resolve_spec(v) for v in args.reward_fn]  # user functions load (and fail) before the models
+        self.engine = RLHFEngine(args, self.tokenizer, self.dtype, total, with_critic=estimator.needs_critic,
+                                 with_reward_model=any(s.needs_model for s in reward_specs))
+        self.rewards = self.engine.reward_set()
+        self.gold = self.engine.gold_scorer()
         # DeepSpeed-Chat's --compute_fp32_loss: without it the actor's log-probs keep the model's dtype.
         settings = PPOSettings.from_args(args, fp32_loss=args.compute_fp32_loss or self.dtype == "fp32",
                                          reuse_critic_forward=self._can_reuse_critic_forward(rows_per_rollout))
         generator = Generator(self.engine.actor, self.fmt, args.enable_hybrid_engine, args.actor_zero_stage,
                               args.release_inference_cache)
-        self.trainer = PPOTrainer(self.engine, settings, generator)
+        self.trainer = PPOTrainer(self.engine, settings, generator, self.rewards)
         self.builtin = self.data_settings.uses_builtin
-        self.prompts = heldout_prompts(n=args.num_judge_prompts) if self.builtin else \
-            list(data["eval"].select(range(min(args.num_judge_prompts, len(data["eval"]))))["prompt"])
+        if self.builtin:
+            self.eval_rows = [{"prompt": p, "fields": {}} for p in heldout_prompts(n=args.num_judge_prompts)]
+        else:
+            held = data["eval"].select(range(min(args.num_judge_prompts, len(data["eval"]))))
+            self.eval_rows = [{"prompt": r["prompt"], "fields": json.loads(r.get("fields") or "{}")} for r in held]
+        self.prompts = [r["prompt"] for r in self.eval_rows]
         tb = f"{args.tensorboard_path}/step3_tensorboard" if args.enable_tensorboard else None
         steps = min(cycles, args.test_stop_step) if args.enable_test_mode else cycles  # where the run will stop
         self.logger = Logger(steps, "step3 PPO", tb)
@@ -82,65 +92,94 @@ class RLHFRun:
         self.guard = NanGuard(args.max_bad_steps)
         self.step = 0
         self.updates = 0  # actor updates applied (a run that applies none saves nothing)
+        self.best: dict[str, Any] | None = None  # --save_best_by: the best evaluation of a trained state so far
 
     def _can_reuse_critic_forward(self, rows_per_rollout: int) -> bool:
         """Whether the critic's experience forward can serve as its update forward: each rollout batch is
         updated once and whole, and train mode equals eval mode (no dropout)."""
-        a, critic = self.args, self.engine.critic
+        a = self.args
+        critic = self.engine.critic
         return (critic is not None and not a.recompute_critic_values and a.ppo_epochs == 1
                 and a.generation_batches == 1 and a.per_device_training_batch_size >= rows_per_rollout
                 and not has_dropout(critic))
 
-    def _gold_reward_model(self, path: str) -> torch.nn.Module:
-        """--gold_reward_model: a trained reward model with the actor's tokenizer, evaluation only (one per rank)."""
-        from transformers import AutoModelForSequenceClassification
-
-        from dschat.models.builtin import resolve_model_name
-        from dschat.models.heads import check_trained_reward_model
-        from dschat.models.loading import load_model
-
-        path = resolve_model_name(path)
-        check_trained_reward_model(path, "--gold_reward_model", self.args.trust_remote_code)
-        check_same_tokenizer(self.tokenizer, self.args.actor_model_name_or_path, path, self.args.trust_remote_code,
-                             "--gold_reward_model")
-        model = load_model(AutoModelForSequenceClassification, path, dtype=torch_dtype(self.dtype),
-                           trust_remote_code=self.args.trust_remote_code)
-        return model.to(self.dev).eval().requires_grad_(False)
+    def _eval_keys(self) -> list[str]:
+        """The sums every rank reduces at an evaluation, in one fixed order."""
+        n = self.args.eval_n_samples
+        keys = ["rows", "kl", "reward_score", "judge", "gold_score"]
+        for name in self.rewards.names:
+            keys += [f"reward/{name}", f"count/{name}", f"nonbinary/{name}", f"prompts/{name}"]
+            keys += [f"pass@{k}/{name}" for k in pass_ks(n)]
+        return keys
 
     @torch.no_grad()
     def evaluate(self, when: str) -> dict[str, Any]:
-        """Greedy answers to held-out prompts: reward score, KL to the reference, gold score, judge (builtin)."""
+        """Answers to held-out prompts (greedy, or --eval_n_samples sampled ones each): every reward's mean, pass@k
+        of 0/1 rewards, KL to the reference, gold score, judge (builtin)."""
         a, e = self.args, self.engine
+        n = a.eval_n_samples
         model, synced = self.trainer.generator.model_for_eval()
-        mine, n_real = dist.shard(self.prompts)
-        sums = torch.zeros(5, dtype=torch.float64)  # reward score, KL, judge, prompts, gold score
+        mine, n_real = dist.shard(self.eval_rows)
+        keys = self._eval_keys()
+        sums = dict.fromkeys(keys, 0.0)
         examples = []
-        for start in range(0, len(mine), a.per_device_generation_batch_size):
-            batch = mine[start:start + a.per_device_generation_batch_size]
-            prompt, prompt_mask = encode_prompts(self.fmt, batch, self.dev)
-            r = generate_rollout(model, self.fmt, prompt, prompt_mask, synced, do_sample=False,
-                                 max_new_tokens=a.max_answer_seq_len)
+        sampling = {"do_sample": False} if n == 1 else {k: v for k, v in self.trainer.sampling.items()
+                                                        if k != "max_new_tokens"}
+        step = a.per_device_generation_batch_size
+        for start in range(0, min(len(mine), step * a.eval_iters), step):
+            rows = mine[start:start + step]
+            texts = [r["prompt"] for r in rows for _ in range(n)]
+            prompt, prompt_mask = encode_prompts(self.fmt, texts, self.dev)
+            r = generate_rollout(model, self.fmt, prompt, prompt_mask, synced, max_new_tokens=a.max_answer_seq_len,
+                                 **sampling)
             e.actor.eval()
             kl = exact_kl(answer_logits(e.actor, r.seq, r.attention_mask, r.prompt_len),
                           answer_logits(e.ref, r.seq, r.attention_mask, r.prompt_len)) * r.action_mask
             e.actor.train()
-            scores = end_scores(token_values(e.reward, r.seq, r.attention_mask), r.attention_mask).float()
+            result = self.trainer.score(r, texts, [r_["fields"] for r_ in rows for _ in range(n)])
             answers = decode_answers(self.fmt, r)
-            valid = torch.tensor([start + i < n_real for i in range(len(batch))], dtype=torch.float64)
-            judged = torch.tensor([judge(q, ans) if self.builtin else 0.0 for q, ans in zip(batch, answers)],
-                                  dtype=torch.float64)
-            gold = torch.zeros(len(batch), dtype=torch.float64)
-            if self.gold is not None:
-                gold = end_scores(token_values(self.gold, r.seq, r.attention_mask), r.attention_mask).double().cpu()
-            sums += torch.stack([(scores.double().cpu() * valid).sum(), (kl.sum(1).double().cpu() * valid).sum(),
-                                 (judged * valid).sum(), valid.sum(), (gold * valid).sum()])
-            examples += list(zip(batch, answers))[:2]
-        s = dist.all_reduce_sum(sums)
-        metrics = {"when": when, "reward_score": (s[0] / s[3]).item(), "kl": (s[1] / s[3]).item()}
+            gold = self.gold.scores(r.seq, r.attention_mask).tolist() if self.gold is not None else [0.0] * len(texts)
+            kl_rows = kl.sum(1).double().cpu().tolist()
+            for i, row in enumerate(rows):
+                if start + i >= n_real:  # padding rows of an uneven shard
+                    continue
+                span = range(i * n, (i + 1) * n)
+                sums["rows"] += n
+                sums["kl"] += sum(kl_rows[j] for j in span)
+                sums["reward_score"] += sum(result.total[j].item() for j in span)
+                sums["gold_score"] += sum(gold[j] for j in span)
+                if self.builtin:
+                    sums["judge"] += sum(judge(texts[j], answers[j]) for j in span)
+                for name in self.rewards.names:
+                    values = [result.values[name][j] for j in span]
+                    seen = [v for v in values if v is not None]
+                    sums[f"reward/{name}"] += sum(seen)
+                    sums[f"count/{name}"] += len(seen)
+                    sums[f"nonbinary/{name}"] += sum(v not in (0.0, 1.0) for v in seen)
+                    if seen:
+                        sums[f"prompts/{name}"] += 1
+                        correct = sum(v == 1.0 for v in seen)
+                        for k in pass_ks(n):
+                            if k <= len(seen):
+                                sums[f"pass@{k}/{name}"] += pass_at_k(len(seen), correct, k)
+                if len(examples) < 2:
+                    examples.append((row["prompt"], answers[i * n]))
+        total = dict(zip(keys, dist.all_reduce_sum(torch.tensor([sums[k] for k in keys],
+                                                                dtype=torch.float64)).tolist()))
+        rows_seen = max(total["rows"], 1.0)
+        metrics: dict[str, Any] = {"when": when, "reward_score": total["reward_score"] / rows_seen,
+                                   "kl": total["kl"] / rows_seen}
+        for name in self.rewards.names:
+            if total[f"count/{name}"]:
+                metrics[f"reward/{name}"] = total[f"reward/{name}"] / total[f"count/{name}"]
+            if total[f"prompts/{name}"] and not total[f"nonbinary/{name}"] and \
+                    not self.rewards.specs[self.rewards.names.index(name)].needs_tokens:
+                for k in pass_ks(n):
+                    metrics[f"pass@{k}/{name}"] = total[f"pass@{k}/{name}"] / total[f"prompts/{name}"]
         if self.gold is not None:
-            metrics["gold_score"] = (s[4] / s[3]).item()
+            metrics["gold_score"] = total["gold_score"] / rows_seen
         if self.builtin:
-            metrics["judge"] = (s[2] / s[3]).item()
+            metrics["judge"] = total["judge"] / rows_seen
         metrics["answers"] = [list(x) for x in examples[:3]]  # rank 0's first prompts, the same at every eval
         self.history.append(metrics)
         numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
@@ -148,7 +187,26 @@ class RLHFRun:
         for prompt, answer in examples[:2]:
             self.logger.write(f"  {prompt!r} -> {answer!r}")
         self.logger.write(f"[eval {when}] " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
+        if self.step > 0:
+            self._keep_if_best(metrics)
         return metrics
+
+    def _keep_if_best(self, metrics: dict[str, Any]) -> None:
+        """--save_best_by: save the actor of a trained state whose held-out metric beats every earlier one."""
+        a = self.args
+        if not a.save_best_by or not a.output_dir:
+            return
+        if a.save_best_by not in metrics:
+            raise FlagError(f"--save_best_by {a.save_best_by}: the evaluation reports no such metric (it reports "
+                            f"{', '.join(k for k, v in metrics.items() if isinstance(v, float))})")
+        value = metrics[a.save_best_by]
+        if self.best is not None and value <= self.best["value"]:
+            return
+        self.best = {"metric": a.save_best_by, "value": value, "when": metrics["when"], "step": self.step,
+                     "eval_index": len(self.history) - 1}
+        save_hf_model(self.engine.actor, self.tokenizer, f"{a.output_dir}/{BEST_DIR}")
+        self.logger.write(f"--save_best_by {a.save_best_by}: {value:.4f} at {metrics['when']} is the best so far; "
+                          f"actor kept in {a.output_dir}/{BEST_DIR}")
 
     def _next_ptx(self) -> dict[str, torch.Tensor]:
         """The next PTX batch; the text loader starts a new (reshuffled) pass when one ends."""
@@ -175,6 +233,7 @@ class RLHFRun:
             state = checkpoint.resume_state(a.output_dir, self.engine.trained_engines(), key)
             # The first run's evaluations (its "start (SFT)" one included) replace the resumed model's.
             self.history[:] = state.get("history", self.history)
+            self.best = state.get("best", self.best)
             if "kl_ctl" in state:
                 self.trainer.kl_ctl.load_state_dict(state["kl_ctl"])
                 self.step = state["step"]
@@ -189,7 +248,8 @@ class RLHFRun:
                 if epoch == state["epoch"] and i < state["batch"]:
                     continue
                 batch = to_device(batch, self.dev)
-                buffer.append(self.trainer.generate_experience(batch["prompt"], batch["prompt_att_mask"]))
+                buffer.append(self.trainer.generate_experience(batch["prompt"], batch["prompt_att_mask"],
+                                                               batch["prompt_text"], batch["fields"]))
                 if len(buffer) < a.generation_batches:
                     continue
                 self._update(buffer)
@@ -197,15 +257,18 @@ class RLHFRun:
                     exp = buffer[-1]
                     self.logger.write(f"  sample: {self.tokenizer.decode(exp['seq'][0], skip_special_tokens=True)!r}")
                 buffer = []
+                if a.eval_interval and self.step % a.eval_interval == 0:  # before the checkpoint, which keeps it
+                    self.evaluate(f"step {self.step}")
                 if a.save_interval and a.output_dir and self.step % a.save_interval == 0:
                     checkpoint.save(a.output_dir, self.engine.trained_engines(),
                                     {"epoch": epoch, "batch": i + 1, "step": self.step, "updates": self.updates,
                                      "kl_ctl": self.trainer.kl_ctl.state_dict(), "resume_key": key,
-                                     "history": self.history, "ptx_drawn": self.ptx_drawn})
+                                     "history": self.history, "ptx_drawn": self.ptx_drawn, "best": self.best})
                 if a.enable_test_mode and self.step >= a.test_stop_step:
                     stop = True
                     break
-            self.evaluate(f"epoch {epoch + 1}")
+            if self.history[-1]["when"] != f"step {self.step}":  # not evaluated at this step already
+                self.evaluate(f"epoch {epoch + 1}")
             if stop:
                 break
         self.logger.close()
@@ -260,12 +323,22 @@ class RLHFRun:
                    "actor_optimizer_steps": self.engine.actor.global_steps, "ptx_batches": self.ptx_drawn}
         if self.builtin:
             metrics["chosen_judge"] = heldout_chosen_judge(len(self.prompts))
+        best_earlier = self.best is not None and self.best["eval_index"] != len(self.history) - 1
+        if self.best is not None:
+            metrics["saved"] = self.best | {"final_state": not best_earlier}
         # The actor's completion marker is written last: it is the one e2e takes as "step 3 done".
         if self.engine.critic is not None:
             save_hf_model(self.engine.critic, self.tokenizer, f"{a.output_dir}/critic")
         if self.engine.ema is not None:
             save_hf_model(self.engine.ema, self.tokenizer, f"{a.output_dir}/actor_ema")
-        save_hf_model(self.engine.actor, self.tokenizer, f"{a.output_dir}/actor", {"dschat_metrics.json": metrics})
+        if best_earlier:  # --save_best_by: the best evaluated state, not the last one
+            promote_dir(f"{a.output_dir}/{BEST_DIR}", f"{a.output_dir}/actor", {"dschat_metrics.json": metrics})
+            dist.print_rank0(f"--save_best_by {a.save_best_by}: saved the actor of {self.best['when']} "
+                             f"({self.best['value']:.4f}), not the last state ({self.history[-1][a.save_best_by]:.4f})")
+        else:
+            save_hf_model(self.engine.actor, self.tokenizer, f"{a.output_dir}/actor", {"dschat_metrics.json": metrics})
+        if dist.is_rank0():
+            shutil.rmtree(f"{a.output_dir}/{BEST_DIR}", ignore_errors=True)
 
     def summary(self) -> str:
         """SFT vs RLHF on held-out prompts, next to the chosen demonstrations' judge score."""
@@ -277,6 +350,8 @@ class RLHFRun:
                  f"{'KL to reference':<22}{first['kl']:>14.3f}{last['kl']:>14.3f}"]
         if "gold_score" in last:
             lines.append(f"{'gold reward score':<22}{first['gold_score']:>14.3f}{last['gold_score']:>14.3f}")
+        for key in [k for k in last if k.startswith(("reward/", "pass@"))]:
+            lines.append(f"{key:<22}{first.get(key, float('nan')):>14.3f}{last[key]:>14.3f}")
         if self.builtin:
             lines.append(f"{'judge score':<22}{first['judge']:>14.3f}{last['judge']:>14.3f}")
             lines.append(f"judge score of the chosen demonstrations for these prompts: "
@@ -284,6 +359,20 @@ class RLHFRun:
         for (prompt, before), (_, after) in zip(first.get("answers", []), last.get("answers", [])):
             lines += [f"prompt: {prompt!r}", f"  SFT:  {before!r}", f"  RLHF: {after!r}"]
         return "\n".join(lines)
+
+
+def promote_dir(src: str, out_dir: str, extra_json: dict[str, Any]) -> None:
+    """Make a saved model folder `src` the (atomically replaced) `out_dir`, with `extra_json` files and its
+    completion marker written last (rank 0 writes; every rank waits)."""
+    if dist.is_rank0():
+        with atomic_dir(out_dir) as tmp:
+            for f in Path(src).iterdir():
+                if f.name != DONE_MARKER and f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+            for name, content in extra_json.items():
+                (tmp / name).write_text(json.dumps(content, indent=1))
+            (tmp / DONE_MARKER).write_text(json.dumps({"complete": True}))
+    dist.barrier()
 
 
 def split_micro_batches(buffer: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:

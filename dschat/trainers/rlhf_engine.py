@@ -4,11 +4,13 @@ actor   step-1 model, trained (ZeRO --actor_zero_stage, optional LoRA)
 ref     frozen copy of the step-1 model (ZeRO-3 when the actor is ZeRO-3, else 0); with LoRA-only
         training (--only_optimize_lora) the actor engine with its adapters off instead of a copy
 critic  step-2 reward model, trained, per-token values (ZeRO --critic_zero_stage, optional LoRA);
-        only for estimators that need values (gae)
+        only for estimators that need values (gae); with --critic_from_actor the actor with a fresh value head
 reward  frozen step-2 reward model (ZeRO-3 when the critic is ZeRO-3, else 0); likewise the critic with
-        its adapters off (and its original head) when the critic trains LoRA only
+        its adapters off (and its original head) when the critic trains LoRA only; only when --reward_fn
+        names `reward_model` (rule-based rewards need no model)
+gold    optional second reward model that only scores evaluation answers (--gold_reward_model)
 ema     optional exponential moving average of the actor (--enable_ema)
-This module only builds them; how PPO uses them lives in ppo.py.
+This module only builds them (and the reward set that scores rollouts); how PPO uses them lives in ppo.py.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from transformers import AutoModelForCausalLM
 from dschat.models.heads import check_trained_reward_model, create_reward_model
 from dschat.models.loading import create_hf_model, load_tokenizer, read_json, split_model_path
 from dschat.models.lora import WithoutAdapters, apply_lora
+from dschat.rewards.combine import RewardSet
+from dschat.rewards.model import RewardModelScorer
+from dschat.rewards.registry import RewardContext
 from dschat.runtime import dist
 from dschat.runtime.ds_config import get_eval_ds_config, get_train_ds_config
 from dschat.runtime.engine import build_engine, build_frozen_engine, torch_dtype
@@ -70,14 +75,25 @@ class RLHFEngine:
     `with_critic` comes from the advantage estimator: critic-free estimators build no critic at all.
     """
 
-    def __init__(self, args: argparse.Namespace, tokenizer, dtype: str, total_steps: int, with_critic: bool = True):
+    def __init__(self, args: argparse.Namespace, tokenizer, dtype: str, total_steps: int, with_critic: bool = True,
+                 with_reward_model: bool = True):
         self.args, self.tokenizer, self.dtype = args, tokenizer, dtype
         self.torch_dtype = torch_dtype(dtype)
-        # The reward model (and critic) must be a trained step-2 output: checked before any engine is built.
-        check_trained_reward_model(args.critic_model_name_or_path, "--critic_model_name_or_path",
-                                   args.trust_remote_code)
-        directory, _ = split_model_path(args.critic_model_name_or_path)
-        self.reward_stats = read_reward_stats(directory)
+        critic_from_actor = with_critic and getattr(args, "critic_from_actor", False)
+        uses_rm_path = with_reward_model or (with_critic and not critic_from_actor)
+        self.reward_stats: dict[str, Any] = {}
+        directory = None
+        if uses_rm_path:
+            # The reward model (and critic) must be a trained step-2 output: checked before any engine is built.
+            check_same_tokenizer(tokenizer, args.actor_model_name_or_path, args.critic_model_name_or_path,
+                                 args.trust_remote_code)
+            check_trained_reward_model(args.critic_model_name_or_path, "--critic_model_name_or_path",
+                                       args.trust_remote_code)
+            directory, _ = split_model_path(args.critic_model_name_or_path)
+            self.reward_stats = read_reward_stats(directory) if with_reward_model else {}
+        self.gold, self.gold_stats = None, {}
+        if args.gold_reward_model:
+            self.gold, self.gold_stats = self._gold_reward_model(args.gold_reward_model)
         world = dist.world_size()
         tb = args.tensorboard_path if args.enable_tensorboard else None
         micro = args.per_device_training_batch_size
@@ -97,7 +113,7 @@ class RLHFEngine:
         # with its adapters off, not a second copy (unless that copy was asked to be offloaded).
         lora_only = args.only_optimize_lora and not args.no_shared_base
         self.shared = {"ref": lora_only and args.actor_lora_dim > 0 and not args.offload_reference_model,
-                       "reward": lora_only and with_critic and args.critic_lora_dim > 0
+                       "reward": lora_only and with_critic and not critic_from_actor and args.critic_lora_dim > 0
                        and not args.offload_reward_model}
         self.ref = WithoutAdapters(self.actor) if self.shared["ref"] else \
             build_frozen_engine(self._causal_lm(copy.deepcopy(ref_cfg)), copy.deepcopy(ref_cfg))
@@ -110,19 +126,53 @@ class RLHFEngine:
         self.critic = None
         if with_critic:
             self.critic = self._critic(train_cfg(args.critic_zero_stage, args.gradient_accumulation_steps,
-                                                 "step3_critic"), total_steps)
-        reward_stage = 3 if args.critic_zero_stage == 3 else 0
-        reward_cfg = get_eval_ds_config(stage=reward_stage, dtype=dtype, world_size=world,
-                                        offload=args.offload_reward_model)
-        self.reward = WithoutAdapters(self.critic) if self.shared["reward"] else \
-            build_frozen_engine(self._reward_model(reward_cfg), reward_cfg)
+                                                 "step3_critic"), total_steps, critic_from_actor)
+        self.reward = None
+        if with_reward_model:
+            reward_stage = 3 if args.critic_zero_stage == 3 else 0
+            reward_cfg = get_eval_ds_config(stage=reward_stage, dtype=dtype, world_size=world,
+                                            offload=args.offload_reward_model)
+            self.reward = WithoutAdapters(self.critic) if self.shared["reward"] else \
+                build_frozen_engine(self._reward_model(reward_cfg), reward_cfg)
         for name, base in (("reference", "actor"), ("reward model", "critic")):
             if self.shared["ref" if base == "actor" else "reward"]:
                 dist.print_rank0(f"{name}: the {base} with its LoRA adapters off (--only_optimize_lora keeps its "
                                  f"base weights as loaded), no second copy")
-        if args.normalize_reward and not self.reward_stats:
+        if with_reward_model and args.normalize_reward and not self.reward_stats:
             dist.print_rank0(f"note: {directory} has no reward_stats.json (not a dschat step-2 output), so reward "
                              f"scores are used unnormalised")
+
+    def _gold_reward_model(self, path: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """--gold_reward_model: a trained reward model with the actor's tokenizer, evaluation only (one per rank),
+        and its reward_stats.json."""
+        from transformers import AutoModelForSequenceClassification
+
+        from dschat.models.builtin import resolve_model_name
+        from dschat.models.loading import load_model
+        from dschat.runtime.engine import device
+
+        a = self.args
+        path = resolve_model_name(path)
+        check_trained_reward_model(path, "--gold_reward_model", a.trust_remote_code)
+        check_same_tokenizer(self.tokenizer, a.actor_model_name_or_path, path, a.trust_remote_code,
+                             "--gold_reward_model")
+        model = load_model(AutoModelForSequenceClassification, path, dtype=self.torch_dtype,
+                           trust_remote_code=a.trust_remote_code)
+        return model.to(device()).eval().requires_grad_(False), read_reward_stats(split_model_path(path)[0])
+
+    def reward_set(self) -> RewardSet:
+        """The rewards --reward_fn names, weighted by --reward_weights, with this engine's reward model."""
+        a = self.args
+        ctx = RewardContext(max_answer_seq_len=a.max_answer_seq_len, overlong_buffer_len=a.overlong_buffer_len,
+                            reward_model=self.reward, reward_stats=self.reward_stats,
+                            normalize_reward=a.normalize_reward, clip_reward_value=a.clip_reward_value)
+        return RewardSet.from_flags(a.reward_fn, a.reward_weights, ctx)
+
+    def gold_scorer(self) -> RewardModelScorer | None:
+        """--gold_reward_model's scorer: the same normalisation and clipping as the training reward model."""
+        if self.gold is None:
+            return None
+        return RewardModelScorer(self.gold, self.gold_stats, self.args.normalize_reward, self.args.clip_reward_value)
 
     def trained_engines(self) -> dict[str, Any]:
         """The engines a checkpoint holds: actor, critic (if any), ema (if any)."""
@@ -140,16 +190,23 @@ class RLHFEngine:
 
     def _actor(self, ds_config: dict, total_steps: int):
         a = self.args
-        model = self._causal_lm(ds_config, a.actor_dropout, a.actor_gradient_checkpointing)
+        model = self._causal_lm(ds_config, 0.0 if a.actor_dropout is None else a.actor_dropout,  # no dropout unless asked
+                                a.actor_gradient_checkpointing)
         if a.actor_lora_dim > 0:
             model = apply_lora(model, a.actor_lora_dim, a.actor_lora_module_name, a.only_optimize_lora,
                                "--actor_lora_module_name")
         return build_engine(model, ds_config, a.actor_learning_rate, a.actor_weight_decay, a.actor_lora_learning_rate,
                             a.lr_scheduler_type, a.num_warmup_steps, total_steps)
 
-    def _critic(self, ds_config: dict, total_steps: int):
+    def _critic(self, ds_config: dict, total_steps: int, from_actor: bool = False):
         a = self.args
-        model = self._reward_model(ds_config, a.critic_dropout, a.critic_gradient_checkpointing)
+        if from_actor:  # --critic_from_actor: the one place a fresh (untrained) value head is allowed
+            model = create_reward_model(a.actor_model_name_or_path, self.tokenizer, ds_config, self.torch_dtype,
+                                        0.0 if a.critic_dropout is None else a.critic_dropout, a.trust_remote_code,
+                                        gradient_checkpointing=a.critic_gradient_checkpointing, allow_fresh_head=True)
+        else:
+            model = self._reward_model(ds_config, 0.0 if a.critic_dropout is None else a.critic_dropout,
+                                       a.critic_gradient_checkpointing)
         if a.critic_lora_dim > 0:
             model = apply_lora(model, a.critic_lora_dim, a.critic_lora_module_name, a.only_optimize_lora,
                                "--critic_lora_module_name", keep_trainable=("score",))

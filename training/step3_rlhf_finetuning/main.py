@@ -24,8 +24,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unsup_coef", type=float, default=27.8)
     p.add_argument("--actor_model_name_or_path", type=str, default="output/actor-models/builtin",
                    help="Step-1 output (the e2e default location).")
-    p.add_argument("--critic_model_name_or_path", type=str, default="output/reward-models/builtin",
-                   help="Step-2 output (the e2e default location).")
+    p.add_argument("--critic_model_name_or_path", type=str, default=None,
+                   help="Step-2 output: the reward model (--reward_fn reward_model) and the critic's start (gae). "
+                        "Default output/reward-models/builtin (the e2e location) where one is used; refused where "
+                        "none is (rule-based rewards with a critic-free estimator or --critic_from_actor).")
     p.add_argument("--num_padding_at_beginning", type=int, default=1,
                    help="Accepted for compatibility; end positions come from the attention mask.")
     p.add_argument("--per_device_generation_batch_size", type=int, default=16)
@@ -47,7 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        else None)
         p.add_argument(f"--{role}_zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
         p.add_argument(f"--{role}_gradient_checkpointing", action="store_true")
-        p.add_argument(f"--{role}_dropout", type=float, default=None)
+        p.add_argument(f"--{role}_dropout", type=float, default=None,
+                       help=f"Dropout of the {role} while it trains (default none: PPO's old and new log-probs "
+                            f"{'and values ' if role == 'critic' else ''}must come from one function; the model "
+                            f"config's own rates are replaced by 0).")
         add_lora_args(p, f"{role}_")
     add_ppo_args(p)
     add_run_args(p, tb_default="step3_tensorboard")
