@@ -56,7 +56,12 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
     ppo.add_argument("--cliprange_value", type=float, default=0.2)
     ppo.add_argument("--gamma", type=float, default=1.0)
     ppo.add_argument("--lam", type=float, default=0.95)
-    ppo.add_argument("--kl_estimator", type=str, default="k1", choices=sorted(KL_ESTIMATORS))
+    ppo.add_argument("--kl_estimator", type=str, default=None, choices=sorted(KL_ESTIMATORS),
+                     help="Per-token KL estimate from actor samples, r = log pi - log ref (Schulman): k1 = r, "
+                          "k2 = r^2 / 2, k3 = exp(-r) - 1 + r. In the reward (default k1) each estimates "
+                          "KL(pi||ref). As a loss (--use_kl_loss; default k2) what counts is the gradient: "
+                          "k2's is that of KL(pi||ref), k3's that of the reverse KL(ref||pi), and k1's is 0 in "
+                          "expectation (refused there).")
     ppo.add_argument("--target_kl", type=float, default=None,
                      help="Use Ziegler et al.'s adaptive KL controller with this target (per sequence).")
     ppo.add_argument("--kl_horizon", type=int, default=10000)
@@ -83,7 +88,8 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
                           "forward fewer per PPO step, the same values.")
     ppo.add_argument("--use_kl_loss", action="store_true",
                      help="Put the KL to the reference in the actor's loss (coefficient --kl_ctl, estimator "
-                          "--kl_estimator; k3 is the usual choice) instead of in the reward.")
+                          "--kl_estimator: k2 by default, k3 for the reverse KL; k1 is refused) instead of in the "
+                          "reward.")
     rw = p.add_argument_group("rewards")
     rw.add_argument("--reward_fn", type=str, nargs="+", default=["reward_model"],
                     help="What scores a rollout: registered rewards (reward_model: the step-2 model at "
@@ -138,6 +144,7 @@ def check_rlhf_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise FlagError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     check_ppo_numbers(args)
+    resolve_kl_estimator(args)
     estimator = ADVANTAGE_ESTIMATORS[args.advantage_estimator]
     check_reward_args(args, estimator.needs_critic)
     if estimator.needs_group and args.n_samples_per_prompt < 2:
@@ -169,6 +176,17 @@ def check_rlhf_args(args: argparse.Namespace) -> None:
         raise FlagError("a hub --unsupervised_dataset_name needs --unsupervised_dataset_config_name too")
     # PTX adds a second backward per step, so the actor accumulates twice as many micro-batches.
     args.actor_gradient_accumulation_steps = args.gradient_accumulation_steps * (2 if args.unsupervised_dataset_name else 1)
+
+
+def resolve_kl_estimator(args: argparse.Namespace) -> None:
+    """--kl_estimator: k2 by default with --use_kl_loss (k1 refused there: its gradient is 0 in expectation), k1
+    in the reward."""
+    if args.use_kl_loss and args.kl_estimator == "k1":
+        raise FlagError("--kl_estimator k1 with --use_kl_loss regularises nothing: the gradient of k1 = log pi - "
+                        "log ref is grad log pi, whose expectation under the actor's samples is 0; use k2 "
+                        "(KL(pi||ref)'s gradient, the default) or k3 (the reverse KL(ref||pi))")
+    if args.kl_estimator is None:
+        args.kl_estimator = "k2" if args.use_kl_loss else "k1"
 
 
 DEFAULT_REWARD_MODEL = "output/reward-models/builtin"  # e2e's step-2 output folder

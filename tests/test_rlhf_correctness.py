@@ -1,0 +1,59 @@
+"""Issue 27's step-3 defects (2, 3, 5, 6, 7, 9, 12, 15) as small exact checks: KL as a loss, the EMA in bf16 and per
+optimizer step, the learning-rate schedule's length, on-policy log-probs under sampling temperature, fp32
+log-probs under bf16, GRPO's KL penalty, the EMA through a resume, DeepSpeed behind runtime/."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from dschat.algos.kl import kl_penalty
+from dschat.runtime.errors import FlagError
+from tests.helpers import REPO
+
+
+def step3_parse_args():
+    """training/step3_rlhf_finetuning/main.py's parse_args (the flag checks included)."""
+    spec = importlib.util.spec_from_file_location("step3_main", REPO / "training/step3_rlhf_finetuning/main.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.parse_args
+
+
+# 2. KL as a loss: exact expectations over a small categorical, as if every answer token were sampled.
+def expected_kl_loss_grad(estimator: str, theta: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """grad_theta E_{x~pi}[k(x)] with the samples' distribution held fixed (what a sampled loss estimates)."""
+    theta = theta.clone().requires_grad_(True)
+    logp = torch.log_softmax(theta, -1)
+    loss = (logp.exp().detach() * kl_penalty(logp, ref_logp, estimator)).sum()
+    loss.backward()
+    return theta.grad
+
+
+def test_kl_loss_gradients_per_estimator_in_expectation():
+    theta = torch.tensor([[0.3, -1.2, 0.8, 0.1, -0.4]], dtype=torch.float64)
+    ref_logp = torch.log_softmax(torch.tensor([[-0.5, 0.4, 0.2, -1.0, 0.9]], dtype=torch.float64), -1)
+
+    def exact_grad(divergence) -> torch.Tensor:
+        t = theta.clone().requires_grad_(True)
+        divergence(torch.log_softmax(t, -1)).backward()
+        return t.grad
+
+    forward_kl = exact_grad(lambda logp: (logp.exp() * (logp - ref_logp)).sum())  # KL(pi || ref)
+    reverse_kl = exact_grad(lambda logp: (ref_logp.exp() * (ref_logp - logp)).sum())  # KL(ref || pi)
+    assert forward_kl.norm() > 0.1 and reverse_kl.norm() > 0.1
+    assert expected_kl_loss_grad("k1", theta, ref_logp).norm() < 1e-6  # regularises nothing (kl_penalty is fp32)
+    torch.testing.assert_close(expected_kl_loss_grad("k2", theta, ref_logp), forward_kl, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(expected_kl_loss_grad("k3", theta, ref_logp), reverse_kl, atol=1e-6, rtol=1e-5)
+
+
+def test_kl_loss_refuses_k1_and_defaults_to_k2():
+    parse_args = step3_parse_args()
+    with pytest.raises(FlagError, match="--kl_estimator k1 with --use_kl_loss regularises nothing"):
+        parse_args(["--use_kl_loss", "--kl_estimator", "k1"])
+    assert parse_args(["--use_kl_loss"]).kl_estimator == "k2"
+    assert parse_args(["--use_kl_loss", "--kl_estimator", "k3"]).kl_estimator == "k3"
+    assert parse_args([]).kl_estimator == "k1"  # in the reward, k1 stays DeepSpeed-Chat's default
+    assert parse_args(["--kl_estimator", "k2"]).kl_estimator == "k2"
