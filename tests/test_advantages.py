@@ -52,15 +52,28 @@ def test_group_stats_never_mix_groups():
 
 
 def test_grpo_by_hand():
-    adv = grpo_advantages(REWARDS, MASK, GROUP)
+    adv = grpo_advantages(REWARDS, MASK, REWARDS[:, 1], GROUP)
     s = 2 ** -0.5  # (1 - 2) / sqrt(2) and (3 - 2) / sqrt(2); the second group's answers score alike -> 0
     close(adv, [[-s, -s], [s, s], [0, 0], [0, 0]], atol=1e-4)
+
+
+def test_grpo_normalises_the_scores_only_and_adds_the_kl_penalty_to_come():
+    """Issue 27 (12): the KL penalty in the token rewards is not divided by the group's std."""
+    rewards = torch.tensor([[-0.1, -0.2 + 1.0], [-0.3, 3.0], [-0.4, 2.0], [-0.0, 2.0]])  # KL penalty + end score
+    scores = torch.tensor([1.0, 3.0, 2.0, 2.0])
+    s = 2 ** -0.5  # (1 - 2) / sqrt(2), (3 - 2) / sqrt(2); the second group's scores are alike -> 0
+    adv = grpo_advantages(rewards, MASK, scores, GROUP)
+    close(adv, [[-s - 0.3, -s - 0.2], [s - 0.3, s], [-0.4, 0.0], [0.0, 0.0]], atol=1e-4)
+    adv, ret = get_estimator("grpo").fn(AdvantageInputs(rewards, MASK, scores, GROUP))
+    close(adv, [[-s - 0.3, -s - 0.2], [s - 0.3, s], [-0.4, 0.0], [0.0, 0.0]], atol=1e-4)
+    assert ret is None
 
 
 def test_grpo_and_rloo_are_zero_on_masked_tokens():
     mask = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
     rewards = torch.tensor([[1.0, 0.0], [0.0, 3.0], [0.0, 2.0], [0.0, 2.0]])
-    for adv in (grpo_advantages(rewards, mask, GROUP), rloo_advantages(rewards, mask, GROUP)):
+    scores = torch.tensor([1.0, 3.0, 2.0, 2.0])
+    for adv in (grpo_advantages(rewards, mask, scores, GROUP), rloo_advantages(rewards, mask, GROUP)):
         assert adv[0, 1] == 0 and adv[0, 0] != 0
 
 

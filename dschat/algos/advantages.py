@@ -149,11 +149,21 @@ def discounted_returns(rewards: Tensor, action_mask: Tensor, gamma: float) -> Te
     return returns
 
 
-def grpo_advantages(rewards: Tensor, action_mask: Tensor, group: Tensor, eps: float = 1e-6) -> Tensor:
-    """GRPO: (R - mean of the prompt's group) / (group std + eps) per answer, on every valid token [B, T]."""
-    ret = sequence_returns(rewards, action_mask)
-    mean, std, _ = group_stats(ret, group)
-    return ((ret - mean) / (std + eps)).unsqueeze(1) * as_float_mask(action_mask, ret)
+def grpo_advantages(rewards: Tensor, action_mask: Tensor, scores: Tensor, group: Tensor, eps: float = 1e-6) -> Tensor:
+    """GRPO: the score normalised in its prompt's group, (s - group mean) / (group std + eps), on every valid token,
+    plus the KL penalty still to come in that answer (sum over t' >= t of the token rewards besides the score) [B, T].
+
+    Only the scores are normalised: dividing the KL penalty by the group's std (as normalising whole returns
+    does) would scale --kl_ctl by 1 / std, a far stronger pull to the reference in groups that score alike.
+    With --use_kl_loss the token rewards are the score alone and this is GRPO's usual advantage.
+    """
+    mask = as_float_mask(action_mask, rewards.float())
+    last, has_any = last_valid_index(mask)
+    score = scores.float() * has_any  # the score compute_rewards put at each answer's last token (none if empty)
+    penalty = rewards.float().scatter_add(1, last.unsqueeze(1), -score.unsqueeze(1))
+    mean, std, _ = group_stats(score, group)
+    normalised = (score - mean) / (std + eps)
+    return normalised.unsqueeze(1) * mask + discounted_returns(penalty, mask, 1.0)
 
 
 def rloo_advantages(rewards: Tensor, action_mask: Tensor, group: Tensor) -> Tensor:
@@ -173,8 +183,8 @@ def subtract_group_baseline(rewards: Tensor, action_mask: Tensor, scores: Tensor
 
 @register_estimator("grpo", needs_critic=False, whiten=False, needs_group=True)
 def _grpo(inp: AdvantageInputs) -> tuple[Tensor, None]:
-    """GRPO (Shao et al. 2024): group-normalised outcome returns, no critic."""
-    return grpo_advantages(inp.rewards, inp.action_mask, inp.group), None
+    """GRPO (Shao et al. 2024): group-normalised scores (plus the KL penalty to come, unnormalised), no critic."""
+    return grpo_advantages(inp.rewards, inp.action_mask, inp.scores, inp.group), None
 
 
 @register_estimator("rloo", needs_critic=False, whiten=False, needs_group=True)
