@@ -57,3 +57,22 @@ def test_kl_loss_refuses_k1_and_defaults_to_k2():
     assert parse_args(["--use_kl_loss", "--kl_estimator", "k3"]).kl_estimator == "k3"
     assert parse_args([]).kl_estimator == "k1"  # in the reward, k1 stays DeepSpeed-Chat's default
     assert parse_args(["--kl_estimator", "k2"]).kl_estimator == "k2"
+
+
+# 5. The learning-rate schedule spans the optimizer steps the run takes.
+def test_optimizer_step_count_by_hand():
+    from dschat.trainers.ppo_run import count_optimizer_steps
+
+    # 8 prompts in batches 4, 4; one rollout of 2 batches; each batch of 4 rows is its own micro-batch even though
+    # the training batch (8) would hold the rollout: 2 micro-batches per rollout, not 1.
+    assert count_optimizer_steps(8, 4, 2, 1, 8, 1, 1, 1) == 2
+    # batches of 3, 3, 2 (the last one short); rollouts of 2 batches: one rollout, the short batch dropped;
+    # each batch of 3 makes 2 micro-batches of at most 2 rows: 4 micro-batches, x 2 PPO epochs, x 3 epochs
+    assert count_optimizer_steps(8, 3, 2, 1, 2, 2, 3, 1) == 24
+    # ... with accumulation 5: steps carry over between rollouts: 24 // 5
+    assert count_optimizer_steps(8, 3, 2, 1, 2, 2, 3, 5) == 4
+    # 2 answers per prompt: batches of 3 prompts are 6 rows, 3 micro-batches of 2; the last batch (2 prompts) too
+    assert count_optimizer_steps(8, 3, 1, 2, 2, 1, 1, 1) == 3 + 3 + 2
+    # test_step3's counts: 2 generation batches of 4, training batch 4, 2 PPO epochs, accumulation 2: 2 steps a
+    # rollout (PTX doubles both the backward passes and the actor's accumulation: the same optimizer steps)
+    assert count_optimizer_steps(8, 4, 2, 1, 4, 2, 1, 2) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -63,9 +64,12 @@ class RLHFRun:
         self._ptx: Iterator | None = None
         self.batches_per_epoch = len(self.prompt_loader)
         rows_per_rollout = args.per_device_generation_batch_size * args.generation_batches * args.n_samples_per_prompt
-        micro_per_rollout = rows_per_rollout // args.per_device_training_batch_size
-        cycles = args.num_train_epochs * self.batches_per_epoch // args.generation_batches
-        total = max(1, cycles * micro_per_rollout * args.ppo_epochs // args.gradient_accumulation_steps)
+        cycles = args.num_train_epochs * (self.batches_per_epoch // args.generation_batches)  # a short buffer is dropped
+        # The schedule's length: the optimizer steps the run will really take (see count_optimizer_steps).
+        total = max(1, count_optimizer_steps(len(self.prompt_loader.sampler), args.per_device_generation_batch_size,
+                                             args.generation_batches, args.n_samples_per_prompt,
+                                             args.per_device_training_batch_size, args.ppo_epochs,
+                                             args.num_train_epochs, args.gradient_accumulation_steps))
         estimator = get_estimator(args.advantage_estimator)
         reward_specs = [resolve_spec(v) for v in args.reward_fn]  # user functions load (and fail) before the models
         self.engine = RLHFEngine(args, self.tokenizer, self.dtype, total, with_critic=estimator.needs_critic,
@@ -373,6 +377,26 @@ def promote_dir(src: str, out_dir: str, extra_json: dict[str, Any]) -> None:
                 (tmp / name).write_text(json.dumps(content, indent=1))
             (tmp / DONE_MARKER).write_text(json.dumps({"complete": True}))
     dist.barrier()
+
+
+def count_optimizer_steps(prompt_rows: int, generation_batch: int, generation_batches: int, n_samples_per_prompt: int,
+                          training_batch: int, ppo_epochs: int, num_train_epochs: int,
+                          gradient_accumulation_steps: int) -> int:
+    """Optimizer steps of the actor (and critic) in a whole run: what the learning-rate schedule must span.
+
+    Each epoch the prompt loader gives this rank `prompt_rows` prompts in batches of `generation_batch` (the last
+    one shorter); every `generation_batches` batches make a rollout (a short buffer at the epoch's end is dropped),
+    each batch of rows x n_samples_per_prompt answers is cut into ceil(rows / training_batch) micro-batches
+    (split_micro_batches) and updated on `ppo_epochs` times; every `gradient_accumulation_steps` micro-batches make
+    an optimizer step, carried over between rollouts. PTX adds a backward per PPO micro-batch and doubles the
+    actor's accumulation, so its optimizer steps are the same.
+    """
+    sizes = [generation_batch] * (prompt_rows // generation_batch)
+    if prompt_rows % generation_batch:
+        sizes.append(prompt_rows % generation_batch)
+    used = len(sizes) - len(sizes) % generation_batches  # batches that complete a rollout
+    micro = sum(math.ceil(rows * n_samples_per_prompt / training_batch) for rows in sizes[:used])
+    return micro * ppo_epochs * num_train_epochs // gradient_accumulation_steps
 
 
 def split_micro_batches(buffer: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
