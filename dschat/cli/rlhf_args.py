@@ -129,6 +129,15 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
                           "reward model's score rises while this one falls, PPO is hacking its reward model.")
 
 
+def set_step3_help(p: argparse.ArgumentParser) -> None:
+    """Step 3's meaning of shared flags, once every flag is added: --compute_fp32_loss is always on here."""
+    for action in p._actions:
+        if action.dest == "compute_fp32_loss":
+            action.help = ("Accepted for DeepSpeed-Chat compatibility; step 3 always computes its log-probs (old, new, "
+                           "reference) and entropies from fp32 logits: bf16 new log-probs against fp32 old ones "
+                           "put PPO's ratios off 1 at the on-policy step.")
+
+
 def check_rlhf_args(args: argparse.Namespace) -> None:
     """Reject flag combinations that cannot work, naming the flags; derive the actor's accumulation."""
     check_common_args(args, model_dirs=("actor", "critic", "actor_ema"))

@@ -51,23 +51,23 @@ class PPOSettings:
     top_p: float = 1.0
     max_answer_seq_len: int = 64
     logprobs_from_generation: bool = False
-    fp32_loss: bool = True
     reuse_critic_forward: bool = False
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, fp32_loss: bool, reuse_critic_forward: bool = False) -> PPOSettings:
-        """The settings from step 3's flags (same names); the last two are derived by the caller."""
-        names = [f for f in cls.__dataclass_fields__ if f not in ("fp32_loss", "reuse_critic_forward")]
-        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)}, fp32_loss=fp32_loss,
+    def from_args(cls, args: argparse.Namespace, reuse_critic_forward: bool = False) -> PPOSettings:
+        """The settings from step 3's flags (same names); the last one is derived by the caller."""
+        names = [f for f in cls.__dataclass_fields__ if f != "reuse_critic_forward"]
+        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)},
                    reuse_critic_forward=reuse_critic_forward)
 
 
 def answer_logprobs(model, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                    with_entropy: bool = False, fp32: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [B, A] of the answer tokens seq[:, P:] under `model` (and their entropies if asked)."""
+                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [B, A] of the answer tokens seq[:, P:] under `model` (and their entropies if asked), always from
+    fp32 logits: old, new and reference log-probs must be one function, or a bf16 model's ratios start off 1."""
     logits = answer_logits(model, seq, attention_mask, prompt_len)
-    logprobs = logprobs_from_logits(logits, seq[:, prompt_len:], upcast=fp32)
-    return logprobs, (entropy_from_logits(logits, upcast=fp32) if with_entropy else None)
+    logprobs = logprobs_from_logits(logits, seq[:, prompt_len:], upcast=True)
+    return logprobs, (entropy_from_logits(logits, upcast=True) if with_entropy else None)
 
 
 def answer_values(critic, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -129,9 +129,9 @@ class PPOTrainer:
             logprobs = rollout.logprobs
         else:
             e.actor.eval()
-            logprobs, _ = answer_logprobs(e.actor, seq, attention_mask, p, fp32=True)
+            logprobs, _ = answer_logprobs(e.actor, seq, attention_mask, p)
             e.actor.train()
-        ref_logprobs, _ = answer_logprobs(e.ref, seq, attention_mask, p, fp32=True)
+        ref_logprobs, _ = answer_logprobs(e.ref, seq, attention_mask, p)
         values, live_values = None, None
         if e.critic is not None and self.s.reuse_critic_forward:
             # The update's one critic forward, run now with its graph kept: its detached values are the old
@@ -197,8 +197,7 @@ class PPOTrainer:
         mask, p = exp["action_mask"], exp["prompt_len"]
         # Normalise by the global token count so the loss does not depend on how the batch is sharded.
         tokens = dist.all_reduce_sum(mask.sum().double().reshape(1)).item() / dist.world_size()
-        logprobs, entropy = answer_logprobs(e.actor, exp["seq"], exp["attention_mask"], p, s.entropy_coef > 0,
-                                            s.fp32_loss)
+        logprobs, entropy = answer_logprobs(e.actor, exp["seq"], exp["attention_mask"], p, s.entropy_coef > 0)
         pg_loss, stats = policy_loss(logprobs, exp["logprobs"], exp["advantages"], mask, s.cliprange,
                                      token_count=tokens)
         actor_loss = pg_loss

@@ -76,9 +76,8 @@ class RLHFRun:
                                  with_reward_model=any(s.needs_model for s in reward_specs))
         self.rewards = self.engine.reward_set()
         self.gold = self.engine.gold_scorer()
-        # DeepSpeed-Chat's --compute_fp32_loss: without it the actor's log-probs keep the model's dtype.
-        settings = PPOSettings.from_args(args, fp32_loss=args.compute_fp32_loss or self.dtype == "fp32",
-                                         reuse_critic_forward=self._can_reuse_critic_forward(rows_per_rollout))
+        # Step 3's log-probs come from fp32 logits whatever --compute_fp32_loss says (answer_logprobs).
+        settings = PPOSettings.from_args(args, reuse_critic_forward=self._can_reuse_critic_forward(rows_per_rollout))
         generator = Generator(self.engine.actor, self.fmt, args.enable_hybrid_engine, args.actor_zero_stage,
                               args.release_inference_cache)
         self.trainer = PPOTrainer(self.engine, settings, generator, self.rewards)

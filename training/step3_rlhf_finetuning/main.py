@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dschat.cli.args import SCHEDULERS, add_data_args, add_lora_args, add_run_args  # noqa: E402
 from dschat.cli.entry import parse_step_args, run_main, run_step  # noqa: E402
-from dschat.cli.rlhf_args import add_ppo_args, check_rlhf_args  # noqa: E402
+from dschat.cli.rlhf_args import add_ppo_args, check_rlhf_args, set_step3_help  # noqa: E402
 from dschat.trainers.ppo_run import RLHFRun  # noqa: E402
 
 
@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         add_lora_args(p, f"{role}_")
     add_ppo_args(p)
     add_run_args(p, tb_default="step3_tensorboard")
+    set_step3_help(p)
     return parse_step_args(p, argv, check_rlhf_args)
 
 
