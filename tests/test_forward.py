@@ -84,7 +84,7 @@ def test_a_model_without_logits_to_keep_gets_full_logits():
 
 
 def test_sampling_logprobs_equal_a_forward_over_the_rollout(model):
-    """--logprobs_from_generation: the sampling pass's raw-logit log-probs are the experience forward's."""
+    """--logprobs_from_generation: the sampling pass's log-probs (logits / T) are the experience forward's."""
     from dschat.algos.losses import logprobs_from_logits
     from dschat.data.prompts import PromptFormat
     from dschat.models.loading import load_tokenizer
@@ -100,8 +100,8 @@ def test_sampling_logprobs_equal_a_forward_over_the_rollout(model):
     plain = generate_rollout(model, fmt, prompt, mask, do_sample=True, top_k=0, temperature=0.7, max_new_tokens=12)
     assert torch.equal(r.seq, plain.seq) and plain.logprobs is None  # keeping logits does not change sampling
     with torch.no_grad():
-        ref = logprobs_from_logits(forward.answer_logits(model, r.seq, r.attention_mask, r.prompt_len),
+        ref = logprobs_from_logits(forward.answer_logits(model, r.seq, r.attention_mask, r.prompt_len) / 0.7,
                                    r.seq[:, r.prompt_len:])
     m = r.action_mask.bool()
     assert m.sum() > 4
-    torch.testing.assert_close(r.logprobs[m], ref[m], rtol=1e-4, atol=1e-4)  # raw logits, not temperature-scaled
+    torch.testing.assert_close(r.logprobs[m], ref[m], rtol=1e-4, atol=1e-4)  # at the sampling temperature

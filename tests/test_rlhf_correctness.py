@@ -151,3 +151,85 @@ def test_bf16_new_logprobs_equal_the_old_ones_at_the_on_policy_step(monkeypatch)
     mask = exp["action_mask"].bool()
     # bf16 log-probs differed from the fp32 ones by up to ~0.03 here (a ratio off 1 by 3%)
     torch.testing.assert_close(seen["new"][mask], seen["old"][mask], atol=1e-5, rtol=0)
+
+
+# 6. Sampling settings: log-probs at the sampling temperature, generation from our flags only.
+@pytest.mark.parametrize("from_generation", [False, True])
+def test_logprobs_are_those_of_the_sampling_distribution_at_temperature(monkeypatch, from_generation):
+    """At T = 0.7, with a model whose generation_config.json asks for a repetition penalty, PPO's old log-probs are
+    the log-probs of the distribution generate really sampled from (its processed scores), and the first update's
+    mean importance ratio is 1."""
+    from dschat.trainers.loop import NanGuard
+
+    torch.manual_seed(0)
+    t, fmt = builtin_trainer(temperature=0.7, logprobs_from_generation=from_generation)
+    model = t.engine.actor.module
+    model.generation_config.repetition_penalty = 1.5  # as Qwen2.5-Instruct's 1.05, only stronger
+    real_generate, scores = model.generate, []
+
+    def spy(*args, **kwargs):  # keep the processed scores: log_softmax(scores) is the sampling distribution
+        config = kwargs["generation_config"] if "generation_config" in kwargs else None
+        wants_dict = bool(kwargs.get("return_dict_in_generate") or (config and config.return_dict_in_generate))
+        if config is not None:
+            config = config.__class__.from_dict(config.to_dict())
+            config.output_scores = config.return_dict_in_generate = True
+            kwargs["generation_config"] = config
+        else:
+            kwargs.update(output_scores=True, return_dict_in_generate=True)
+        out = real_generate(*args, **kwargs)
+        scores.append(out.scores)
+        return out if wants_dict else out.sequences
+
+    monkeypatch.setattr(model, "generate", spy)
+    exp = t.generate_experience(*builtin_prompts(fmt, 8))
+    tokens = exp["seq"][:, exp["prompt_len"]:]
+    sampled = torch.stack([torch.log_softmax(s.float(), -1).gather(-1, tokens[:, i: i + 1]).squeeze(-1)
+                           for i, s in enumerate(scores[0])], 1)
+    mask = exp["action_mask"].bool()
+    # at temperature 1 (and with the model's repetition penalty in the sampler) these differed by up to 2.4 nats
+    torch.testing.assert_close(exp["logprobs"][mask], sampled[mask], atol=1e-4, rtol=0)
+    t.add_advantages([exp])
+    stats = t.train_rlhf(exp, NanGuard(3))
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+# The critic is the tiny_reward_model fixture (tests/conftest.py): step 3 refuses a causal LM as critic.
+TINY_STEP3 = ["--actor_model_name_or_path", "builtin", "--data_split", "2,4,4", "--per_device_generation_batch_size",
+              "4", "--per_device_training_batch_size", "4", "--max_answer_seq_len", "8", "--num_judge_prompts", "4",
+              "--enable_test_mode", "--test_stop_step", "2", "--num_warmup_steps", "0", "--dtype", "fp32"]
+
+
+def tensorboard_scalars(folder) -> dict[str, list[float]]:
+    """Every scalar series TensorBoard event files under `folder` hold, by tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[float]] = {}
+    for events in sorted({p.parent for p in folder.rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
+    return out
+
+
+def test_step3_logs_a_mean_importance_ratio_of_one_at_temperature(tmp_path, tiny_reward_model):
+    from tests.helpers import STEP3, run
+
+    run([STEP3, *TINY_STEP3, "--critic_model_name_or_path", tiny_reward_model, "--output_dir", tmp_path / "out",
+         "--data_output_path", tmp_path / "data", "--temperature", "0.7", "--enable_tensorboard",
+         "--tensorboard_path", tmp_path / "tb"])
+    ratios = tensorboard_scalars(tmp_path / "tb")["train/ratio_mean"]
+    assert len(ratios) == 2 and ratios == pytest.approx([1.0, 1.0], abs=1e-5)
+
+
+def test_generation_ignores_the_models_generation_config():
+    from dschat.trainers.rollout import generate_rollout
+
+    t, fmt = builtin_trainer()
+    model = t.engine.actor.module
+    prompt, mask = builtin_prompts(fmt)
+    greedy = generate_rollout(model, fmt, prompt, mask, max_new_tokens=8, do_sample=False).seq
+    model.generation_config.repetition_penalty = 100.0
+    model.generation_config.suppress_tokens = list(range(3, 200))
+    assert torch.equal(generate_rollout(model, fmt, prompt, mask, max_new_tokens=8, do_sample=False).seq, greedy)
+    assert model.generation_config.repetition_penalty == 100.0  # the model's own config is left as it was

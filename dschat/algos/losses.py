@@ -21,7 +21,7 @@ def policy_loss(
     cliprange: float,
     token_count: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate over [B, T] masked tokens; returns (scalar loss, {"clipfrac", "approx_kl"}).
+    """PPO clipped surrogate over [B, T] masked tokens; returns (scalar loss, {"clipfrac", "approx_kl", "ratio_mean"}).
 
     The loss is divided by token_count when given (e.g. a global count, so it is independent of
     sharding), else by the local sum(mask); stats are local masked means, detached.
@@ -37,7 +37,8 @@ def policy_loss(
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
-    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
+        ratio_mean = masked_mean(ratio.detach(), mask)
+    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl, "ratio_mean": ratio_mean}
 
 
 def value_loss(

@@ -30,8 +30,14 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
                     help="Drop the generation twin after every rollout (saves memory, costs a rebuild).")
     he.add_argument("--inference_tp_size", type=int, default=1, help="Must be 1 (tensor-parallel generation is not built).")
     he.add_argument("--tp_gather_partition_size", type=int, default=8, help="Accepted for compatibility.")
-    he.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature for rollouts.")
-    he.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling for rollouts.")
+    he.add_argument("--temperature", type=float, default=1.0,
+                    help="Sampling temperature for rollouts. Every step-3 log-prob (old, new, reference: PPO's "
+                         "ratios and the KL) is taken at the same temperature (logits / T, as TRL does), so the "
+                         "policy trained is the one that sampled. Rollouts use our flags only, never the model's "
+                         "generation_config.json (its repetition_penalty, top_k, ...).")
+    he.add_argument("--top_p", type=float, default=1.0,
+                    help="Nucleus sampling for rollouts. The log-probs do not see the cut (as in TRL): below 1 the "
+                         "answers come from a truncated distribution, slightly off-policy.")
     he.add_argument("--logprobs_from_generation", action="store_true",
                     help="Take the actor's old log-probs from the sampling pass's raw logits (as TRL does) instead "
                          "of a separate forward over each rollout: one actor forward fewer per PPO step, equal "
@@ -252,7 +258,8 @@ def check_reward_args(args: argparse.Namespace, needs_critic: bool) -> None:
 # (flag, lowest, highest, whether the lowest is allowed); None: unbounded on that side.
 PPO_RANGES = (("kl_ctl", 0.0, None, True), ("clip_reward_value", 0.0, None, False), ("cliprange", 0.0, None, False),
               ("cliprange_value", 0.0, None, False), ("gamma", 0.0, 1.0, True), ("lam", 0.0, 1.0, True),
-              ("unsup_coef", 0.0, None, True), ("entropy_coef", None, None, True), ("target_kl", 0.0, None, False))
+              ("unsup_coef", 0.0, None, True), ("entropy_coef", None, None, True), ("target_kl", 0.0, None, False),
+              ("temperature", 0.0, None, False), ("top_p", 0.0, 1.0, False))
 
 
 def check_ppo_numbers(args: argparse.Namespace) -> None:

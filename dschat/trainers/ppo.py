@@ -62,10 +62,13 @@ class PPOSettings:
 
 
 def answer_logprobs(model, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [B, A] of the answer tokens seq[:, P:] under `model` (and their entropies if asked), always from
-    fp32 logits: old, new and reference log-probs must be one function, or a bf16 model's ratios start off 1."""
-    logits = answer_logits(model, seq, attention_mask, prompt_len)
+                    with_entropy: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [B, A] of the answer tokens seq[:, P:] under `model`'s logits / temperature (and their entropies if
+    asked), always from fp32 logits: old, new and reference log-probs must be one function, or a bf16 model's
+    ratios start off 1; at the sampling temperature, so that they are the log-probs of the policy that sampled."""
+    logits = answer_logits(model, seq, attention_mask, prompt_len).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logprobs = logprobs_from_logits(logits, seq[:, prompt_len:], upcast=True)
     return logprobs, (entropy_from_logits(logits, upcast=True) if with_entropy else None)
 
@@ -125,13 +128,15 @@ class PPOTrainer:
         gen_time = time.time() - start
         seq, attention_mask, p = rollout.seq, rollout.attention_mask, rollout.prompt_len
         e = self.engine
-        if from_sampling:  # the sampling pass's raw logits: one actor forward fewer (equal up to float rounding)
+        # Every log-prob of step 3 is at the sampling temperature (logits / T): the policy PPO's ratios and the KL
+        # talk about is the one that sampled the answers.
+        if from_sampling:  # the sampling pass's logits: one actor forward fewer (equal up to float rounding)
             logprobs = rollout.logprobs
         else:
             e.actor.eval()
-            logprobs, _ = answer_logprobs(e.actor, seq, attention_mask, p)
+            logprobs, _ = answer_logprobs(e.actor, seq, attention_mask, p, temperature=self.s.temperature)
             e.actor.train()
-        ref_logprobs, _ = answer_logprobs(e.ref, seq, attention_mask, p)
+        ref_logprobs, _ = answer_logprobs(e.ref, seq, attention_mask, p, temperature=self.s.temperature)
         values, live_values = None, None
         if e.critic is not None and self.s.reuse_critic_forward:
             # The update's one critic forward, run now with its graph kept: its detached values are the old
@@ -197,7 +202,8 @@ class PPOTrainer:
         mask, p = exp["action_mask"], exp["prompt_len"]
         # Normalise by the global token count so the loss does not depend on how the batch is sharded.
         tokens = dist.all_reduce_sum(mask.sum().double().reshape(1)).item() / dist.world_size()
-        logprobs, entropy = answer_logprobs(e.actor, exp["seq"], exp["attention_mask"], p, s.entropy_coef > 0)
+        logprobs, entropy = answer_logprobs(e.actor, exp["seq"], exp["attention_mask"], p, s.entropy_coef > 0,
+                                            s.temperature)
         pg_loss, stats = policy_loss(logprobs, exp["logprobs"], exp["advantages"], mask, s.cliprange,
                                      token_count=tokens)
         actor_loss = pg_loss

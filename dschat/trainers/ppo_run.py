@@ -283,12 +283,18 @@ class RLHFRun:
         start = time.time()
         micro = split_micro_batches(buffer, a.per_device_training_batch_size)
         stats: list[dict[str, float]] = []
-        for _ in range(a.ppo_epochs):
+        first_steps = self.engine.actor.global_steps
+        on_policy: list[float] = []  # ratios of micro-batches updated before this rollout's first optimizer step
+        for epoch in range(a.ppo_epochs):
             for mb in micro:
+                fresh = epoch == 0 and self.engine.actor.global_steps == first_steps
                 s = self.trainer.train_rlhf(mb, self.guard)
                 if s is None:
                     self.logger.write(f"non-finite PPO loss: update skipped ({self.guard.total} in all)")
                     continue
+                ratio = s.pop("ratio_mean")
+                if fresh:  # the actor is still the sampling policy: new / old must be 1 up to rounding
+                    on_policy.append(ratio)
                 self.updates += 1
                 if self.unsup_loader is not None:  # each PPO micro-batch gets its own PTX micro-batch
                     unsup = self.trainer.train_unsupervised(self._next_ptx(), self.guard)
@@ -303,6 +309,8 @@ class RLHFRun:
         answer_tokens = sum(b["action_mask"].sum().item() for b in buffer)
         trained_tokens = sum(b["attention_mask"].sum().item() for b in micro) * a.ppo_epochs
         logged = {k: sum(s[k] for s in stats if k in s) / max(len(stats), 1) for k in (stats[0] if stats else {})}
+        if on_policy:  # off 1 means old and new log-probs are not one function (sampling settings, dtype, dropout)
+            logged["ratio_mean"] = sum(on_policy) / len(on_policy)
         logged |= rollout | {
             "answer_len": answer_tokens / sum(b["scores"].numel() for b in buffer),
             "gen_time_s": gen_time, "experience_time_s": experience_time, "train_time_s": train_time,

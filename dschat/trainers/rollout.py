@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 
 from dschat.algos.masked import action_mask_from_tokens
 from dschat.data.collators import pad_sequences
 from dschat.data.prompts import PromptFormat
 from dschat.models.export import unwrap
+from dschat.models.heads import hf_model
 from dschat.runtime import dist
 
 
@@ -58,32 +61,58 @@ def finish_rollout(prompt: torch.Tensor, prompt_mask: torch.Tensor, seq: torch.T
                    action_mask, p)
 
 
-def step_logprobs(step_logits: tuple[torch.Tensor, ...] | list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-    """Log-probs [B, A] (fp32) of tokens [B, A] under per-step raw logits (A tensors [B, V], as `generate` keeps)."""
+def step_logprobs(step_logits: tuple[torch.Tensor, ...] | list[torch.Tensor], tokens: torch.Tensor,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs [B, A] (fp32) of tokens [B, A] under per-step raw logits (A tensors [B, V], as `generate` keeps)
+    divided by the sampling `temperature`: the distribution the tokens were drawn from (before any top-p cut)."""
     out = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
     for t, logits in enumerate(step_logits):  # one step at a time: no [B, A, V] tensor
         logits = logits.float()
+        if temperature != 1.0:
+            logits = logits / temperature
         out[:, t] = logits.gather(-1, tokens[:, t: t + 1]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return out
+
+
+def generation_config(fmt: PromptFormat, **settings) -> GenerationConfig:
+    """A GenerationConfig from `settings` (our flags) and the prompt format's pad/end tokens only."""
+    return GenerationConfig(pad_token_id=fmt.pad_token_id, eos_token_id=fmt.eos_token_id, **settings)
+
+
+@contextlib.contextmanager
+def without_model_generation_defaults(model: torch.nn.Module) -> Iterator[None]:
+    """Within: `model` has a blank generation_config, so `generate` fills what our config leaves unset with the
+    library's neutral defaults, not with the model's generation_config.json (a repetition_penalty of 1.05, a
+    top_k or a temperature there would sample from a distribution PPO's log-probs never see)."""
+    inner = hf_model(model)
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
 
 
 @torch.no_grad()
 def generate_rollout(model, fmt: PromptFormat, prompt: torch.Tensor, prompt_mask: torch.Tensor,
                      synced: bool = False, with_logprobs: bool = False, **generate_kwargs) -> Rollout:
-    """`model.generate` on left-padded prompts (in eval mode), cut after each first end-of-turn token;
-    with_logprobs: also the answer tokens' log-probs from the raw logits of the sampling pass."""
+    """`model.generate` on left-padded prompts (in eval mode) with a GenerationConfig of `generate_kwargs` only,
+    cut after each first end-of-turn token; with_logprobs: also the answer tokens' log-probs from the sampling
+    pass's raw logits at the sampling temperature."""
+    config = generation_config(fmt, output_logits=with_logprobs, return_dict_in_generate=with_logprobs,
+                               **generate_kwargs)
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(prompt, attention_mask=prompt_mask, pad_token_id=fmt.pad_token_id,
-                             eos_token_id=fmt.eos_token_id, synced_gpus=synced, output_logits=with_logprobs,
-                             return_dict_in_generate=with_logprobs, **generate_kwargs)
+        with without_model_generation_defaults(model):
+            out = model.generate(prompt, attention_mask=prompt_mask, generation_config=config, synced_gpus=synced)
     finally:
         model.train(was_training)
     seq = out.sequences if with_logprobs else out
     rollout = finish_rollout(prompt, prompt_mask, seq, fmt.eos_token_id, fmt.pad_token_id)
     if with_logprobs:
-        rollout.logprobs = step_logprobs(out.logits, seq[:, prompt.shape[1]:])
+        temperature = config.temperature if config.do_sample and config.temperature is not None else 1.0
+        rollout.logprobs = step_logprobs(out.logits, seq[:, prompt.shape[1]:], temperature)
     return rollout
 
 
