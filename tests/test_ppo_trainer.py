@@ -139,12 +139,20 @@ def test_reward_model_scores_are_normalised_with_step2_stats_and_logged_by_name(
 
 
 def test_update_ema_moves_the_ema_towards_the_actor():
-    actor, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    before = [p.detach().clone() for p in ema.parameters()]
+    from dschat.trainers.ema import ActorEMA
+
+    actor = torch.nn.Linear(2, 2)
     engine = RLHFEngine.__new__(RLHFEngine)
-    engine.actor, engine.ema = SimpleNamespace(module=actor), SimpleNamespace(module=ema)
-    engine.update_ema(beta=0.75)
-    for a, e, b in zip(actor.parameters(), ema.parameters(), before):
+    engine.actor = SimpleNamespace(module=actor, global_steps=0)
+    engine.ema = ActorEMA(engine.actor, beta=0.75)
+    before = [p.detach().clone() for p in actor.parameters()]
+    with torch.no_grad():
+        for p in actor.parameters():
+            p.add_(1.0)
+    assert not engine.update_ema()  # no optimizer step yet: nothing to follow
+    engine.actor.global_steps = 1
+    assert engine.update_ema()
+    for a, e, b in zip(actor.parameters(), engine.ema.shadow.values(), before):
         torch.testing.assert_close(e, 0.75 * b + 0.25 * a.detach())
 
 

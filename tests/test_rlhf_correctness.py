@@ -233,3 +233,113 @@ def test_generation_ignores_the_models_generation_config():
     model.generation_config.suppress_tokens = list(range(3, 200))
     assert torch.equal(generate_rollout(model, fmt, prompt, mask, max_new_tokens=8, do_sample=False).seq, greedy)
     assert model.generation_config.repetition_penalty == 100.0  # the model's own config is left as it was
+
+
+# 3. The EMA: fp32 shadow, one update per optimizer step.
+class StepCounter(torch.nn.Module):
+    """An engine-like actor whose optimizer steps every `accumulation` micro-batches (global_steps, as DeepSpeed)."""
+
+    def __init__(self, module: torch.nn.Module, accumulation: int = 1):
+        super().__init__()
+        self.module, self.accumulation, self.micro_steps, self.global_steps = module, accumulation, 0, 0
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.accumulation == 0:
+            self.global_steps += 1
+
+
+def test_bf16_ema_moves_as_an_fp32_ema():
+    from dschat.trainers.ema import ActorEMA
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    actor = StepCounter(layer)
+    ema = ActorEMA(actor, beta=0.992)
+    reference = {n: p.detach().double().clone() for n, p in layer.named_parameters()}
+    start = {n: t.clone() for n, t in reference.items()}
+    master = {n: p.detach().float().clone() for n, p in layer.named_parameters()}  # as DeepSpeed's bf16 optimizer
+    direction = {n: torch.randn_like(t).sign() for n, t in master.items()}
+    for _ in range(300):  # Adam-like steps of 1e-4: a drift and noise, in fp32 master weights copied to bf16
+        with torch.no_grad():
+            for n, p in layer.named_parameters():
+                master[n].add_(1e-4 * (0.5 * direction[n] + torch.randn_like(master[n]).sign()))
+                p.copy_(master[n])
+        actor.step()
+        assert ema.update()
+        for n, p in layer.named_parameters():
+            reference[n].lerp_(p.detach().double(), 1 - 0.992)
+    for n in reference:
+        moved = (reference[n] - start[n]).abs().mean()
+        error = (ema.shadow[n].double() - reference[n]).abs().mean()
+        # the bf16 lerp moved the weight a quarter of this (0.0022 of 0.0093), 0.0072 off the fp32 EMA:
+        # (1 - beta) x (actor - ema) is mostly below half a bf16 step and rounds away
+        assert moved > 0.005 and error < 1e-4 * moved, n
+    with ema.swapped_in():  # the EMA as the model's weights (rounded to its dtype), then the actor's back
+        torch.testing.assert_close(layer.weight.float(), ema.shadow["weight"].to(torch.bfloat16).float())
+    assert not torch.equal(layer.weight.float(), ema.shadow["weight"].to(torch.bfloat16).float())
+
+
+def test_ema_updates_once_per_optimizer_step_with_accumulation():
+    from types import SimpleNamespace
+
+    from dschat.trainers.ema import ActorEMA
+    from dschat.trainers.rlhf_engine import RLHFEngine
+
+    engine = RLHFEngine.__new__(RLHFEngine)
+    engine.actor = StepCounter(torch.nn.Linear(2, 2), accumulation=4)
+    engine.ema = ActorEMA(engine.actor)
+    for _ in range(10):  # PPO micro-batches, each followed by its PTX micro-batch, as ppo_run._update calls it
+        engine.actor.step()
+        engine.actor.step()
+        engine.update_ema()
+    assert engine.actor.global_steps == 5 and engine.ema.updates == 5
+    assert RLHFEngine.trained_engines(SimpleNamespace(actor=1, critic=None, ema=engine.ema)) == {"actor": 1}
+
+
+def test_step3_ema_counts_optimizer_steps_and_moves(tmp_path, tiny_reward_model):
+    from safetensors.torch import load_file
+
+    from dschat.models.builtin import BUILTIN_MODEL_DIR
+    from tests.helpers import STEP3, metrics, run
+
+    text = tmp_path / "unsup.txt"
+    text.write_text("\n".join(f"A pear belongs to the fruits number {i}." for i in range(200)))
+    out = tmp_path / "out"
+    run([STEP3, *TINY_STEP3, "--critic_model_name_or_path", tiny_reward_model, "--output_dir", out,
+         "--data_output_path", tmp_path / "data", "--enable_ema", "--generation_batches", "2",
+         "--gradient_accumulation_steps", "2", "--unsupervised_dataset_name", text, "--unsup_coef", "0.5",
+         "--dtype", "bf16"])
+    m = metrics(out / "actor")
+    # 2 steps x 2 micro-batches, each with a PTX micro-batch; accumulation 2 x 2 (PTX): 2 optimizer steps
+    assert m["actor_optimizer_steps"] == 2 and m["ema_updates"] == 2
+    actor, ema = load_file(out / "actor" / "model.safetensors"), load_file(out / "actor_ema" / "model.safetensors")
+    base = load_file(f"{BUILTIN_MODEL_DIR}/model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert ema[key].dtype == torch.bfloat16
+    assert not torch.equal(ema[key], actor[key]) and not torch.equal(ema[key], base[key].to(torch.bfloat16))
+
+
+# 7. Resume with --enable_ema under actor ZeRO-3: the EMA's shadow is part of the checkpoint.
+def test_two_rank_zero3_resume_restores_the_ema(tmp_path, tiny_reward_model):
+    from safetensors.torch import load_file
+
+    from tests.helpers import STEP3, metrics, run
+
+    def step3(out, stop: int, *more: str):
+        return run([STEP3, *TINY_STEP3, "--critic_model_name_or_path", tiny_reward_model, "--output_dir", out,
+                    "--data_output_path", tmp_path / "data", "--test_stop_step", str(stop), "--enable_ema",
+                    "--actor_zero_stage", "3", "--critic_zero_stage", "3", "--save_interval", "1",
+                    "--num_judge_prompts", "2", *more], ranks=2)  # later flags override TINY_STEP3's
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    step3(resumed, 1)
+    shards = sorted(p.name for p in (resumed / "checkpoints" / "step1" / "ema").iterdir())
+    assert shards == ["rank0.safetensors", "rank1.safetensors"]  # each rank's ZeRO-3 partition of the shadow
+    proc = step3(resumed, 2, "--resume")
+    assert "resuming from" in proc.stdout
+    step3(full, 2)
+    assert metrics(resumed / "actor")["ema_updates"] == 2  # one before the checkpoint, one after
+    for part in ("actor", "actor_ema"):
+        a, b = load_file(full / part / "model.safetensors"), load_file(resumed / part / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), part

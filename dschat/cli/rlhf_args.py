@@ -52,7 +52,9 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
                      help="With --only_optimize_lora the reference is the actor with its adapters off and the "
                           "reward model the critic with its adapters off (no second copy of either); this flag "
                           "builds separate frozen copies instead, as DeepSpeed-Chat does.")
-    mem.add_argument("--enable_ema", action="store_true", help="Keep an EMA (0.992) of the actor, saved as actor_ema.")
+    mem.add_argument("--enable_ema", action="store_true",
+                     help="Keep an EMA (beta 0.992, one update per optimizer step) of the actor's trainable weights in "
+                          "fp32 on the CPU (this rank's ZeRO-3 partition under ZeRO-3), saved as actor_ema.")
     mem.add_argument("--enable_mixed_precision_lora", action="store_true",
                      help="DeepSpeed-Chat's MixZ++ (quantised frozen weights); not supported here, refused.")
     ppo = p.add_argument_group("PPO (DeepSpeed-Chat hard-codes these; defaults are its values)")

@@ -1,8 +1,10 @@
-"""Resumable checkpoints: DeepSpeed engine state (model, optimizer, scheduler) per engine, plus our own
-state (data position, RNG, KL controller) as JSON. Loading never unpickles arbitrary objects: DeepSpeed's
-files are read with `torch.load(weights_only=True)`.
+"""Resumable checkpoints: DeepSpeed engine state (model, optimizer, scheduler) per engine, tensors of other
+stateful objects (the actor's EMA) as one safetensors file per rank, plus our own state (data position, RNG,
+KL controller) as JSON. Loading never unpickles arbitrary objects: DeepSpeed's files are read with
+`torch.load(weights_only=True)`.
 
-Layout: <output_dir>/checkpoints/step<N>/{<engine name>/..., state.json}; `latest` names the newest.
+Layout: <output_dir>/checkpoints/step<N>/{<engine name>/..., <extra name>/rank<R>.safetensors, state.json};
+`latest` names the newest.
 A checkpoint folder counts only once `state.json` exists, which is written last, so a kill while saving
 leaves the previous checkpoint as the one `--resume` uses.
 """
@@ -75,8 +77,9 @@ def check_compatible(state: dict[str, Any], expected: dict[str, Any], folder: Pa
                               f"resume with the same settings or start a new --output_dir")
 
 
-def save(output_dir: str, engines: dict[str, Any], state: dict[str, Any]) -> Path:
-    """Write a checkpoint of `engines` and `state` (JSON-able) for step state["step"]; all ranks call it."""
+def save(output_dir: str, engines: dict[str, Any], state: dict[str, Any], extras: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint of `engines`, `extras` (objects with state_dict() -> {name: tensor}, this rank's part) and
+    `state` (JSON-able) for step state["step"]; all ranks call it."""
     root = Path(output_dir) / "checkpoints"
     folder = root / f"step{state['step']}"
     if dist.is_rank0() and folder.exists():
@@ -84,6 +87,12 @@ def save(output_dir: str, engines: dict[str, Any], state: dict[str, Any]) -> Pat
     dist.barrier()
     for name, engine in engines.items():
         engine.save_checkpoint(str(folder / name), tag="state", save_latest=False)
+    for name, obj in (extras or {}).items():
+        from safetensors.torch import save_file
+
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in obj.state_dict().items()}
+        save_file(tensors, str(folder / name / f"rank{dist.rank()}.safetensors"))
     rngs = dist.all_gather_object(_rng_state())
     if dist.is_rank0():
         tmp = folder / "state.json.tmp"
@@ -109,8 +118,9 @@ def latest(output_dir: str) -> Path | None:
     return done[-1] if done else None
 
 
-def load(folder: Path, engines: dict[str, Any]) -> dict[str, Any]:
-    """Restore `engines` and this rank's RNG from `folder`; returns the saved state."""
+def load(folder: Path, engines: dict[str, Any], extras: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore `engines`, then `extras` (load_state_dict of this rank's tensors), and this rank's RNG from `folder`;
+    returns the saved state."""
     try:
         state = json.loads((folder / "state.json").read_text())
     except (OSError, ValueError) as err:
@@ -124,12 +134,25 @@ def load(folder: Path, engines: dict[str, Any]) -> dict[str, Any]:
         path, _ = engine.load_checkpoint(str(folder / name), tag="state")
         if path is None:
             raise CheckpointError(f"checkpoint {folder / name} could not be loaded")
+    for name, obj in (extras or {}).items():
+        from safetensors.torch import load_file
+
+        path = folder / name / f"rank{dist.rank()}.safetensors"
+        if not path.exists():
+            raise CheckpointError(f"--resume: checkpoint {folder} holds no {name} state ({path.name} missing): it was "
+                                  f"written without it (e.g. without --enable_ema) or by an older version; resume "
+                                  f"with the flags it was written with or start a new --output_dir")
+        try:
+            obj.load_state_dict(load_file(str(path)))
+        except ValueError as err:
+            raise CheckpointError(f"{path}: {err}") from err
     _set_rng_state(state["rng"][dist.rank()])
     return state
 
 
-def resume_state(output_dir: str | None, engines: dict[str, Any], expected: dict[str, Any]) -> dict[str, Any]:
-    """With --resume: load the latest checkpoint under `output_dir` (or say there is none).
+def resume_state(output_dir: str | None, engines: dict[str, Any], expected: dict[str, Any],
+                 extras: dict[str, Any] | None = None) -> dict[str, Any]:
+    """With --resume: load the latest checkpoint under `output_dir` (or say there is none); `extras` as in load().
 
     `expected` holds the settings that fix the data position; a checkpoint written with others is refused.
     """
@@ -146,4 +169,4 @@ def resume_state(output_dir: str | None, engines: dict[str, Any], expected: dict
         raise CheckpointError(f"{folder}/state.json: cannot read: {err}") from err
     check_compatible(saved, expected, folder)
     dist.print_rank0(f"resuming from {folder}")
-    return load(folder, engines)
+    return load(folder, engines, extras)

@@ -81,6 +81,12 @@ def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_deca
     return engine
 
 
+def local_tensor(param: torch.nn.Parameter) -> torch.Tensor:
+    """The part of a parameter this rank stores: its ZeRO-3 partition (flat, possibly padded), else the whole
+    tensor. Writing into it changes what the next ZeRO-3 gather (or a plain forward) sees."""
+    return param.ds_tensor.data if hasattr(param, "ds_tensor") else param.data
+
+
 def build_frozen_engine(model: torch.nn.Module, ds_config: dict):
     """deepspeed.initialize for a model that is never trained (reference, reward)."""
     import deepspeed

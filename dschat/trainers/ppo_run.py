@@ -175,8 +175,7 @@ class RLHFRun:
         for name in self.rewards.names:
             if total[f"count/{name}"]:
                 metrics[f"reward/{name}"] = total[f"reward/{name}"] / total[f"count/{name}"]
-            if total[f"prompts/{name}"] and not total[f"nonbinary/{name}"] and \
-                    not self.rewards.specs[self.rewards.names.index(name)].needs_tokens:
+            if total[f"prompts/{name}"] and self.rewards.binary(name, total[f"nonbinary/{name}"]):
                 for k in pass_ks(n):
                     metrics[f"pass@{k}/{name}"] = total[f"pass@{k}/{name}"] / total[f"prompts/{name}"]
         if self.gold is not None:
@@ -233,7 +232,8 @@ class RLHFRun:
                "group_by_length": a.group_by_length}
         state = {"epoch": 0, "batch": 0}
         if a.resume:
-            state = checkpoint.resume_state(a.output_dir, self.engine.trained_engines(), key)
+            state = checkpoint.resume_state(a.output_dir, self.engine.trained_engines(), key,
+                                            self.engine.checkpoint_extras())
             # The first run's evaluations (its "start (SFT)" one included) replace the resumed model's.
             self.history[:] = state.get("history", self.history)
             self.best = state.get("best", self.best)
@@ -266,7 +266,8 @@ class RLHFRun:
                     checkpoint.save(a.output_dir, self.engine.trained_engines(),
                                     {"epoch": epoch, "batch": i + 1, "step": self.step, "updates": self.updates,
                                      "kl_ctl": self.trainer.kl_ctl.state_dict(), "resume_key": key,
-                                     "history": self.history, "ptx_drawn": self.ptx_drawn, "best": self.best})
+                                     "history": self.history, "ptx_drawn": self.ptx_drawn, "best": self.best},
+                                    self.engine.checkpoint_extras())
                 if a.enable_test_mode and self.step >= a.test_stop_step:
                     stop = True
                     break
@@ -300,7 +301,7 @@ class RLHFRun:
                     unsup = self.trainer.train_unsupervised(self._next_ptx(), self.guard)
                     if unsup is not None:
                         s["unsup_loss"] = unsup
-                self.engine.update_ema()
+                self.engine.update_ema()  # once per optimizer step of the actor (a no-op in between)
                 stats.append(s)
         train_time = time.time() - start
         self.step += 1
@@ -332,6 +333,8 @@ class RLHFRun:
                    "skipped_updates": self.guard.total, "advantage_estimator": a.advantage_estimator,
                    "critic": self.engine.critic is not None, "ppo_steps": self.step, "ppo_updates": self.updates,
                    "actor_optimizer_steps": self.engine.actor.global_steps, "ptx_batches": self.ptx_drawn}
+        if self.engine.ema is not None:
+            metrics["ema_updates"] = self.engine.ema.updates
         if self.builtin:
             metrics["chosen_judge"] = heldout_chosen_judge(len(self.prompts))
         best_earlier = self.best is not None and self.best["eval_index"] != len(self.history) - 1
@@ -340,8 +343,9 @@ class RLHFRun:
         # The actor's completion marker is written last: it is the one e2e takes as "step 3 done".
         if self.engine.critic is not None:
             save_hf_model(self.engine.critic, self.tokenizer, f"{a.output_dir}/critic")
-        if self.engine.ema is not None:
-            save_hf_model(self.engine.ema, self.tokenizer, f"{a.output_dir}/actor_ema")
+        if self.engine.ema is not None:  # the actor with its trainable weights swapped for the EMA's, saved
+            with self.engine.ema.swapped_in():
+                save_hf_model(self.engine.actor, self.tokenizer, f"{a.output_dir}/actor_ema")
         if best_earlier:  # --save_best_by: the best evaluated state, not the last one
             promote_dir(f"{a.output_dir}/{BEST_DIR}", f"{a.output_dir}/actor", {"dschat_metrics.json": metrics})
             dist.print_rank0(f"--save_best_by {a.save_best_by}: saved the actor of {self.best['when']} "
@@ -361,7 +365,7 @@ class RLHFRun:
                  f"{'KL to reference':<22}{first['kl']:>14.3f}{last['kl']:>14.3f}"]
         if "gold_score" in last:
             lines.append(f"{'gold reward score':<22}{first['gold_score']:>14.3f}{last['gold_score']:>14.3f}")
-        for key in [k for k in last if k.startswith(("reward/", "pass@"))]:
+        for key in [k for k in last if k.startswith(("reward/", "pass@")) and k in first]:
             lines.append(f"{key:<22}{first.get(key, float('nan')):>14.3f}{last[key]:>14.3f}")
         if self.builtin:
             lines.append(f"{'judge score':<22}{first['judge']:>14.3f}{last['judge']:>14.3f}")

@@ -9,7 +9,7 @@ reward  frozen step-2 reward model (ZeRO-3 when the critic is ZeRO-3, else 0); l
         its adapters off (and its original head) when the critic trains LoRA only; only when --reward_fn
         names `reward_model` (rule-based rewards need no model)
 gold    optional second reward model that only scores evaluation answers (--gold_reward_model)
-ema     optional exponential moving average of the actor (--enable_ema)
+ema     optional exponential moving average of the actor (--enable_ema): an fp32 CPU shadow (trainers/ema.py), no engine
 This module only builds them (and the reward set that scores rollouts); how PPO uses them lives in ppo.py.
 """
 
@@ -35,6 +35,7 @@ from dschat.runtime import dist
 from dschat.runtime.ds_config import get_eval_ds_config, get_train_ds_config
 from dschat.runtime.engine import build_engine, build_frozen_engine, torch_dtype
 from dschat.runtime.errors import FlagError, ModelPathError
+from dschat.trainers.ema import ActorEMA
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -105,7 +106,7 @@ class RLHFEngine:
 
         self.actor = self._actor(train_cfg(args.actor_zero_stage, args.actor_gradient_accumulation_steps,
                                            "step3_actor"), total_steps)
-        # ref and ema share one frozen-engine config (each engine gets its own copy of the dict).
+        # The reference's frozen-engine config (the engine gets its own copy of the dict).
         ref_stage = 3 if args.actor_zero_stage == 3 else 0
         ref_cfg = get_eval_ds_config(stage=ref_stage, dtype=dtype, world_size=world,
                                      offload=args.offload_reference_model)
@@ -117,12 +118,7 @@ class RLHFEngine:
                        and not args.offload_reward_model}
         self.ref = WithoutAdapters(self.actor) if self.shared["ref"] else \
             build_frozen_engine(self._causal_lm(copy.deepcopy(ref_cfg)), copy.deepcopy(ref_cfg))
-        self.ema = None
-        if args.enable_ema:
-            ema = self._causal_lm(copy.deepcopy(ref_cfg))
-            if args.actor_lora_dim > 0:
-                ema = apply_lora(ema, args.actor_lora_dim, args.actor_lora_module_name, True, "--actor_lora_module_name")
-            self.ema = build_frozen_engine(ema, copy.deepcopy(ref_cfg))
+        self.ema = ActorEMA(self.actor) if args.enable_ema else None
         self.critic = None
         if with_critic:
             self.critic = self._critic(train_cfg(args.critic_zero_stage, args.gradient_accumulation_steps,
@@ -175,9 +171,13 @@ class RLHFEngine:
         return RewardModelScorer(self.gold, self.gold_stats, self.args.normalize_reward, self.args.clip_reward_value)
 
     def trained_engines(self) -> dict[str, Any]:
-        """The engines a checkpoint holds: actor, critic (if any), ema (if any)."""
-        engines = {"actor": self.actor, "critic": self.critic, "ema": self.ema}
+        """The engines a checkpoint holds: actor, critic (if any). The EMA is checkpointed apart (checkpoint_extras)."""
+        engines = {"actor": self.actor, "critic": self.critic}
         return {k: v for k, v in engines.items() if v is not None}
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """State a checkpoint stores beside the engines, one file per rank: the EMA's fp32 shadow (if any)."""
+        return {"ema": self.ema} if self.ema is not None else {}
 
     def _causal_lm(self, ds_config: dict, dropout: float | None = None, grad_ckpt: bool = False):
         return create_hf_model(AutoModelForCausalLM, self.args.actor_model_name_or_path, self.tokenizer, ds_config,
@@ -213,15 +213,6 @@ class RLHFEngine:
         return build_engine(model, ds_config, a.critic_learning_rate, a.critic_weight_decay,
                             a.critic_lora_learning_rate, a.lr_scheduler_type, a.num_warmup_steps, total_steps)
 
-    @torch.no_grad()
-    def update_ema(self, beta: float = 0.992) -> None:
-        """ema <- beta * ema + (1 - beta) * actor, parameter by parameter (ZeRO-3 partitions gathered)."""
-        import deepspeed
-
-        if self.ema is None:
-            return
-        pairs = zip(self.actor.module.parameters(), self.ema.module.parameters())
-        for param, ema_param in pairs:
-            zero3 = [p for p in (param, ema_param) if hasattr(p, "ds_id")]
-            with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0, enabled=bool(zero3)):
-                ema_param.data.copy_(torch.lerp(param.data.to(ema_param.dtype), ema_param.data, beta))
+    def update_ema(self) -> bool:
+        """Move the EMA (if any) towards the actor when the actor took an optimizer step since the last call."""
+        return self.ema.update() if self.ema is not None else False
