@@ -1,5 +1,7 @@
 """Run the three RLHF steps end to end: SFT (step 1), reward model (step 2), PPO (step 3); or, with
---algo dpo, SFT (step 1) then DPO from the SFT model (step 2), with no reward model and no step 3.
+--algo dpo, SFT (step 1) then DPO from the SFT model (step 2), with no reward model and no step 3; or, with
+--reward-fn naming only rule-based rewards (builtin_judge, accuracy, your own file.py:function), SFT (step 1)
+then step 3 against those rewards (GRPO by default), with no reward model and no step 2.
 
 Each step runs its training script (DeepSpeed-Chat's layout and calling convention) with its whole log in
 <step output>/training.log, while this shows one live progress line per step. A step whose output holds
@@ -32,6 +34,9 @@ models:
 outputs (DeepSpeed-Chat's layout): <output-dir>/actor-models/<name>, <output-dir>/reward-models/<name>,
   <output-dir>/step3-models/<name>/{{actor,critic}}, each with training.log and dschat_metrics.json; <name> is
   "builtin", the OPT size, or the model's folder name. <output-dir>/summary.json holds the final table.
+  --reward-fn without reward_model: <output-dir>/actor-models/<name> and <output-dir>/step3-models/<name>
+  (steps 1 and 3; step 3's scripts are training_scripts/run_<x>_verifier.sh, e.g. run_tiny_cpu_verifier.sh:
+  GRPO, 4 answers per prompt; the e2e flag's rewards replace the script's default builtin_judge).
   --algo dpo: <output-dir>/actor-models/<name> and <output-dir>/dpo-models/<name> (the actor's name); the
   DPO step is "step 2" (--step 1 2, {e2e.EXTRA_ARGS_ENV.format(2)}, --actor-zero-stage; --reward-model and
   --reward-zero-stage are not used). Builtin actor: step2_dpo_finetuning/training_scripts/run_tiny_cpu.sh,
@@ -56,7 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--algo", choices=list(e2e.ALGOS), default="ppo",
                    help="ppo: SFT, reward model, PPO (DeepSpeed-Chat); dpo: SFT, then DPO from the SFT model.")
     p.add_argument("--step", type=int, nargs="+", choices=[1, 2, 3], default=None,
-                   help="Steps to run (default: 1 2 3; with --algo dpo: 1 2, where 2 is DPO).")
+                   help="Steps to run (default: 1 2 3; with --algo dpo: 1 2, where 2 is DPO; with rule-based "
+                        "--reward-fn: 1 3).")
+    p.add_argument("--reward-fn", nargs="+", default=None,
+                   help="Step 3's rewards (its --reward_fn): registered names (reward_model, builtin_judge, accuracy, "
+                        "overlong) or file.py:function / module:function. Without reward_model, step 2 is not run "
+                        "and step 3 trains against the rules alone.")
+    p.add_argument("--reward-weights", nargs="+", type=float, default=None,
+                   help="Step 3's --reward_weights, one per --reward-fn entry.")
     p.add_argument("--actor-model", default="builtin", help="Model to fine-tune in step 1 (see 'models').")
     p.add_argument("--reward-model", default="builtin", help="Model to train as reward model in step 2.")
     p.add_argument("--actor-zero-stage", type=str, default="", choices=["", "0", "1", "2", "3"],
@@ -71,11 +83,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "run_tiny_cpu_<N>ranks.sh where it exists.")
     p.add_argument("--force", action="store_true", help="Re-run steps whose output is already complete.")
     args = p.parse_args(argv)
+    if args.algo == "dpo" and args.reward_fn:
+        p.error("--reward-fn is step 3's; --algo dpo has no step 3")
+    if args.reward_weights and not args.reward_fn:
+        p.error("--reward-weights needs --reward-fn")
+    if args.reward_weights and len(args.reward_weights) != len(args.reward_fn):
+        p.error(f"--reward-weights has {len(args.reward_weights)} values for {len(args.reward_fn)} --reward-fn entries")
+    args.pipeline = e2e.pipeline_for(args.algo, args.reward_fn)
+    pipe = args.pipeline
     if args.step is None:
-        args.step = [1, 2] if args.algo == "dpo" else [1, 2, 3]
-    if args.algo == "dpo" and 3 in args.step:
-        p.error("--algo dpo has no step 3 (DPO is step 2, trained from step 1's model); use --step 1 2")
+        args.step = list(pipe.steps)
+    missing = [s for s in args.step if s not in pipe.steps]
+    if missing:
+        what = {"dpo": "--algo dpo has no step 3 (DPO is step 2, trained from step 1's model)",
+                "verifier": "rule-based --reward-fn trains no reward model (no step 2)"}.get(pipe.name, "")
+        p.error(f"{what}; use --step {' '.join(map(str, pipe.steps))}")
     return args
+
+
+def step3_flags(args: argparse.Namespace) -> list[str]:
+    """The e2e flags that step 3's command line carries (--reward_fn, --reward_weights)."""
+    flags = ["--reward_fn", *args.reward_fn] if args.reward_fn else []
+    if args.reward_weights:
+        flags += ["--reward_weights", *map(str, args.reward_weights)]
+    return flags
 
 
 def script_env(args: argparse.Namespace) -> dict[str, str]:
@@ -88,17 +119,16 @@ def script_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def skip_reason(step: int, dirs: dict[int, Path], force: bool, algo: str = "ppo") -> str | None:
+def skip_reason(step: int, dirs: dict[int, Path], force: bool, algo: str | e2e.Pipeline = "ppo") -> str | None:
     """Why `step` need not run (its output is complete and not older than its inputs), or None to run it."""
+    pipe = algo if isinstance(algo, e2e.Pipeline) else e2e.PIPELINES[algo]
     if force or not e2e.is_done(step, dirs[step]):
         return None
-    if step == 3:
-        newest_input = max(e2e.done_time(1, dirs[1]), e2e.done_time(2, dirs[2]))
-        if e2e.done_time(3, dirs[3]) < newest_input:
-            print(f"Step 3 output at {dirs[3]} is older than the step 1/2 models; re-running it", flush=True)
-            return None
-    if step == 2 and algo == "dpo" and e2e.done_time(2, dirs[2]) < e2e.done_time(1, dirs[1]):
-        print(f"DPO output at {dirs[2]} is older than the step 1 model; re-running it", flush=True)
+    needs = pipe.needs.get(step, ())
+    if needs and e2e.done_time(step, dirs[step]) < max(e2e.done_time(n, dirs[n]) for n in needs):
+        inputs = "/".join(map(str, needs))
+        print(f"{pipe.step_names[step]} output at {dirs[step]} is older than the step {inputs} model"
+              f"{'s' if len(needs) > 1 else ''}; re-running it", flush=True)
         return None
     return f"Step {step} already done at {dirs[step]}, skipping; --force to re-run"
 
@@ -119,20 +149,17 @@ def run_steps(args: argparse.Namespace, dirs: dict[int, Path], scripts: dict[int
               results: dict[int, dict]) -> int:
     """Run (or skip) each requested step in order; returns 0, or 1 after a failed step."""
     env = script_env(args)
-    # DPO trains the actor in its step 2, so it takes the actor's ZeRO stage.
-    zero_stages = (args.actor_zero_stage, args.actor_zero_stage if args.algo == "dpo" else args.reward_zero_stage)
+    pipe = args.pipeline
+    # Each step takes the ZeRO stage of the model it trains (DPO's step 2 trains the actor).
+    stage = {"actor": args.actor_zero_stage, "reward": args.reward_zero_stage}
+    zero_stages = (stage[pipe.zero_stage[1]], stage[pipe.zero_stage.get(2, "reward")])
     for step in sorted(set(args.step)):
-        if step == 2 and args.algo == "dpo" and not e2e.is_done(1, dirs[1]):
-            print(f"Step 1 model has not been trained (no complete model at {dirs[1]}); DPO starts from it: run "
-                  f"--step 1", file=sys.stderr, flush=True)
-            return 1
-        if step == 3:
-            for needed in (1, 2):
-                if not e2e.is_done(needed, dirs[needed]):
-                    print(f"Step {needed} model has not been trained (no complete model at {dirs[needed]}); "
-                          f"run --step {needed}", file=sys.stderr, flush=True)
-                    return 1
-        reason = skip_reason(step, dirs, args.force, args.algo)
+        for needed in pipe.needs.get(step, ()):
+            if not e2e.is_done(needed, dirs[needed]):
+                print(f"Step {needed} model has not been trained (no complete model at {dirs[needed]}); "
+                      f"{pipe.step_names[step]} starts from it: run --step {needed}", file=sys.stderr, flush=True)
+                return 1
+        reason = skip_reason(step, dirs, args.force, pipe)
         if reason:
             print(reason, flush=True)
             metrics = e2e.read_metrics(step, dirs[step])
@@ -140,11 +167,11 @@ def run_steps(args: argparse.Namespace, dirs: dict[int, Path], scripts: dict[int
                              "wall_time_s": metrics.get("wall_time_s")}
             continue
         script, model_args = scripts[step]
-        cmd = e2e.step_command(step, script, model_args, dirs, zero_stages)
+        cmd = e2e.step_command(step, script, model_args, dirs, zero_stages, step3_flags(args) if step == 3 else [])
         dirs[step].mkdir(parents=True, exist_ok=True)
         e2e.invalidate(step, dirs[step])
         log = dirs[step] / "training.log"
-        print(f"---=== Running Step {step} ({e2e.step_name(step, args.algo)}) ===---\nRunning:\n{shlex.join(cmd)}\n"
+        print(f"---=== Running Step {step} ({e2e.step_name(step, pipe)}) ===---\nRunning:\n{shlex.join(cmd)}\n"
               f"Log: {log}", flush=True)
         status, seconds = e2e.run_with_progress(cmd, e2e.REPO, log, f"Step {step}", env)
         results[step] = {"status": "ran", "output": str(dirs[step]), "script": str(script), "command": cmd,
@@ -168,11 +195,13 @@ def finish(args: argparse.Namespace, out: Path, dirs: dict[int, Path], results: 
            total: float, status: int) -> None:
     """Print the table, TensorBoard folders and chat command; write <out>/summary.json."""
     if results:
-        print("\n" + e2e.summary_table(results, args.algo))
+        print("\n" + e2e.summary_table(results, args.pipeline))
     print(f"Total wall time: {e2e.fmt_time(total)}")
     chat = None
-    final = ((2, dirs[2], "DPO"),) if args.algo == "dpo" else ((3, dirs[3] / "actor", "RLHF"),)
-    for step, path, kind in (*final, (1, dirs[1], "SFT")):
+    pipe = args.pipeline
+    final = (pipe.final, dirs[pipe.final] / "actor" if pipe.final == 3 else dirs[pipe.final],
+             pipe.step_names[pipe.final].split(" ")[0])
+    for step, path, kind in (final, (1, dirs[1], "SFT")):
         if e2e.is_done(step, dirs[step]):
             chat = f"python chat.py --path {shlex.quote(str(path))}"
             print(f"Chat with the {kind} model: {chat}")
@@ -181,7 +210,9 @@ def finish(args: argparse.Namespace, out: Path, dirs: dict[int, Path], results: 
     if tb:
         print("TensorBoard logs: " + ", ".join(map(str, tb)) + f"\n  tensorboard --logdir {out}")
     summary = {"output_dir": str(out), "status": "ok" if status == 0 else "failed", "algo": args.algo,
-               "actor_model": args.actor_model, "reward_model": None if args.algo == "dpo" else args.reward_model,
+               "pipeline": pipe.name, "reward_fn": args.reward_fn,
+               "actor_model": args.actor_model, "reward_model": args.reward_model if 2 in dirs and pipe.name == "ppo"
+               else None,
                "deployment_type": args.deployment_type, "total_wall_time_s": total,
                "steps": {str(k): v for k, v in sorted(results.items())}, "chat_command": chat,
                "tensorboard_dirs": [str(p) for p in tb]}
@@ -194,14 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir).expanduser().resolve()
     actor, reward = e2e.resolve_model(args.actor_model), e2e.resolve_model(args.reward_model)
-    dirs = e2e.output_dirs(out, actor, reward, args.algo)
+    pipe = args.pipeline
+    dirs = e2e.output_dirs(out, actor, reward, pipe)
     try:
-        if args.algo == "dpo":
-            scripts = {s: e2e.pick_dpo_script(actor, dirs[1], args.deployment_type, args.num_gpus) if s == 2
-                       else e2e.pick_script(s, actor, args.deployment_type, args.num_gpus) for s in set(args.step)}
-        else:
-            scripts = {s: e2e.pick_script(s, reward if s == 2 else actor, args.deployment_type, args.num_gpus)
-                       for s in set(args.step)}
+        scripts = {}
+        for s in set(args.step):
+            if pipe.name == "dpo" and s == 2:  # DPO's script takes the SFT model it starts from
+                scripts[s] = e2e.pick_dpo_script(actor, dirs[1], args.deployment_type, args.num_gpus)
+            else:
+                spec = reward if pipe.zero_stage[s] == "reward" else actor
+                scripts[s] = e2e.pick_script(s, spec, args.deployment_type, args.num_gpus, pipe.step_dirs[s],
+                                             pipe.script_suffix if s == 3 else "")
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -210,11 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a regular file on the way, no permission, read-only file system
         print(f"error: --output-dir {args.output_dir}: cannot create it ({err.strerror})", file=sys.stderr)
         return 2
-    if args.algo == "dpo":
-        print(f"Actor: {args.actor_model} -> {dirs[1]}\nDPO: -> {dirs[2]}", flush=True)
-    else:
-        print(f"Actor: {args.actor_model} -> {dirs[1]}\nReward: {args.reward_model} -> {dirs[2]}\n"
-              f"RLHF: -> {dirs[3]}", flush=True)
+    print(f"Actor: {args.actor_model} -> {dirs[1]}", flush=True)
+    for s in pipe.steps[1:]:
+        source = f"{args.reward_model} " if pipe.zero_stage[s] == "reward" else ""
+        print(f"{pipe.step_names[s]}: {source}-> {dirs[s]}", flush=True)
     results: dict[int, dict] = {}
     start = time.time()
     current = "?"

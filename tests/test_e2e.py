@@ -183,7 +183,7 @@ class FakeRunner:
     def __call__(self, cmd, cwd, log, label, env, interval=None):
         self.calls.append(cmd)
         step = int(label.split()[-1])
-        out = Path(cmd[6] if step == 3 else cmd[2])
+        out = Path(cmd[4] if step == 3 and e2e.VERIFIER_SUFFIX in cmd[1] else cmd[6] if step == 3 else cmd[2])
         assert not e2e.is_done(step, out), "markers must be removed before a step (re)runs"
         out.mkdir(parents=True, exist_ok=True)
         log.write_text("line\nRuntimeError: something broke\n" if self.status else "ok\n")
@@ -238,6 +238,43 @@ def test_step3_needs_steps_1_and_2(tmp_path, monkeypatch, capsys):
     runner.calls.clear()
     assert e2e_rlhf.main(["--step", "3", "--output-dir", str(out)]) == 0
     assert len(runner.calls) == 1 and "older than the step 1/2 models" in capsys.readouterr().out
+
+
+def test_rule_based_reward_fn_runs_step1_then_step3_without_a_reward_model(tmp_path, monkeypatch, capsys):
+    runner = FakeRunner()
+    monkeypatch.setattr(e2e, "run_with_progress", runner)
+    out = tmp_path / "out"
+    sft, rl = out / "actor-models/builtin", out / "step3-models/builtin"
+    assert e2e_rlhf.main(["--reward-fn", "builtin_judge", "overlong", "--reward-weights", "1", "0.5",
+                          "--output-dir", str(out), "--actor-zero-stage", "2"]) == 0
+    assert runner.calls == [
+        ["bash", str(S1 / "run_tiny_cpu.sh"), str(sft), "2"],
+        ["bash", str(S3 / "run_tiny_cpu_verifier.sh"), str(sft), "2", str(rl),
+         "--reward_fn", "builtin_judge", "overlong", "--reward_weights", "1.0", "0.5"]]
+    assert not (out / "reward-models").exists()
+    text = capsys.readouterr().out
+    assert "3 RLHF (rules)" in text and f"Chat with the RLHF model: python chat.py --path {rl / 'actor'}" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pipeline"] == "verifier" and summary["reward_model"] is None and sorted(summary["steps"]) == ["1", "3"]
+    # step 3 needs only step 1; a newer SFT model makes it stale
+    runner.calls.clear()
+    time.sleep(0.05)
+    fake_done(1, sft)
+    assert e2e_rlhf.main(["--reward-fn", "builtin_judge", "--output-dir", str(out)]) == 0
+    assert [c[1] for c in runner.calls] == [str(S3 / "run_tiny_cpu_verifier.sh")]
+    assert "older than the step 1 model" in capsys.readouterr().out
+    # with reward_model among the rewards it is DeepSpeed-Chat's pipeline, the flags passed to step 3
+    args = e2e_rlhf.parse_args(["--reward-fn", "reward_model", "overlong"])
+    assert args.pipeline.name == "ppo" and args.step == [1, 2, 3]
+    assert e2e_rlhf.step3_flags(args) == ["--reward_fn", "reward_model", "overlong"]
+    for bad, message in ((["--reward-fn", "accuracy", "--step", "2"], "trains no reward model"),
+                         (["--algo", "dpo", "--reward-fn", "accuracy"], "--algo dpo has no step 3"),
+                         (["--reward-weights", "1"], "needs --reward-fn")):
+        with pytest.raises(SystemExit) as stop:
+            e2e_rlhf.parse_args(bad)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert e2e.pick_script(3, e2e.resolve_model("org/m"), "single_gpu", suffix=e2e.VERIFIER_SUFFIX) == \
+        (S3 / "run_generic_verifier.sh", [])
 
 
 def test_failed_step_stops_with_log_tail_and_hints(tmp_path, monkeypatch, capsys):

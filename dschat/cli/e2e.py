@@ -36,6 +36,49 @@ DPO_STEP_DIR = "training/step2_dpo_finetuning"
 DPO_OUT_KIND = "dpo-models"
 DPO_STEP_NAME = "DPO"
 DPO_WHAT_CHANGED = "start: SFT model, end: DPO"
+VERIFIER_SUFFIX = "_verifier"  # step 3 scripts that train against rule-based rewards: run_<x>_verifier.sh
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One e2e pipeline: its steps, each step's training folder, output kind, name, what its metrics compare,
+    which earlier steps it starts from and which --*-zero-stage it takes; `final` is the step whose model is
+    the result, `script_suffix` picks its step-3 scripts."""
+
+    name: str
+    steps: tuple[int, ...]
+    step_dirs: dict[int, str]
+    out_kinds: dict[int, str]
+    step_names: dict[int, str]
+    what_changed: dict[int, str]
+    needs: dict[int, tuple[int, ...]]
+    zero_stage: dict[int, str]  # "actor" or "reward"
+    final: int
+    script_suffix: str = ""
+
+
+PIPELINES = {
+    # DeepSpeed-Chat's: SFT, reward model, PPO against it.
+    "ppo": Pipeline("ppo", (1, 2, 3), STEP_DIRS, OUT_KINDS, STEP_NAMES, WHAT_CHANGED, {3: (1, 2)},
+                    {1: "actor", 2: "reward", 3: "actor"}, 3),
+    # --algo dpo: SFT, then DPO from the SFT model as step 2 (the actor's ZeRO stage, no step 3).
+    "dpo": Pipeline("dpo", (1, 2), {1: STEP_DIRS[1], 2: DPO_STEP_DIR}, {1: OUT_KINDS[1], 2: DPO_OUT_KIND},
+                    {1: STEP_NAMES[1], 2: DPO_STEP_NAME}, {1: WHAT_CHANGED[1], 2: DPO_WHAT_CHANGED}, {2: (1,)},
+                    {1: "actor", 2: "actor"}, 2),
+    # --reward-fn without reward_model: SFT, then step 3 against rule-based rewards (no reward model, no step 2).
+    "verifier": Pipeline("verifier", (1, 3), {1: STEP_DIRS[1], 3: STEP_DIRS[3]}, {1: OUT_KINDS[1], 3: OUT_KINDS[3]},
+                         {1: STEP_NAMES[1], 3: "RLHF (rules)"}, {1: WHAT_CHANGED[1], 3: WHAT_CHANGED[3]}, {3: (1,)},
+                         {1: "actor", 3: "actor"}, 3, VERIFIER_SUFFIX),
+}
+
+
+def pipeline_for(algo: str, reward_fn: list[str] | None) -> Pipeline:
+    """The pipeline e2e runs: DPO for --algo dpo, "verifier" when --reward-fn leaves out reward_model, else PPO."""
+    if algo == "dpo":
+        return PIPELINES["dpo"]
+    if reward_fn and "reward_model" not in reward_fn:
+        return PIPELINES["verifier"]
+    return PIPELINES["ppo"]
 
 
 @dataclass(frozen=True)
@@ -76,42 +119,44 @@ def resolve_model(arg: str) -> ModelSpec:
     return ModelSpec(arg, "other", "", sanitize(arg), arg)
 
 
-def output_dirs(out: Path, actor: ModelSpec, reward: ModelSpec, algo: str = "ppo") -> dict[int, Path]:
+def output_dirs(out: Path, actor: ModelSpec, reward: ModelSpec, algo: str | Pipeline = "ppo") -> dict[int, Path]:
     """DeepSpeed-Chat's output layout: <out>/actor-models/<a>, <out>/reward-models/<r>, <out>/step3-models/<a>;
-    with algo "dpo": <out>/actor-models/<a> and <out>/dpo-models/<a> (no reward model, no step 3)."""
-    if algo == "dpo":
-        return {1: out / OUT_KINDS[1] / actor.name, 2: out / DPO_OUT_KIND / actor.name}
-    return {1: out / OUT_KINDS[1] / actor.name, 2: out / OUT_KINDS[2] / reward.name,
-            3: out / OUT_KINDS[3] / actor.name}
+    with algo "dpo": <out>/actor-models/<a> and <out>/dpo-models/<a> (no reward model, no step 3); the
+    verifier pipeline: <out>/actor-models/<a> and <out>/step3-models/<a>."""
+    pipe = algo if isinstance(algo, Pipeline) else PIPELINES[algo]
+    return {s: out / pipe.out_kinds[s] / (reward.name if pipe.zero_stage[s] == "reward" else actor.name)
+            for s in pipe.steps}
 
 
-def step_name(step: int, algo: str = "ppo") -> str:
+def step_name(step: int, algo: str | Pipeline = "ppo") -> str:
     """A step's name in progress lines and the summary table ("DPO" for step 2 with algo "dpo")."""
-    return DPO_STEP_NAME if algo == "dpo" and step == 2 else STEP_NAMES[step]
+    pipe = algo if isinstance(algo, Pipeline) else PIPELINES[algo]
+    return pipe.step_names[step]
 
 
 def pick_script(step: int, spec: ModelSpec, deployment: str, num_gpus: int | None = None,
-                step_dir: str | None = None) -> tuple[Path, list[str]]:
+                step_dir: str | None = None, suffix: str = "") -> tuple[Path, list[str]]:
     """The training script for `spec` in `step` and the positional args it takes after OUTPUT ZERO_STAGE:
     the model path for run_generic.sh and for every step-2 script (their optional $3 BASE_MODEL, passed
     always so that extra flags never land in $3). Step 3 is given the actor's spec and takes none.
-    `step_dir` replaces STEP_DIRS[step] (DPO's folder for its step 2)."""
+    `step_dir` replaces STEP_DIRS[step] (DPO's folder for its step 2); `suffix` picks run_<x><suffix>.sh (the
+    verifier pipeline's step-3 scripts, which take ACTOR [ACTOR_ZERO_STAGE] [OUTPUT])."""
     scripts = REPO / (step_dir or STEP_DIRS[step]) / "training_scripts"
     candidates: list[Path] = []
     if spec.family == "builtin":
         if num_gpus and num_gpus > 1:
-            candidates.append(scripts / f"run_tiny_cpu_{num_gpus}ranks.sh")
-        candidates.append(scripts / "run_tiny_cpu.sh")
+            candidates.append(scripts / f"run_tiny_cpu_{num_gpus}ranks{suffix}.sh")
+        candidates.append(scripts / f"run_tiny_cpu{suffix}.sh")
     elif spec.family == "opt":
-        candidates.append(scripts / "opt" / deployment / f"run_{spec.size}.sh")
+        candidates.append(scripts / "opt" / deployment / f"run_{spec.size}{suffix}.sh")
     elif spec.family == "llama2":
-        candidates.append(scripts / "llama2" / f"run_llama2_{spec.size}.sh")
+        candidates.append(scripts / "llama2" / f"run_llama2_{spec.size}{suffix}.sh")
     elif spec.family == "smollm2":
-        candidates.append(scripts / "smollm2" / f"run_smollm2_{spec.size}.sh")
+        candidates.append(scripts / "smollm2" / f"run_smollm2_{spec.size}{suffix}.sh")
     for script in candidates:
         if script.is_file():
             return script, ([spec.path] if step == 2 else [])
-    generic = scripts / "run_generic.sh"
+    generic = scripts / f"run_generic{suffix}.sh"
     if not generic.is_file():
         raise FileNotFoundError(f"no training script for {spec.arg!r} in {scripts} (looked for "
                                 f"{', '.join(str(c.relative_to(scripts)) for c in candidates + [generic])})")
@@ -127,14 +172,17 @@ def pick_dpo_script(actor: ModelSpec, sft_dir: Path, deployment: str,
 
 
 def step_command(step: int, script: Path, model_args: list[str], dirs: dict[int, Path],
-                 zero_stages: tuple[str, str]) -> list[str]:
-    """`bash script ...` with DeepSpeed-Chat's positional args, then $DSCHAT_E2E_EXTRA_ARGS_STEP<N>."""
+                 zero_stages: tuple[str, str], flags: list[str] = ()) -> list[str]:
+    """`bash script ...` with DeepSpeed-Chat's positional args (a verifier step 3: ACTOR ZERO OUTPUT), then
+    `flags` (e2e's own, e.g. --reward_fn), then $DSCHAT_E2E_EXTRA_ARGS_STEP<N>."""
     extra = shlex.split(os.environ.get(EXTRA_ARGS_ENV.format(step), ""))
-    if step == 3:
+    if step == 3 and 2 not in dirs:
+        positional = [str(dirs[1]), zero_stages[0], str(dirs[3])]
+    elif step == 3:
         positional = [str(dirs[1]), str(dirs[2]), zero_stages[0], zero_stages[1], str(dirs[3])]
     else:
         positional = [str(dirs[step]), zero_stages[step - 1], *model_args]
-    return ["bash", str(script), *positional, *extra]
+    return ["bash", str(script), *positional, *flags, *extra]
 
 
 def marker_paths(step: int, out_dir: Path) -> list[Path]:
@@ -317,7 +365,7 @@ def fmt_value(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def summary_table(results: dict[int, dict[str, Any]], algo: str = "ppo") -> str:
+def summary_table(results: dict[int, dict[str, Any]], algo: str | Pipeline = "ppo") -> str:
     """The end-of-run table: each step's wall time and its start/end metrics."""
     lines = [f"{'Step':<16}{'Wall time':<20}{'Metric':<18}{'Start':>12}{'End':>12}"]
     for step, r in sorted(results.items()):
@@ -328,7 +376,7 @@ def summary_table(results: dict[int, dict[str, Any]], algo: str = "ppo") -> str:
         for i, (name, a, b) in enumerate(rows):
             head = (f"{step} {step_name(step, algo)}", time_col) if i == 0 else ("", "")
             lines.append(f"{head[0]:<16}{head[1]:<20}{name:<18}{fmt_value(a):>12}{fmt_value(b):>12}")
-        what = DPO_WHAT_CHANGED if algo == "dpo" and step == 2 else WHAT_CHANGED[step]
+        what = (algo if isinstance(algo, Pipeline) else PIPELINES[algo]).what_changed[step]
         lines.append(f"{'':<36}({what})")
     return "\n".join(lines)
 

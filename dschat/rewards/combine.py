@@ -52,7 +52,7 @@ def resolve_spec(value: str) -> RewardSpec:
     """The RewardSpec of one --reward_fn value: a registered reward, or a user's function loaded now."""
     if is_user_function(value):
         fn = load_user_function(value)
-        return RewardSpec(getattr(fn, "__name__", value.rpartition(":")[2]), lambda _ctx: fn)
+        return RewardSpec(getattr(fn, "__name__", value.rpartition(":")[2]), lambda _ctx: fn, binary=None)
     if value not in REWARDS:
         raise FlagError(f"--reward_fn {value!r}: not a registered reward ({', '.join(sorted(REWARDS))}) and not "
                         f"file.py:function or module:function")
@@ -114,10 +114,11 @@ class RewardSet:
         """Whether any reward reads the completions' text (then rollouts are decoded)."""
         return any(not s.needs_tokens for s in self.specs)
 
-    def binary(self, name: str, values: list[float | None]) -> bool:
-        """Whether a reward is 0/1-valued (registered so, or every value seen is 0 or 1): pass@k applies."""
+    def binary(self, name: str, nonbinary_values: float) -> bool:
+        """Whether pass@k applies to a reward: registered as 0/1-valued, or (a user's function) every value of
+        this evaluation was 0 or 1."""
         spec = self.specs[self.names.index(name)]
-        return spec.binary or (not spec.needs_tokens and all(v in (0.0, 1.0) for v in values if v is not None))
+        return spec.binary if spec.binary is not None else nonbinary_values == 0
 
     def _call(self, spec: RewardSpec, fn: Any, batch: RewardBatch) -> list[float | None]:
         kwargs: dict[str, Any] = {**batch.columns(), "prompts": batch.prompts, "completions": batch.completions,

@@ -32,13 +32,14 @@ class RewardContext:
 class RewardSpec:
     """A reward by name: `make(context)` gives the function.
 
-    binary: its values are 0 or 1 (pass@k is reported for it); needs_model: step 3 must build a reward model;
+    binary: its values are 0 or 1, so pass@k is reported for it (None for a user's function: decided from the
+    values of each evaluation); needs_model: step 3 must build a reward model;
     needs_tokens: it is also given the rollout's `seq` and `attention_mask` tensors.
     """
 
     name: str
     make: Callable[[RewardContext], RewardFn]
-    binary: bool = False
+    binary: bool | None = False
     needs_model: bool = False
     needs_tokens: bool = False
 
