@@ -1,5 +1,6 @@
 """The package's architecture as tests: imports flow one way between concern folders, no import cycles,
-and every collective goes through dschat/runtime/dist.py (which moves tensors to the communication device)."""
+every collective goes through dschat/runtime/dist.py (which moves tensors to the communication device),
+DeepSpeed's ZeRO-3 gathers stay in runtime/ and algos/ is pure math."""
 
 from __future__ import annotations
 
@@ -95,6 +96,58 @@ def test_only_runtime_dist_calls_collectives():
     assert not offenders, offenders
 
 
+def dotted(node: ast.AST) -> str:
+    """"a.b.c" for a chain of attribute accesses on a name ("" for anything else)."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else ""
+
+
+def test_deepspeed_gathers_only_in_runtime():
+    """ZeRO-3 gathers are collectives too: deepspeed.zero is used in runtime/ only (dist.gathered is the door)."""
+    offenders = []
+    for name, path in modules().items():
+        if layer(name) == LAYERS.index("runtime"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import) and any(a.name.startswith("deepspeed.zero") for a in node.names):
+                offenders.append(f"{name} imports deepspeed.zero")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("deepspeed") and \
+                    ((node.module or "").startswith("deepspeed.zero") or any(a.name == "zero" for a in node.names)):
+                offenders.append(f"{name} imports from {node.module}")
+            elif isinstance(node, ast.Attribute) and dotted(node).startswith("deepspeed.zero"):
+                offenders.append(f"{name} uses {dotted(node)}")
+    assert not offenders, offenders
+
+
+def test_algos_are_pure_math():
+    """algos/ runs no collective and reaches no process group or DeepSpeed: callers pass reductions in."""
+    offenders = []
+    for name, path in modules().items():
+        if layer(name) != LAYERS.index("algos"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                bad = [n for n in names if n.startswith(("torch.distributed", "deepspeed", "dschat.runtime.dist"))]
+                if isinstance(node, ast.ImportFrom) and node.module == "dschat.runtime" and \
+                        any(a.name == "dist" for a in node.names):
+                    bad.append("dschat.runtime.dist")
+                offenders += [f"{name} imports {n}" for n in bad]
+    assert not offenders, offenders
+
+
+def test_gathered_is_a_no_op_without_zero3_partitions():
+    from dschat.runtime import dist
+
+    layer = torch.nn.Linear(2, 2)
+    with dist.gathered(layer.parameters(), modifier_rank=0):
+        layer.weight.data.fill_(1.0)  # plain parameters are whole already: changes stay
+    assert torch.equal(layer.weight.data, torch.ones(2, 2))
+
+
 def test_collectives_get_tensors_on_the_communication_device(monkeypatch):
     """A fake device-bound backend (as NCCL is): every tensor reaching a collective came from dist.to_comm."""
     from dschat.algos.masked import masked_whiten
@@ -122,7 +175,7 @@ def test_collectives_get_tensors_on_the_communication_device(monkeypatch):
     monkeypatch.setattr(dist.tdist, "get_backend", lambda *a: "gloo")
     monkeypatch.setattr(dist.tdist, "all_reduce", fake_all_reduce)
     x, mask = torch.tensor([[1.0, 2.0, 4.0]]), torch.tensor([[1, 1, 0]])
-    out = masked_whiten(x, mask)
+    out = masked_whiten(x, mask, reduce_sum=dist.all_reduce_sum)
     assert NanGuard(3).ok(torch.tensor(1.0))
     total = dist.all_reduce_sum(torch.tensor([1.5, 2.0], dtype=torch.float64))
     assert total.tolist() == [3.0, 4.0] and total.dtype == torch.float64

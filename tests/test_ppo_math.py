@@ -140,7 +140,9 @@ def _whiten_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         x, mask = _shards()[rank]
-        torch.save(masked_whiten(x, mask), f"{out_dir}/rank{rank}.pt")
+        from dschat.runtime.dist import all_reduce_sum
+
+        torch.save(masked_whiten(x, mask, reduce_sum=all_reduce_sum), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 

@@ -5,10 +5,10 @@ A mask is 1 on valid entries (answer tokens, real tokens) and 0 elsewhere; it ma
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
-
-from dschat.runtime import dist
 
 
 def as_float_mask(mask: Tensor, like: Tensor) -> Tensor:
@@ -49,18 +49,22 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, m, dim) / count.clamp(min=1.0)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
-    """Whiten x [B, T] over the valid (mask==1) entries of the whole rollout on all ranks; 0 where masked.
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True,
+                  reduce_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Whiten x [B, T] over its valid (mask==1) entries; 0 where masked. `reduce_sum` sums a tensor over the ranks
+    that share the rollout (the caller passes runtime.dist.all_reduce_sum; None: this process's entries only), so
+    this stays pure math with no collective of its own.
 
     Uses the unbiased variance (like torch.var) when the global count is > 1. With shift_mean=False the
     global mean is added back (only the scale changes).
     """
+    reduce = reduce_sum if reduce_sum is not None else (lambda t: t)
     xf = x.float()
     m = as_float_mask(mask, xf)
-    total, count = dist.all_reduce_sum(torch.stack([(xf * m).sum(), m.sum()])).unbind()
+    total, count = reduce(torch.stack([(xf * m).sum(), m.sum()])).unbind()
     mean = total / count.clamp(min=1.0)
     # a second pass over squared deviations avoids the cancellation of E[x^2] - E[x]^2
-    ssd = dist.all_reduce_sum(((xf - mean).square() * m).sum())
+    ssd = reduce(((xf - mean).square() * m).sum())
     # torch.where instead of a python branch keeps this free of a device->host sync
     var = torch.where(count > 1, ssd / (count - 1.0).clamp(min=1.0), torch.zeros_like(ssd))
     out = (xf - mean) * torch.rsqrt(var + 1e-8)

@@ -203,17 +203,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full CPU state dict on rank 0 ({} elsewhere); ZeRO-3 partitions are gathered one parameter at a time."""
-    import deepspeed
-
     module = unwrap(model)
     out: dict[str, torch.Tensor] = {}
     for name, param in module.named_parameters():
-        if hasattr(param, "ds_id"):
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if dist.is_rank0():
-                    out[name] = param.data.detach().cpu().clone()
-        elif dist.is_rank0():
-            out[name] = param.data.detach().cpu().clone()
+        with dist.gathered([param]):  # a no-op for a parameter that is not partitioned
+            if dist.is_rank0():
+                out[name] = param.data.detach().cpu().clone()
     if dist.is_rank0():
         keys = module.state_dict().keys()
         out.update({n: b.detach().cpu().clone() for n, b in module.named_buffers() if n in keys})

@@ -1,6 +1,6 @@
 """Process-group helpers that also work in a single process without torch.distributed.
 
-Every collective of the package goes through this module. Tensors are moved to the process group's
+Every collective of the package goes through this module, DeepSpeed's ZeRO-3 parameter gathers included. Tensors are moved to the process group's
 communication device first (NCCL only takes CUDA tensors, gloo only CPU ones) and the result comes back
 on the caller's device, so callers never need to know which backend runs.
 """
@@ -13,6 +13,8 @@ import glob
 import math
 import os
 import socket
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -152,6 +154,18 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     work = to_comm(t)
     tdist.all_reduce(work, op=tdist.ReduceOp.SUM)
     return work.to(t.device)
+
+
+def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: int | None = None) -> AbstractContextManager:
+    """Context in which the ZeRO-3 partitioned ones of `params` are whole on every rank (a collective: every rank
+    enters it); modifier_rank: the rank whose in-place changes are kept (None: read only). A no-op for parameters
+    that are not partitioned. The package's only door to DeepSpeed's parameter gathers."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
 
 
 def shard(items: list[Any]) -> tuple[list[Any], int]:

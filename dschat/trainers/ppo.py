@@ -176,7 +176,7 @@ class PPOTrainer:
         if self.estimator.whiten:  # over the whole rollout (all buffered batches, all ranks), not per micro-batch
             flat_adv = torch.cat([exp["advantages"].flatten() for exp in batches])
             flat_mask = torch.cat([exp["action_mask"].flatten() for exp in batches])
-            whitened = masked_whiten(flat_adv, flat_mask)
+            whitened = masked_whiten(flat_adv, flat_mask, reduce_sum=dist.all_reduce_sum)
             offset = 0
             for exp in batches:
                 n = exp["advantages"].numel()

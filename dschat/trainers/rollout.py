@@ -134,14 +134,6 @@ def generate_answers(model, fmt: PromptFormat, prompts: list[str], max_new_token
     return answers
 
 
-def _gather_all(module: torch.nn.Module):
-    """Context in which every ZeRO-3 parameter of `module` is whole on every rank (no-op otherwise)."""
-    import deepspeed
-
-    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None) if params else contextlib.nullcontext()
-
-
 def build_twin(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain HF model (peft-wrapped like `module` when it has LoRA) with `module`'s config and tensor dtypes.
 
@@ -185,7 +177,7 @@ class Generator:
     def _refresh_twin(self) -> torch.nn.Module:
         """Copy the actor's current weights (gathered; LoRA adapters as adapters, unmerged) into the hook-free twin."""
         module = unwrap(self.actor)
-        with _gather_all(module), torch.no_grad():
+        with dist.gathered(module.parameters()), torch.no_grad():  # every ZeRO-3 parameter whole, at once
             state = {n: p.data for n, p in module.named_parameters()}
             state.update({n: b for n, b in module.named_buffers()})
             if self.twin is None:
