@@ -343,3 +343,12 @@ def test_two_rank_zero3_resume_restores_the_ema(tmp_path, tiny_reward_model):
     for part in ("actor", "actor_ema"):
         a, b = load_file(full / part / "model.safetensors"), load_file(resumed / part / "model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a), part
+    from dschat.models.builtin import BUILTIN_MODEL_DIR
+
+    actor, ema = load_file(full / "actor" / "model.safetensors"), load_file(full / "actor_ema" / "model.safetensors")
+    base = load_file(f"{BUILTIN_MODEL_DIR}/model.safetensors")
+    trained = [k for k in actor if not torch.equal(actor[k], base[k])]
+    # every weight the actor moved, the EMA moved less: small ZeRO-3 parameters (norms) stay gathered between
+    # steps ("persistent") and must be re-gathered from the EMA's partitions too
+    lagging = [k for k in trained if not torch.equal(ema[k], actor[k]) and not torch.equal(ema[k], base[k])]
+    assert len(trained) > 10 and lagging == trained, sorted(set(trained) - set(lagging))[:5]

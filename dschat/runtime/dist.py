@@ -168,6 +168,16 @@ def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: int | None = N
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
 
 
+def regather_from_partitions(params: Iterable[torch.nn.Parameter]) -> None:
+    """Rebuild the ZeRO-3 parameters that stay whole between forwards (DeepSpeed's "persistent" small ones, such as
+    norms) from their partitions, after their partitions were written in place (a collective: every rank calls
+    it). Other parameters are gathered from their partitions at their next use anyway; a no-op without ZeRO-3."""
+    whole = [p for p in params if hasattr(p, "ds_tensor") and p.data.numel() == p.ds_numel]
+    if whole:
+        whole[0].partition(whole)  # drops the stale whole copies (the partitions are kept as they are)
+        whole[0].all_gather(whole)
+
+
 def shard(items: list[Any]) -> tuple[list[Any], int]:
     """This rank's share of `items` and how many of them are real.
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 
 from dschat.models.export import unwrap
+from dschat.runtime import dist
 from dschat.runtime.engine import local_tensor
 
 EMA_BETA = 0.992  # DeepSpeed-Chat's
@@ -54,12 +55,14 @@ class ActorEMA:
                 part = local_tensor(param)
                 saved[name] = part.detach().to("cpu", copy=True)
                 part.copy_(self.shadow[name])
+            dist.regather_from_partitions(self.params.values())  # ZeRO-3's small always-whole parameters
         try:
             yield
         finally:
             with torch.no_grad():
                 for name, param in self.params.items():
                     local_tensor(param).copy_(saved[name])
+                dist.regather_from_partitions(self.params.values())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's shadow and update count, as tensors (a checkpoint stores one file per rank)."""
