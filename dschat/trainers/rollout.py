@@ -16,6 +16,7 @@ import contextlib
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
@@ -74,7 +75,7 @@ def step_logprobs(step_logits: tuple[torch.Tensor, ...] | list[torch.Tensor], to
     return out
 
 
-def generation_config(fmt: PromptFormat, **settings) -> GenerationConfig:
+def generation_config(fmt: PromptFormat, **settings: Any) -> GenerationConfig:
     """A GenerationConfig from `settings` (our flags) and the prompt format's pad/end tokens only."""
     return GenerationConfig(pad_token_id=fmt.pad_token_id, eos_token_id=fmt.eos_token_id, **settings)
 
