@@ -1,5 +1,7 @@
 """SFT, PPO (gae), GRPO, RLOO, REINFORCE++ (with and without baseline) and DPO on the builtin task, from one
-SFT model and one reward model, scored by the ground-truth judge on 64 held-out prompts.
+SFT model and one reward model, scored by the ground-truth judge on 64 held-out prompts; and GRPO trained
+against the judge itself (--reward_fn builtin_judge, no reward model), which shows what the reward model's
+proxy costs.
 
     python bench/compare_algorithms.py --seeds 1234 2 3            # all algorithms, 3 seeds
     python bench/compare_algorithms.py --algos gae grpo --seeds 1234   # a subset
@@ -38,10 +40,15 @@ ALGOS = {
     "rloo": ["--advantage_estimator", "rloo", *GROUP],
     "reinforce_pp": ["--advantage_estimator", "reinforce_pp"],
     "reinforce_pp_baseline": ["--advantage_estimator", "reinforce_pp_baseline", *GROUP],
+    # the same GRPO with the e2e verifier recipe's smaller KL coefficient, against the reward model ...
+    "grpo_kl02": ["--advantage_estimator", "grpo", *GROUP, "--kl_ctl", "0.02"],
+    # ... and against the judge itself (run_tiny_cpu_verifier.sh's settings): what the reward model's proxy costs
+    "grpo_judge": ["--advantage_estimator", "grpo", *GROUP, "--kl_ctl", "0.02", "--reward_fn", "builtin_judge"],
     "dpo": None,  # step 2's DPO, not a step-3 estimator
 }
 NAMES = {"gae": "PPO (gae)", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
-         "reinforce_pp_baseline": "REINFORCE++ baseline", "dpo": "DPO"}
+         "reinforce_pp_baseline": "REINFORCE++ baseline", "grpo_kl02": "GRPO kl 0.02",
+         "grpo_judge": "GRPO on the judge", "dpo": "DPO"}
 
 
 def timed(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, float]:
@@ -97,9 +104,10 @@ def main() -> None:
                 evals = metrics(out)["evals"]
                 row = {"judge": evals[-1]["judge"], "kl": None}
             else:
+                rules_only = "--reward_fn" in ALGOS[algo]  # no reward model: none is passed
                 cmd = [sys.executable, str(STEP3), "--actor_model_name_or_path", str(sft),
-                       "--critic_model_name_or_path", str(rm), "--enable_hybrid_engine", "--output_dir", str(out),
-                       "--seed", str(seed), *ALGOS[algo]]
+                       *([] if rules_only else ["--critic_model_name_or_path", str(rm)]), "--enable_hybrid_engine",
+                       "--output_dir", str(out), "--seed", str(seed), *ALGOS[algo]]
                 wall, rss = timed(cmd, work / f"logs/{algo}-{seed}.log", env)
                 m = metrics(out / "actor")
                 row = {"judge": m["evals"][-1]["judge"], "kl": m["evals"][-1]["kl"], "steps": m["ppo_steps"],

@@ -326,3 +326,26 @@ def test_save_best_by_keeps_the_best_evaluated_actor(tmp_path):
     assert m["saved"]["when"] == best["when"]
     assert m["saved"]["final_state"] == (best is trained[-1])
     assert torch.isfinite(next(iter(load_file(str(out / "actor" / "model.safetensors")).values()))).all()
+
+
+def test_builtin_arithmetic_task_is_seeded_disjoint_and_answerable():
+    import re
+
+    from dschat.data.arith_task import arith_dataset
+    from dschat.data.sources import load_raw
+
+    data = arith_dataset(num_train=300, num_eval=50)
+    assert data == arith_dataset(num_train=300, num_eval=50)  # seeded
+    train_prompts = {r["prompt"] for r in data["train"]}
+    assert not train_prompts & {r["prompt"] for r in data["eval"]}
+    for row in data["train"] + data["eval"]:
+        ops = row["prompt"].count("Then ") + 1
+        assert 1 <= ops <= 3 and int(row["answer"]) >= 0, row
+        assert accuracy([row["prompt"]], [f"The answer is {row['answer']}."], answer=[row["answer"]]) == [1.0]
+    # "Mia has 12 apples. Mia buys 7 more. How many ..." is answered by its numbers
+    one_step = [r for r in data["train"] if "more." in r["prompt"] and r["prompt"].count(".") == 3]
+    for r in one_step[:20]:
+        a, b = map(int, re.findall(r"\d+", r["prompt"])[:2])
+        assert int(r["answer"]) == a + b, r
+    rows = load_raw("dschat/arith", 1)
+    assert rows["eval"][0]["chosen"] is None and rows["eval"][0]["fields"]["answer"].isdigit()

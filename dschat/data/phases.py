@@ -131,7 +131,7 @@ def tokenize_row(row: Row, fmt: PromptFormat, phase: int, max_seq_len: int, max_
 
 def _source_stamps(settings: DataSettings) -> list[Any]:
     """What identifies each source's content: size and mtime of local files, the builtin task's code."""
-    from dschat.data import builtin_task
+    from dschat.data import arith_task, builtin_task
 
     stamps: list[Any] = []
     for path in list(settings.data_path) + list(settings.sft_only_data_path):
@@ -140,6 +140,8 @@ def _source_stamps(settings: DataSettings) -> list[Any]:
             stamps.append([(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files])
         elif path in BUILTIN_NAMES:
             stamps.append(hashlib.sha256(Path(builtin_task.__file__).read_bytes()).hexdigest())
+        elif path == "dschat/arith":
+            stamps.append(hashlib.sha256(Path(arith_task.__file__).read_bytes()).hexdigest())
     return stamps
 
 

@@ -169,6 +169,14 @@ def _builtin(seed: int) -> Splits:
     return builtin_dataset()
 
 
+def _arith(seed: int) -> Splits:
+    """The builtin arithmetic word problems (see arith_task.py): prompt-only rows with an "answer" column."""
+    from dschat.data.arith_task import arith_dataset
+
+    return {split: [normalize_row(r, f"dschat/arith [{split} row {i}]") for i, r in enumerate(rows)]
+            for split, rows in arith_dataset().items()}
+
+
 def _hub(name: str, convert: Callable[[dict], Row | None]) -> Callable[[int], Splits]:
     """A loader for a hub dataset with a field mapping."""
 
@@ -226,6 +234,7 @@ def _zhihu(r: dict) -> Row:
 LOADERS: dict[str, Callable[[int], Splits]] = {
     "dschat/builtin": _builtin,
     "builtin": _builtin,
+    "dschat/arith": _arith,
     "Dahoas/rm-static": _hub("Dahoas/rm-static", _pairwise),
     "Dahoas/full-hh-rlhf": _hub("Dahoas/full-hh-rlhf", _pairwise),
     "Dahoas/synthetic-instruct-gptj-pairwise": _hub("Dahoas/synthetic-instruct-gptj-pairwise", _synthetic_gptj),
