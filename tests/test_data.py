@@ -268,3 +268,96 @@ def test_group_by_length_loader_shards_ranks_and_reshuffles_per_epoch(monkeypatc
         assert epochs[0] != epochs[1] and len(epochs[0]) == 5
         seen.append(list(loader.sampler))
     assert not set(seen[0]) & set(seen[1]) and len(seen[0] + seen[1]) == 40
+
+
+# ---- TRL's dataset types, standard and conversational (issue 26) -------------------------------------------
+
+def _user(text):
+    return {"role": "user", "content": text}
+
+
+def _bot(text):
+    return {"role": "assistant", "content": text}
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_each_trl_type_is_detected_from_its_columns(tmp_path):
+    sys_msg = {"role": "system", "content": "Be brief."}
+    records = [
+        {"text": "The sky is blue."},
+        {"messages": [sys_msg, _user("hi"), _bot("hello"), _user("fruit?"), _bot("apple.")]},
+        {"prompt": "The sky is"},
+        {"prompt": [_user("sky?")], "id": 7},
+        {"prompt": "The sky is", "completion": " blue."},
+        {"prompt": [_user("sky?")], "completion": [_bot("blue.")]},
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+        {"prompt": [_user("sky?")], "chosen": [_bot("blue.")], "rejected": [_bot("green.")]},
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+        {"chosen": [_user("sky?"), _bot("blue.")], "rejected": [_user("sky?"), _bot("green.")]},
+        {"prompt": [_user("sky?")], "chosen": "blue.", "rejected": "green."},  # text answers to a conversation
+    ]
+    rows = read_json_rows(_jsonl(tmp_path / "all.jsonl", records))
+    assert rows[0] == {"prompt": None, "chosen": None, "rejected": None, "text": "The sky is blue."}
+    assert rows[1] == {"prompt": [sys_msg, _user("hi"), _bot("hello"), _user("fruit?")], "chosen": [_bot("apple.")],
+                       "rejected": None, "conversation": True}
+    assert rows[2] == {"prompt": "The sky is", "chosen": None, "rejected": None}
+    assert rows[3] == {"prompt": [_user("sky?")], "chosen": None, "rejected": None, "fields": {"id": 7}}
+    assert rows[4] == {"prompt": "The sky is", "chosen": " blue.", "rejected": None}
+    assert rows[5] == {"prompt": [_user("sky?")], "chosen": [_bot("blue.")], "rejected": None}
+    assert rows[6] == {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
+    assert rows[7] == {"prompt": [_user("sky?")], "chosen": [_bot("blue.")], "rejected": [_bot("green.")]}
+    assert rows[8] == {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}  # shared start, no space
+    assert rows[9] == rows[7]  # implicit prompt cut at the message boundary
+    assert rows[10] == rows[7]
+
+
+def test_phases_take_the_types_they_suit(tmp_path, tokenizer):
+    lm = _jsonl(tmp_path / "lm.jsonl", [{"messages": [_user(f"q{i}"), _bot(f"a{i}")]} for i in range(10)])
+    text = _jsonl(tmp_path / "text.jsonl", [{"text": f"plain {i}"} for i in range(10)])
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"prompt": [_user(f"q{i}")], "chosen": [_bot("yes")],
+                                                "rejected": [_bot("no")]} for i in range(10)])
+    for f in (lm, text, pairs):
+        assert phase_rows([f], "1,0,0", 1, 1)["train"]
+    assert phase_rows([pairs], "0,1,0", 2, 1)["train"]
+    assert phase_rows([pairs], "0,0,1", 3, 1)["train"] and phase_rows([lm], "0,0,1", 3, 1)["train"]
+    for f in (lm, text):
+        with pytest.raises(DatasetError, match="language-modelling data .* give it to step 1"):
+            phase_rows([f], "0,1,0", 2, 1)
+    with pytest.raises(DatasetError, match="phase 3 has no prompt"):
+        phase_rows([text], "0,0,1", 3, 1)
+
+
+@pytest.mark.parametrize("record,expected", [
+    ({"messages": [{"content": "hi"}]}, r"bad\.jsonl:1: field 'messages' message 0: missing 'role'"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, r"bad\.jsonl:1: field 'messages' message 0: unknown role 'robot'"),
+    ({"messages": []}, r"bad\.jsonl:1: field 'messages' is an empty conversation"),
+    ({"prompt": []}, r"bad\.jsonl:1: field 'prompt' is an empty conversation"),
+    ({"messages": [{"role": "user", "content": 3}]}, r"message 0: 'content' must be a string"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, r"field 'messages' has no assistant message"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]},
+     r"field 'completion' must start with an assistant message"),
+    ({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": " b"},
+     r"field 'chosen' is a list of messages but 'prompt' is text"),
+    ({"chosen": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"},
+                   {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]},
+     r"field 'chosen' has no message after the prompt"),
+    ({"chosen": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"},
+                 {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}],
+      "rejected": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"},
+                   {"role": "user", "content": "q3"}, {"role": "assistant", "content": "c"}]},
+     r"bad\.jsonl:1: the prompts of 'chosen' and 'rejected' differ: they part at message 2, a user message"),
+    ({"chosen": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]},
+     r"bad\.jsonl:1: 'chosen' and 'rejected' have nothing in common"),
+    ({"chosen": "Yes, blue.", "rejected": "No, green."}, r"bad\.jsonl:1: 'chosen' and 'rejected' have nothing in common"),
+])
+def test_bad_conversations_name_file_line_and_field(tmp_path, record, expected):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok", "chosen": " a", "rejected": " b"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DatasetError, match=expected.replace("bad\\.jsonl:1", "bad\\.jsonl:2")):
+        read_json_rows(str(bad))

@@ -96,12 +96,24 @@ def phase_rows(data_paths: list[str], data_split: str, phase: int, seed: int,
 
 
 def check_rows_fit_phase(path: str, split: str, rows: list[Row], phase: int, sft_only: bool) -> None:
-    """Phase 1 needs a chosen answer, phase 2 chosen and rejected ones; phase 3 only a prompt."""
-    needed = {1: ("chosen",), 2: ("chosen", "rejected"), 3: ()}[phase]
+    """Phase 1 needs an answer (or a `text`), phase 2 chosen and rejected answers; phase 3 only a prompt."""
+    if phase == 3:
+        bad = next((r for r in rows if not r.get("prompt")), None)
+        if bad is not None:
+            raise DatasetError(f"{path}: a '{split}' row of phase 3 has no prompt (a language-modelling 'text' row, "
+                               f"or a conversation that starts with the assistant, is step-1 data: give it to step "
+                               f"1, e.g. with --data_split 1,0,0)")
+        return
+    needed = {1: ("chosen",), 2: ("chosen", "rejected")}[phase]
     for field in needed:
-        missing = next((i for i, r in enumerate(rows) if r.get(field) is None), None)
+        missing = next((i for i, r in enumerate(rows) if r.get(field) is None and not (phase == 1 and r.get("text"))),
+                       None)
         if missing is None:
             continue
+        if rows[missing].get("text") or rows[missing].get("conversation"):
+            raise DatasetError(f"{path}: a '{split}' row of phase {phase} is language-modelling data ('text' or "
+                               f"'messages'), not a chosen/rejected pair: give it to step 1 (e.g. --data_split "
+                               f"1,0,0 or --sft_only_data_path)")
         if field == "rejected" and not sft_only:
             raise DatasetError(f"{path}: a '{split}' row of phase {phase} has no 'rejected' answer; "
                                f"single-response data belongs in --sft_only_data_path")

@@ -1,9 +1,20 @@
 """Dataset adapters: every source becomes rows {"prompt", "chosen", "rejected"} in "train"/"eval" splits.
 
-One registry maps a `--data_path` name to a loader; local files and folders are recognised by path.
-Prompts follow DeepSpeed-Chat's contract ("Human: ... Assistant:"), responses start with a space.
-`rejected` is None for single-response (SFT-only) sources; `chosen` and `rejected` are None for prompt-only
-rows (step-3 data). A row's other columns (a reference answer, ...) are kept in `fields`.
+One registry maps a `--data_path` name to a loader; local files and folders are recognised by path, other
+hub names go through `datasets.load_dataset`. A row's type is detected from its columns (TRL's dataset
+types, each standard (text) or conversational (lists of {"role", "content"} messages)):
+
+- preference: `prompt`, `chosen`, `rejected`;
+- implicit-prompt preference: `chosen`, `rejected` (the prompt is their longest shared start, cut at a message
+  boundary for conversations; Anthropic-HH text dialogues are cut at their last "\n\nAssistant:");
+- prompt-completion: `prompt`, `completion` (or `response`, or `chosen` alone); `rejected` is None;
+- prompt-only: `prompt` (step-3 data); `chosen` and `rejected` are None;
+- language modelling: `messages` (prompt = the turns before the last assistant turn, chosen = that turn,
+  "conversation": True: step 1 puts its loss on every assistant turn) or `text` (prompt None, "text": the text).
+
+Messages stay messages (lists of dicts) until `data/prompts.PromptFormat` renders them; text prompts follow
+DeepSpeed-Chat's contract ("Human: ... Assistant:"), text responses start with a space. A row's other columns
+(a reference answer, ...) are kept in `fields`.
 """
 
 from __future__ import annotations
@@ -21,9 +32,12 @@ from dschat.runtime.errors import DatasetError
 
 Row = dict[str, Any]
 Splits = dict[str, list[Row]]
+Message = dict[str, Any]
 HH_ASSISTANT = "\n\nAssistant:"
-ROW_KEYS = ("prompt", "chosen", "rejected", "response")  # other columns of a prompt row become its "fields"
-
+ROLES = ("system", "user", "assistant")
+# Columns a row type reads; the others become its "fields" (to step 3's rewards).
+ROW_KEYS = ("prompt", "chosen", "rejected", "response", "completion", "messages", "text")
+ANSWER_KEYS = ("chosen", "completion", "response")  # the (first) answer of a prompt row, in this order
 
 
 def _hh_split(dialogue: str, where: str) -> tuple[str, str]:
@@ -35,8 +49,121 @@ def _hh_split(dialogue: str, where: str) -> tuple[str, str]:
     return dialogue[:cut], dialogue[cut:]
 
 
+def is_conversation(value: Any) -> bool:
+    """Whether a prompt or answer is a list of messages (a conversational row) rather than text."""
+    return isinstance(value, list)
+
+
+def messages_of(value: Any, field: str, where: str, answer: bool = False) -> list[Message]:
+    """`value` checked as a non-empty list of {"role", "content"} messages; `answer`: it must start with an
+    assistant message whose content is not blank. Errors name the field and the message."""
+    if not isinstance(value, list):
+        raise DatasetError(f"{where}: field '{field}' must be a list of messages, got {type(value).__name__}")
+    if not value:
+        raise DatasetError(f"{where}: field '{field}' is an empty conversation")
+    out = []
+    for i, m in enumerate(value):
+        at = f"{where}: field '{field}' message {i}"
+        if not isinstance(m, dict):
+            raise DatasetError(f"{at}: expected an object with 'role' and 'content', got {type(m).__name__}")
+        if "role" not in m:
+            raise DatasetError(f"{at}: missing 'role' (keys present: {sorted(m)})")
+        if m["role"] not in ROLES:
+            raise DatasetError(f"{at}: unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(m.get("content"), str):
+            got = "missing" if "content" not in m else f"a {type(m['content']).__name__}"
+            raise DatasetError(f"{at}: 'content' must be a string ({got})")
+        out.append(dict(m))
+    if answer:
+        if out[0]["role"] != "assistant":
+            raise DatasetError(f"{where}: field '{field}' must start with an assistant message (got role "
+                               f"{out[0]['role']!r})")
+        if not out[0]["content"].strip():
+            raise DatasetError(f"{where}: field '{field}' message 0: the assistant's 'content' is empty")
+    return out
+
+
+def _answer(value: Any, field: str, where: str, conversational: bool) -> Any:
+    """An answer column checked against the row's kind (a text prompt takes text answers; a conversation takes
+    assistant messages, a plain string becoming one assistant message)."""
+    if value is None:
+        return None
+    if not conversational:
+        if is_conversation(value):
+            raise DatasetError(f"{where}: field '{field}' is a list of messages but 'prompt' is text; give both "
+                               f"as messages or both as text")
+        return _text({field: value}, field, where)
+    if isinstance(value, str):
+        value = [{"role": "assistant", "content": value}]
+    return messages_of(value, field, where, answer=True)
+
+
+def _shared_text_start(chosen: str, rejected: str) -> int:
+    """Length of the longest common start of two texts, not ending in a space (TRL's extract_prompt: the
+    answers keep their leading space)."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    if n < min(len(chosen), len(rejected)) and n > 0 and chosen[n - 1] == " ":
+        n -= 1
+    return n
+
+
+def _implicit_pair(raw: dict, where: str) -> Row | None:
+    """prompt/chosen/rejected of a pair given as two whole dialogues (HH text, plain text or messages)."""
+    chosen, rejected = raw["chosen"], raw["rejected"]
+    if is_conversation(chosen) or is_conversation(rejected):
+        chosen, rejected = messages_of(chosen, "chosen", where), messages_of(rejected, "rejected", where)
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            raise DatasetError(f"{where}: 'chosen' and 'rejected' have nothing in common (an implicit-prompt pair's "
+                               f"prompt is the messages they share at the start)")
+        for field, rest in (("chosen", chosen[n:]), ("rejected", rejected[n:])):
+            if not rest:
+                raise DatasetError(f"{where}: field '{field}' has no message after the prompt the pair shares")
+            if rest[0]["role"] != "assistant":
+                raise DatasetError(f"{where}: the prompts of 'chosen' and 'rejected' differ: they part at message "
+                                   f"{n}, a {rest[0]['role']} message (an implicit-prompt pair must part at an "
+                                   f"assistant message)")
+        return {"prompt": chosen[:n], "chosen": messages_of(chosen[n:], "chosen", where, answer=True),
+                "rejected": messages_of(rejected[n:], "rejected", where, answer=True)}
+    chosen, rejected = _text(raw, "chosen", where), _text(raw, "rejected", where)
+    if HH_ASSISTANT in chosen and HH_ASSISTANT in rejected:  # Anthropic HH: whole dialogues
+        prompt, chosen_answer = _hh_split(chosen, where)
+        # The prompt is the chosen dialogue's; in the public data a few rejected dialogues differ earlier.
+        _, rejected_answer = _hh_split(rejected, where)
+        if not chosen_answer.strip() or not rejected_answer.strip():
+            return None
+        return {"prompt": prompt, "chosen": chosen_answer, "rejected": rejected_answer}
+    n = _shared_text_start(chosen, rejected)
+    if not chosen[:n].strip():
+        raise DatasetError(f"{where}: 'chosen' and 'rejected' have nothing in common (an implicit-prompt pair's "
+                           f"prompt is the text they share at the start)")
+    for field, rest in (("chosen", chosen[n:]), ("rejected", rejected[n:])):
+        if not rest.strip():
+            raise DatasetError(f"{where}: field '{field}' has no text after the prompt the pair shares")
+    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def _language_modelling(raw: dict, where: str) -> Row:
+    """A `messages` conversation (prompt: the turns before its last assistant turn) or a `text` row."""
+    if "messages" in raw:
+        messages = messages_of(raw["messages"], "messages", where)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise DatasetError(f"{where}: field 'messages' has no assistant message (nothing to learn)")
+        if not messages[last]["content"].strip():
+            raise DatasetError(f"{where}: field 'messages' message {last}: the assistant's 'content' is empty")
+        return {"prompt": messages[:last], "chosen": [messages[last]], "rejected": None, "conversation": True}
+    return {"prompt": None, "chosen": None, "rejected": None, "text": _text(raw, "text", where)}
+
+
 def normalize_row(raw: Any, where: str) -> Row | None:
-    """A prompt/chosen/rejected row from one raw record (pairwise, HH dialogue or prompt/response).
+    """A prompt/chosen/rejected row from one raw record, its type detected from its columns (see the module doc).
 
     None for an HH record whose final answer is empty (the public HH data has a few); explicit
     prompt/chosen/rejected fields must not be empty.
@@ -44,27 +171,28 @@ def normalize_row(raw: Any, where: str) -> Row | None:
     if not isinstance(raw, dict):
         raise DatasetError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     if "prompt" in raw:
-        chosen = raw.get("chosen", raw.get("response"))
-        row = {"prompt": raw["prompt"], "chosen": chosen, "rejected": raw.get("rejected")}
-        extra = {k: v for k, v in raw.items() if k not in ROW_KEYS}
-        if extra:  # other columns (a reference answer, ...) travel with the row to step 3's rewards
-            row["fields"] = extra
-    elif "chosen" in raw and "rejected" in raw:  # Anthropic HH: whole dialogues
-        prompt, chosen = _hh_split(_text(raw, "chosen", where), where)
-        # The prompt is the chosen dialogue's; in the public data a few rejected dialogues differ earlier.
-        _, rejected = _hh_split(_text(raw, "rejected", where), where)
-        row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-        if not chosen.strip() or not rejected.strip():
+        conversational = is_conversation(raw["prompt"])
+        if conversational:
+            prompt = messages_of(raw["prompt"], "prompt", where)
+        else:
+            prompt = _text(raw, "prompt", where)
+        key = next((k for k in ANSWER_KEYS if k in raw), "chosen")
+        row = {"prompt": prompt, "chosen": _answer(raw.get(key), key, where, conversational),
+               "rejected": _answer(raw.get("rejected"), "rejected", where, conversational)}
+        if row["chosen"] is None and row["rejected"] is not None:
+            raise DatasetError(f"{where}: missing field 'chosen' (a row with 'rejected' needs one)")
+    elif "chosen" in raw and "rejected" in raw:
+        row = _implicit_pair(raw, where)
+        if row is None:
             return None
+    elif "messages" in raw or "text" in raw:
+        row = _language_modelling(raw, where)
     else:
-        raise DatasetError(f"{where}: missing field 'prompt' (or 'chosen'/'rejected' HH dialogues); "
-                           f"fields present: {sorted(raw)}")
-    _text(row, "prompt", where)
-    if row["chosen"] is None and row["rejected"] is not None:
-        raise DatasetError(f"{where}: missing field 'chosen' (a row with 'rejected' needs one)")
-    for field in ("chosen", "rejected"):  # a prompt-only row (step-3 data) has neither
-        if row[field] is not None:
-            _text(row, field, where)
+        raise DatasetError(f"{where}: missing field 'prompt' (or 'messages', 'text', or 'chosen'/'rejected' "
+                           f"dialogues); fields present: {sorted(raw)}")
+    extra = {k: v for k, v in raw.items() if k not in ROW_KEYS}
+    if extra:  # other columns (a reference answer, ...) travel with the row to step 3's rewards
+        row["fields"] = extra
     return row
 
 
