@@ -29,9 +29,10 @@ GROUP = torch.tensor([0, 0, 1, 1])
 
 def test_registry_says_which_estimators_need_a_critic():
     assert get_estimator("gae").needs_critic and get_estimator("gae").whiten
-    for name in ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"):
+    for name in ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"):
         assert not get_estimator(name).needs_critic, name
-    assert {n for n, e in ADVANTAGE_ESTIMATORS.items() if e.needs_group} == {"grpo", "rloo", "reinforce_pp_baseline"}
+    assert {n for n, e in ADVANTAGE_ESTIMATORS.items() if e.needs_group} == {"grpo", "dr_grpo", "rloo",
+                                                                             "reinforce_pp_baseline"}
     with pytest.raises(ValueError, match="valid choices"):
         get_estimator("ppo2")
 

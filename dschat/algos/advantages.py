@@ -149,20 +149,22 @@ def discounted_returns(rewards: Tensor, action_mask: Tensor, gamma: float) -> Te
     return returns
 
 
-def grpo_advantages(rewards: Tensor, action_mask: Tensor, scores: Tensor, group: Tensor, eps: float = 1e-6) -> Tensor:
+def grpo_advantages(rewards: Tensor, action_mask: Tensor, scores: Tensor, group: Tensor, eps: float = 1e-6,
+                    scale: bool = True) -> Tensor:
     """GRPO: the score normalised in its prompt's group, (s - group mean) / (group std + eps), on every valid token,
     plus the KL penalty still to come in that answer (sum over t' >= t of the token rewards besides the score) [B, T].
 
     Only the scores are normalised: dividing the KL penalty by the group's std (as normalising whole returns
     does) would scale --kl_ctl by 1 / std, a far stronger pull to the reference in groups that score alike.
-    With --use_kl_loss the token rewards are the score alone and this is GRPO's usual advantage.
+    With --use_kl_loss the token rewards are the score alone and this is GRPO's usual advantage. scale=False
+    (Dr. GRPO) only subtracts the group's mean.
     """
     mask = as_float_mask(action_mask, rewards.float())
     last, has_any = last_valid_index(mask)
     score = scores.float() * has_any  # the score compute_rewards put at each answer's last token (none if empty)
     penalty = rewards.float().scatter_add(1, last.unsqueeze(1), -score.unsqueeze(1))
     mean, std, _ = group_stats(score, group)
-    normalised = (score - mean) / (std + eps)
+    normalised = (score - mean) / (std + eps) if scale else score - mean
     return normalised.unsqueeze(1) * mask + discounted_returns(penalty, mask, 1.0)
 
 
@@ -185,6 +187,24 @@ def subtract_group_baseline(rewards: Tensor, action_mask: Tensor, scores: Tensor
 def _grpo(inp: AdvantageInputs) -> tuple[Tensor, None]:
     """GRPO (Shao et al. 2024): group-normalised scores (plus the KL penalty to come, unnormalised), no critic."""
     return grpo_advantages(inp.rewards, inp.action_mask, inp.scores, inp.group), None
+
+
+@register_estimator("dr_grpo", needs_critic=False, whiten=False, needs_group=True)
+def _dr_grpo(inp: AdvantageInputs) -> tuple[Tensor, None]:
+    """Dr. GRPO (Liu et al. 2025): the score minus its group's mean, no division by the group's std (plus the KL
+    penalty to come, unnormalised, as in grpo)."""
+    return grpo_advantages(inp.rewards, inp.action_mask, inp.scores, inp.group, scale=False), None
+
+
+def groups_with_variance(scores: Tensor, group: Tensor) -> Tensor:
+    """Bool [B]: rows whose prompt's group [B] has scores [B] that differ (a group all right or all wrong gives a
+    group-relative estimator no gradient; --dynamic_sampling drops it)."""
+    _, inverse = torch.unique(group, return_inverse=True)
+    n = int(inverse.max().item()) + 1 if inverse.numel() else 0
+    x = scores.float()
+    high = torch.full((n,), -float("inf"), device=x.device).scatter_reduce(0, inverse, x, "amax")
+    low = torch.full((n,), float("inf"), device=x.device).scatter_reduce(0, inverse, x, "amin")
+    return (high > low)[inverse]
 
 
 @register_estimator("rloo", needs_critic=False, whiten=False, needs_group=True)

@@ -6,6 +6,8 @@ reward-model losses on end scores [B] or per-token values [B, L] of right-padded
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -135,27 +137,50 @@ def sequence_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     return (picked * mask).sum(-1)
 
 
-DPO_LOSS_KINDS = ("sigmoid", "ipo")
+DPOLossFn = Callable[[Tensor, float], Tensor]
+DPO_LOSSES: dict[str, DPOLossFn] = {}
+
+
+def register_dpo_loss(name: str) -> Callable[[DPOLossFn], DPOLossFn]:
+    """Decorator that registers fn(h [B], beta) -> scalar loss as DPO's `--loss_type name`, where h is the
+    chosen-minus-rejected difference of the policy-to-reference log-ratios."""
+    def wrap(fn: DPOLossFn) -> DPOLossFn:
+        if name in DPO_LOSSES:
+            raise ValueError(f"DPO loss {name!r} is registered twice")
+        DPO_LOSSES[name] = fn
+        return fn
+    return wrap
+
+
+@register_dpo_loss("sigmoid")
+def dpo_sigmoid(h: Tensor, beta: float) -> Tensor:
+    """DPO (Rafailov et al. 2023): mean(-logsigmoid(beta * h))."""
+    return -F.logsigmoid(beta * h).mean()
+
+
+@register_dpo_loss("ipo")
+def dpo_ipo(h: Tensor, beta: float) -> Tensor:
+    """IPO (Azar et al. 2023): mean((h - 1 / (2 * beta))^2)."""
+    return (h - 1.0 / (2.0 * beta)).square().mean()
+
+
+DPO_LOSS_KINDS = tuple(DPO_LOSSES)  # the --loss_type choices (registered above)
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
              beta: float, kind: str = "sigmoid") -> tuple[Tensor, dict[str, Tensor]]:
-    """DPO ("sigmoid") or IPO loss from sequence log-probs [B]; returns (scalar loss, detached stats).
+    """The registered DPO loss `kind` (sigmoid, ipo) from sequence log-probs [B]; returns (scalar loss, detached stats).
 
     With h = (pc - rc) - (pr - rr): sigmoid = mean(-logsigmoid(beta * h)) (Rafailov et al.), ipo =
     mean((h - 1 / (2 * beta))^2) (Azar et al.). Stats: "chosen_rewards" [B] = beta * (pc - rc),
     "rejected_rewards" [B] = beta * (pr - rr), "margin" = their mean difference, "accuracy" = the share of
     pairs whose chosen reward is strictly higher.
     """
+    if kind not in DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss kind {kind!r} (expected one of {tuple(DPO_LOSSES)})")
     chosen_ratio = policy_chosen.float() - ref_chosen.float()
     rejected_ratio = policy_rejected.float() - ref_rejected.float()
-    h = chosen_ratio - rejected_ratio
-    if kind == "sigmoid":
-        loss = -F.logsigmoid(beta * h).mean()
-    elif kind == "ipo":
-        loss = (h - 1.0 / (2.0 * beta)).square().mean()
-    else:
-        raise ValueError(f"unknown DPO loss kind {kind!r} (expected one of {DPO_LOSS_KINDS})")
+    loss = DPO_LOSSES[kind](chosen_ratio - rejected_ratio, beta)
     with torch.no_grad():
         chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
         stats = {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,

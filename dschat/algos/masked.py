@@ -91,3 +91,51 @@ def last_valid_index(action_mask: Tensor) -> tuple[Tensor, Tensor]:
     pos = torch.arange(1, T + 1, device=valid.device).expand_as(valid)
     last = (pos * valid).max(dim=1).values - 1
     return last.clamp(min=0), valid.any(dim=1)
+
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def agg_count(mask: Tensor, mode: str) -> Tensor:
+    """What `aggregate` divides by in `mode`, counted on this process's rows: valid tokens for token-mean, rows with
+    a valid token otherwise (a float scalar; the caller sums it over ranks for a global normalisation)."""
+    m = mask.float()
+    if mode == "token-mean":
+        return m.sum()
+    if mode in LOSS_AGG_MODES:
+        return (m.sum(-1) > 0).float().sum()
+    raise ValueError(f"unknown loss aggregation {mode!r}; valid choices: {LOSS_AGG_MODES}")
+
+
+def aggregate(x: Tensor, mask: Tensor, mode: str = "token-mean", count: float | Tensor | None = None,
+              horizon: int | None = None) -> Tensor:
+    """Reduce per-token values x [B, T] over valid (mask == 1) tokens to a scalar, one rule for every loss term.
+
+    token-mean: sum(x) / count (tokens); seq-mean-token-mean: sum over rows of each row's token mean / count (rows);
+    seq-mean-token-sum-norm (Dr. GRPO): sum over rows of (row's token sum / horizon) / count (rows), horizon a
+    constant (the maximum answer length), so no answer's tokens weigh more for being short. `count` is the
+    divisor's share of this process when the batch is sharded (the global agg_count / world size; None: the local
+    agg_count); a count of 0 divides by 1 (the sum is 0 then).
+    """
+    if count is None:
+        count = agg_count(mask, mode)
+    if isinstance(count, Tensor):  # a local (integer) count
+        count = count.clamp(min=1.0)
+    elif count == 0:
+        count = 1.0
+    if mode == "token-mean":
+        return masked_sum(x, mask) / count
+    m = as_float_mask(mask, x)
+    row_sums = (x * m).sum(-1)
+    if mode == "seq-mean-token-mean":
+        return (row_sums / m.sum(-1).clamp(min=1.0)).sum() / count
+    if mode == "seq-mean-token-sum-norm":
+        if not horizon or horizon < 1:
+            raise ValueError("seq-mean-token-sum-norm needs a horizon >= 1 (the maximum answer length)")
+        return (row_sums / horizon).sum() / count
+    raise ValueError(f"unknown loss aggregation {mode!r}; valid choices: {LOSS_AGG_MODES}")
+
+
+def truncated_rows(answer_ids: Tensor, action_mask: Tensor, eos_token_id: int) -> Tensor:
+    """Bool [B]: answers with no end-of-turn token among their valid tokens (cut at the length limit)."""
+    return ~((answer_ids == eos_token_id) & action_mask.bool()).any(dim=1)
