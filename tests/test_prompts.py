@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
-from dschat.data.prompts import PromptFormat, resolve_format, to_messages
+from dschat.data.prompts import PromptFormat, render_dschat, resolve_format, to_messages
 from dschat.models.builtin import BUILTIN_MODEL_DIR
 from dschat.models.loading import load_tokenizer
 from dschat.runtime.errors import FlagError
@@ -92,3 +93,128 @@ def test_three_steps_and_chat_through_the_template(tmp_path, templated_model):
     proc = run([REPO / "chat.py", "--path", s3 / "actor", "--prompt", "Hi, I am Ann. Name some fruits.",
                 "--max_new_tokens", "8"])
     assert proc.stdout.strip()
+
+
+# ---- issue 26: messages stay data until the template ---------------------------------------------------------
+
+BEFORE = json.loads((REPO / "tests" / "token_ids_before_issue26.json").read_text())
+SHARED_HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-test.jsonl.gz"
+
+
+def _user(text):
+    return {"role": "user", "content": text}
+
+
+def _bot(text):
+    return {"role": "assistant", "content": text}
+
+
+@pytest.mark.skipif(not SHARED_HH.exists(), reason="../shared/data (real HH-RLHF data) is not beside the repo")
+@pytest.mark.parametrize("kind", ["builtin", "chatml"])
+def test_text_data_tokenises_to_the_same_ids_as_before(kind, templated_model):
+    """Builtin rows and HH rows give the ids the code before issue 26 gave (hashes computed from `git archive`
+    of that commit with the same selection: 400 train + 100 eval builtin rows, the first 100 usable HH rows)."""
+    import gzip
+    import hashlib
+
+    from dschat.data.builtin_task import builtin_dataset
+    from dschat.data.phases import tokenize_row
+    from dschat.data.sources import normalize_row
+
+    data = builtin_dataset()
+    hh = []
+    with gzip.open(SHARED_HH, "rt") as f:
+        for i, line in enumerate(f):
+            row = normalize_row(json.loads(line), f"hh:{i}")
+            if row is not None:
+                hh.append(row)
+            if len(hh) >= 100:
+                break
+    fmt = PromptFormat.create(load_tokenizer("builtin" if kind == "builtin" else str(templated_model)))
+    for name, rows in (("builtin", data["train"][:400] + data["eval"][:100]), ("hh", hh)):
+        for phase in (1, 2, 3):
+            enc = [tokenize_row(r, fmt, phase, 512, 256, False) for r in rows]
+            enc = [{k: v for k, v in e.items() if k not in ("prompt_json", "fields")} if e else None for e in enc]
+            digest = hashlib.sha256(json.dumps(enc, sort_keys=True).encode()).hexdigest()
+            assert BEFORE[f"{kind}/{name}/phase{phase}"] == {"rows": len(enc), "sha256": digest}, (name, phase)
+
+
+def test_messages_render_through_the_template_unchanged(templated_model):
+    tok = load_tokenizer(str(templated_model))
+    fmt = PromptFormat.create(tok)
+    messages = [{"role": "system", "content": "You summarise."},
+                _user("Summarise: Human: hello Assistant: hi there"), _bot("A greeting."), _user("And Human: this?")]
+    expected = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert fmt.render(messages) == expected
+    assert "<|im_start|>system\nYou summarise.<|im_end|>" in expected
+    assert "<|im_start|>user\nSummarise: Human: hello Assistant: hi there<|im_end|>" in expected
+    assert fmt.prompt_ids(messages) == tok(expected, add_special_tokens=False)["input_ids"]
+    # without a template: DeepSpeed-Chat text from the messages, the content kept as it is
+    plain = PromptFormat.create(load_tokenizer("builtin"))
+    assert plain.render(messages) == ("You summarise. Human: Summarise: Human: hello Assistant: hi there "
+                                      "Assistant: A greeting. Human: And Human: this? Assistant:")
+    assert plain.render([_user("Hi, I am Ann. Name some fruits.")]) == "Human: Hi, I am Ann. Name some fruits. Assistant:"
+
+
+@pytest.mark.parametrize("kind", ["builtin", "chatml"])
+def test_a_conversation_trains_on_every_assistant_turn(kind, templated_model):
+    from dschat.data.phases import tokenize_row
+
+    tok = load_tokenizer("builtin" if kind == "builtin" else str(templated_model))
+    fmt = PromptFormat.create(tok)
+    messages = [{"role": "system", "content": "Be brief."}, _user("Name a fruit."), _bot("apple."),
+                _user("Another?"), _bot("pear.")]
+    row = {"prompt": messages[:-1], "chosen": messages[-1:], "rejected": None, "conversation": True}
+    out = tokenize_row(row, fmt, 1, 512, 256, False)
+    ids, labels = out["input_ids"], out["labels"]
+    spans, run = [], []
+    for i, label in enumerate(labels):
+        if label != -100:
+            run.append(ids[i])
+        elif run:
+            spans.append(run)
+            run = []
+    spans.append(run)
+    end = [fmt.eos_token_id] if kind == "chatml" else []  # DeepSpeed-Chat text writes no EOS between turns
+    assert spans == [fmt.answer_ids(_bot("apple."), end=bool(end)), fmt.answer_ids(_bot("pear."))]
+    # the tokens before the last turn are that turn's prompt as rendered for generation (chat.py's prompt)
+    first_loss_of_last = len(ids) - len(spans[-1])
+    assert tok.decode(ids[:first_loss_of_last]) == tok.decode(fmt.prompt_ids(messages[:-1]))
+    if kind == "chatml":
+        assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False).rstrip("\n")
+    else:
+        assert tok.decode(ids[:-1]) == render_dschat(messages, add_generation_prompt=False)
+    last = tokenize_row(row, fmt, 1, 512, 256, False, last_turn_only=True)
+    assert last["input_ids"] == ids and [t for t in last["labels"] if t != -100] == spans[-1]
+    # a prompt-completion row with the same turns: loss on the completion only
+    pc = tokenize_row({"prompt": messages[:-1], "chosen": messages[-1:], "rejected": None}, fmt, 1, 512, 256, False)
+    assert pc == last
+
+
+@pytest.mark.parametrize("kind", ["builtin", "chatml"])
+def test_conversational_pairs_and_prompts_through_the_cache(kind, templated_model, tmp_path):
+    from datasets import load_from_disk
+
+    from dschat.data.collators import PromptCollator
+    from dschat.data.phases import DataSettings, load_phase_data
+
+    tok = load_tokenizer("builtin" if kind == "builtin" else str(templated_model))
+    fmt = PromptFormat.create(tok)
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps({"prompt": [{"role": "system", "content": "Be kind."}, _user(f"q{i}")],
+                                     "chosen": [_bot("yes")], "rejected": [_bot("no")], "id": i}) + "\n"
+                         for i in range(20)))
+    common = {"data_path": (str(f),), "seed": 1, "prompt_format": fmt.kind}
+    two = load_phase_data(DataSettings(data_split="0,1,0", phase=2, **common), tok, str(tmp_path / "cache"))
+    row = two["train"][0]
+    n = row["prompt_len"]
+    assert row["chosen_ids"][:n] == row["rejected_ids"][:n]
+    assert any(row["chosen_ids"][:n] == fmt.prompt_ids([{"role": "system", "content": "Be kind."}, _user(f"q{i}")])
+               for i in range(20))
+    assert row["chosen_ids"][n:] == fmt.answer_ids(_bot("yes")) and row["rejected_ids"][n:] == fmt.answer_ids(_bot("no"))
+    three = load_phase_data(DataSettings(data_split="0,0,1", phase=3, **common), tok, str(tmp_path / "cache"))
+    batch = PromptCollator(tok.pad_token_id)([three["train"][i] for i in range(2)])
+    for prompt, fields, ids in zip(batch["prompt_text"], batch["fields"], batch["prompt"]):
+        assert prompt == [{"role": "system", "content": "Be kind."}, _user(f"q{fields['id']}")]  # messages again
+        assert [t for t in ids.tolist() if t != tok.pad_token_id] == fmt.prompt_ids(prompt)
+    assert load_from_disk(str(Path(three["folder"]) / "train")).features["prompt_json"].dtype == "string"

@@ -50,7 +50,7 @@ class RewardCollator:
 
 class PromptCollator:
     """Phase 3: prompts left-padded so that every answer starts at the same column, with each row's prompt
-    text and other columns ("fields") for the rewards."""
+    (text, or a list of messages) and other columns ("fields") for the rewards."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -59,7 +59,7 @@ class PromptCollator:
         ids = [r["prompt_ids"] for r in rows]
         return {"prompt": pad_sequences(ids, self.pad_token_id, left=True),
                 "prompt_att_mask": _mask(ids, left=True),
-                "prompt_text": [r.get("prompt") for r in rows],
+                "prompt_text": [json.loads(r["prompt_json"]) if "prompt_json" in r else r.get("prompt") for r in rows],
                 "fields": [json.loads(r["fields"]) if r.get("fields") else {} for r in rows]}
 
 

@@ -25,7 +25,7 @@ from dschat.data.sources import Row, load_raw
 from dschat.runtime import dist
 from dschat.runtime.errors import DatasetError
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: phase-3 prompts as JSON (text or messages), conversational rows
 SPLITS = ("train", "eval")
 BUILTIN_NAMES = ("dschat/builtin", "builtin")
 
@@ -42,6 +42,7 @@ class DataSettings:
     max_seq_len: int = 512  # steps 1-2: longest prompt + answer
     max_prompt_len: int = 256  # step 3: longest prompt
     train_on_prompt: bool = False
+    last_turn_only: bool = False  # step 1 on `messages` conversations: loss on the last assistant turn only
     prompt_format: str = "dschat"  # resolved: "dschat" or "chat_template" (data/prompts.py)
 
     def key(self) -> dict[str, Any]:
@@ -121,24 +122,39 @@ def check_rows_fit_phase(path: str, split: str, rows: list[Row], phase: int, sft
                            f"are step-3 data: give them to step 3, e.g. with --data_split 0,0,1)")
 
 
+def encode_row(row: Row, fmt: PromptFormat, answer: Any, last_turn_only: bool = False
+               ) -> tuple[list[int], list[bool]]:
+    """(ids, loss mask) of a row with one of its answers: a `text` row whole (BOS as the tokenizer adds it, the
+    EOS after it, all of it loss-bearing); a `messages` conversation with the loss on every assistant turn
+    (the last only with `last_turn_only`); otherwise the prompt and the answer, the loss on the answer."""
+    if row.get("text"):
+        ids = fmt.tokenizer(row["text"])["input_ids"] + [fmt.tokenizer.eos_token_id]
+        return ids, [True] * len(ids)
+    return fmt.encode(row["prompt"], answer, all_turns=bool(row.get("conversation")) and not last_turn_only)
+
+
 def tokenize_row(row: Row, fmt: PromptFormat, phase: int, max_seq_len: int, max_prompt_len: int,
-                 train_on_prompt: bool) -> dict[str, Any] | None:
-    """Token ids for one row in phase `phase`; None when the row does not fit the length limits."""
-    prompt = fmt.prompt_ids(row["prompt"])
+                 train_on_prompt: bool, last_turn_only: bool = False) -> dict[str, Any] | None:
+    """Token ids for one row in phase `phase`; None when the row does not fit the length limits (phases 1-2: the
+    tokens before the first loss-bearing one fill --max_seq_len; phase 3: the prompt is over --max_prompt_seq_len)."""
     if phase == 3:
+        prompt = fmt.prompt_ids(row["prompt"])
         if len(prompt) > max_prompt_len:
             return None
-        # The row's other columns ride along (as JSON: Arrow needs one type per column) to step 3's rewards.
-        return {"prompt_ids": prompt, "prompt": row["prompt"],
+        # The prompt (text or messages) and the row's other columns ride along to step 3's rewards as JSON
+        # (Arrow needs one type per column).
+        return {"prompt_ids": prompt, "prompt_json": json.dumps(row["prompt"]),
                 "fields": json.dumps(row.get("fields") or {}, default=str, sort_keys=True)}
-    if len(prompt) >= max_seq_len:
+    chosen, loss = encode_row(row, fmt, row["chosen"], last_turn_only)
+    start = loss.index(True) if True in loss else len(chosen)
+    if start >= max_seq_len:
         return None
-    chosen = (prompt + fmt.answer_ids(row["chosen"]))[:max_seq_len]
+    chosen, loss = chosen[:max_seq_len], loss[:max_seq_len]
     if phase == 1:
-        labels = list(chosen) if train_on_prompt else [-100] * len(prompt) + chosen[len(prompt):]
+        labels = list(chosen) if train_on_prompt else [t if on else -100 for t, on in zip(chosen, loss)]
         return {"input_ids": chosen, "labels": labels}
-    rejected = (prompt + fmt.answer_ids(row["rejected"]))[:max_seq_len]
-    return {"chosen_ids": chosen, "rejected_ids": rejected, "prompt_len": len(prompt)}
+    rejected, _ = encode_row(row, fmt, row["rejected"])
+    return {"chosen_ids": chosen, "rejected_ids": rejected[:max_seq_len], "prompt_len": start}
 
 
 def _source_stamps(settings: DataSettings) -> list[Any]:
@@ -180,7 +196,7 @@ def _build(folder: Path, settings: DataSettings, tokenizer) -> None:
         stats = {}
         for split in SPLITS:
             encoded = [tokenize_row(r, fmt, settings.phase, settings.max_seq_len, settings.max_prompt_len,
-                                    settings.train_on_prompt)
+                                    settings.train_on_prompt, settings.last_turn_only)
                        for r in rows[split]]
             kept = [e for e in encoded if e is not None]
             if not rows[split] and split == "train":

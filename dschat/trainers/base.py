@@ -57,7 +57,7 @@ class OneModelRun:
             data_path=tuple(args.data_path), data_split=args.data_split, phase=self.phase, seed=args.seed,
             sft_only_data_path=tuple(getattr(args, "sft_only_data_path", ()) if self.phase == 1 else ()),
             max_seq_len=args.max_seq_len, train_on_prompt=getattr(args, "train_on_prompt", False),
-            prompt_format=self.fmt.kind)
+            last_turn_only=getattr(args, "last_turn_only", False), prompt_format=self.fmt.kind)
         data = load_phase_data(self.data_settings, self.tokenizer, args.data_output_path)
         self.collator = self.make_collator()
         self.train_loader = make_loader(data["train"], self.collator, args.per_device_train_batch_size, True,

@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--print_loss", action="store_true", help="Print the loss of every step.")
     p.add_argument("--train_on_prompt", action="store_true",
                    help="Loss on prompt and answer tokens, as DeepSpeed-Chat does (default: answer only).")
+    p.add_argument("--last_turn_only", action="store_true",
+                   help="On 'messages' conversations: loss on the last assistant turn only (default: on every "
+                        "assistant turn; user and system turns never carry loss).")
     p.add_argument("--num_judge_prompts", type=int, default=64,
                    help="Held-out builtin prompts answered greedily and scored by the judge at each eval.")
     p.add_argument("--max_new_tokens", type=int, default=32, help="Answer length for judge evaluation.")
