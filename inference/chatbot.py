@@ -1,7 +1,9 @@
 """Interactive chat with a trained actor (or any causal LM): streamed answers, history, `clear`/`quit`.
 
-Prompts follow DeepSpeed-Chat's format, "Human: <question> Assistant:", with earlier turns joined in front
-of the new one; a tokenizer that ships a chat template uses that template instead (see --prompt_format).
+The conversation is a list of messages rendered by `dschat.data.prompts.PromptFormat`, the renderer training
+used: the tokenizer's chat template when it has one (see --prompt_format), else DeepSpeed-Chat's format,
+"Human: <question> Assistant:", with earlier turns joined in front of the new one. So the prompt for a
+conversation is exactly the prompt a model was trained on for the same messages.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def load_chat_model(path: str, device: str, dtype, trust_remote_code: bool = Fal
 # ------------------------------------------------------------------------------------------------ prompts
 @dataclass
 class Conversation:
-    """The turns so far, rendered as DeepSpeed-Chat text or through the tokenizer's chat template."""
+    """The turns so far (user message, answer), rendered through the training renderer (PromptFormat)."""
 
     turns: list[tuple[str, str]] = field(default_factory=list)
 
@@ -152,26 +154,36 @@ class Conversation:
         """Record a finished turn."""
         self.turns.append((user, answer))
 
-    def render(self, message: str, tokenizer=None, use_template: bool = False, start: int = 0) -> str:
-        """The prompt for `message` after turns[start:], ending where the model's answer begins."""
-        turns = self.turns[start:]
-        if use_template:
-            messages: list[dict[str, str]] = []
-            for user, answer in turns:
-                messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-            messages.append({"role": "user", "content": message})
-            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # DeepSpeed-Chat: answers were trained with a leading space, turns are joined by one space.
-        text = "".join(f" Human: {user} Assistant: {answer}" for user, answer in turns)
-        return (text + f" Human: {message} Assistant:").lstrip()
+    def messages(self, message: str, start: int = 0) -> list[dict[str, str]]:
+        """The conversation after turns[start:] and the new user `message`, as role messages."""
+        out: list[dict[str, str]] = []
+        for user, answer in self.turns[start:]:
+            out += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        return out + [{"role": "user", "content": message}]
+
+    def render(self, message: str, fmt=None, start: int = 0) -> str:
+        """The prompt text for `message` after turns[start:], ending where the model's answer begins (`fmt`: a
+        PromptFormat; None: DeepSpeed-Chat's text)."""
+        from dschat.data.prompts import render_dschat
+
+        messages = self.messages(message, start)
+        return render_dschat(messages) if fmt is None else fmt.render(messages)
 
 
-def use_chat_template(tokenizer, prompt_format: str) -> bool:
+def prompt_format(tokenizer, name: str):
+    """The PromptFormat for --prompt_format (auto: the tokenizer's chat template when it has one)."""
+    from dschat.data.prompts import PromptFormat
+    from dschat.runtime.errors import FlagError
+
+    try:
+        return PromptFormat.create(tokenizer, name)
+    except FlagError as err:
+        raise ChatError(str(err)) from err
+
+
+def use_chat_template(tokenizer, prompt_format_name: str) -> bool:
     """Whether prompts go through the tokenizer's chat template."""
-    has_template = getattr(tokenizer, "chat_template", None) is not None
-    if prompt_format == "chat_template" and not has_template:
-        raise ChatError("--prompt_format chat_template: this tokenizer has no chat template")
-    return prompt_format == "chat_template" or (prompt_format == "auto" and has_template)
+    return prompt_format(tokenizer, prompt_format_name).kind == "chat_template"
 
 
 def context_limit(model, tokenizer) -> int | None:
@@ -182,15 +194,13 @@ def context_limit(model, tokenizer) -> int | None:
     return limit
 
 
-def encode_prompt(conversation: Conversation, message: str, tokenizer, use_template: bool,
-                  budget: int | None):
-    """Token ids (1 x n tensor) of the prompt, dropping the oldest turns (then tokens) to fit `budget`."""
-    # Templates already hold BOS and other special tokens; plain text gets the tokenizer's usual ones,
-    # as in training.
-    special = not use_template
+def encode_prompt(conversation: Conversation, message: str, fmt, budget: int | None):
+    """Token ids (1 x n tensor) of the prompt as training tokenised it (PromptFormat.prompt_ids), dropping the
+    oldest turns (then tokens) to fit `budget`."""
+    import torch
+
     for start in range(len(conversation.turns) + 1):
-        text = conversation.render(message, tokenizer, use_template, start)
-        ids = tokenizer(text, add_special_tokens=special, return_tensors="pt")["input_ids"]
+        ids = torch.tensor([fmt.prompt_ids(conversation.messages(message, start))])
         if budget is None or ids.shape[1] <= budget:
             return ids
     return ids[:, -budget:]  # a single message longer than the context: keep its end, next to the answer
@@ -248,17 +258,23 @@ class Generator:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    use_template: bool = False
+    fmt: Any = None  # the PromptFormat (None: DeepSpeed-Chat text, built from the tokenizer when needed)
+
+    def __post_init__(self):
+        from dschat.data.prompts import PromptFormat
+
+        if self.fmt is None and self.tokenizer is not None:
+            self.fmt = PromptFormat(self.tokenizer, "dschat")
 
     @property
     def marker(self) -> str | None:
-        """The text that ends an answer: DeepSpeed-Chat models go on with "Human:"; templates use EOS."""
-        return None if self.use_template else STOP_MARKER
+        """The text that ends an answer: DeepSpeed-Chat models go on with "Human:"; templates end their turn."""
+        return None if self.fmt is not None and self.fmt.kind == "chat_template" else STOP_MARKER
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Decoding settings for `model.generate`."""
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                                  "pad_token_id": self.tokenizer.pad_token_id}
+                                  "pad_token_id": self.fmt.pad_token_id, "eos_token_id": self.fmt.eos_token_id}
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         else:
@@ -272,7 +288,7 @@ class Generator:
 
         limit = context_limit(self.model, self.tokenizer)
         budget = None if limit is None else max(limit - self.max_new_tokens, 1)
-        ids = encode_prompt(conversation, message, self.tokenizer, self.use_template, budget)
+        ids = encode_prompt(conversation, message, self.fmt, budget)
         ids = ids.to(self.model.device)
         cancel = threading.Event()
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -360,7 +376,7 @@ def build_generator(args: argparse.Namespace) -> tuple[Generator, str, str]:
     model, tokenizer = load_chat_model(path, device, dtype, args.trust_remote_code)
     generator = Generator(model, tokenizer, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          use_template=use_chat_template(tokenizer, args.prompt_format))
+                          fmt=prompt_format(tokenizer, args.prompt_format))
     return generator, path, device
 
 

@@ -221,5 +221,49 @@ def test_chat_template_is_used_when_the_tokenizer_has_one():
     assert chatbot.use_chat_template(tokenizer, "auto")
     assert not chatbot.use_chat_template(tokenizer, "dschat")
     conversation = chatbot.Conversation([("Hi?", "Hello.")])
-    prompt = conversation.render("Fruit?", tokenizer, use_template=True)
+    prompt = conversation.render("Fruit?", chatbot.prompt_format(tokenizer, "auto"))
     assert prompt == "<user>Hi?<assistant>Hello.<user>Fruit?<assistant>"
+
+
+@pytest.fixture(scope="module")
+def chatml_model(tmp_path_factory):
+    """The builtin model with a ChatML chat template (as tests/test_prompts.py builds it)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from dschat.models.builtin import BUILTIN_MODEL_DIR
+    from tests.test_prompts import CHATML
+
+    folder = tmp_path_factory.mktemp("chatml") / "model"
+    shutil.copytree(BUILTIN_MODEL_DIR, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["builtin", "chatml"])
+def test_chat_prompt_is_the_training_prompt_for_the_same_messages(kind, chatml_model):
+    """chat.py and training render through one PromptFormat: the prompt chat.py sends after a conversation is
+    the token sequence step 1 trains the next answer on, and step 3's prompt for the same messages."""
+    from dschat.data.phases import tokenize_row
+    from dschat.data.prompts import PromptFormat
+    from dschat.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin" if kind == "builtin" else str(chatml_model), padding_side="left")
+    fmt = chatbot.prompt_format(tokenizer, "auto")
+    assert fmt.kind == ("dschat" if kind == "builtin" else "chat_template")
+    conversation = chatbot.Conversation([("Hi, I am Ann. Name some fruits.", "apple, pear.")])
+    message = "Summarise: Human: hello Assistant: bye"  # role words inside a message stay its text
+    chat_ids = chatbot.encode_prompt(conversation, message, fmt, None)[0].tolist()
+    messages = conversation.messages(message)
+    row = {"prompt": messages, "chosen": [{"role": "assistant", "content": "kiwi."}], "rejected": None,
+           "conversation": True}
+    train = tokenize_row(row, PromptFormat.create(tokenizer), 1, 512, 256, False)
+    last_answer = fmt.answer_ids({"role": "assistant", "content": "kiwi."})
+    assert train["input_ids"] == chat_ids + last_answer
+    assert tokenize_row(row, fmt, 3, 512, 256, False)["prompt_ids"] == chat_ids
+    text = conversation.render(message, fmt)
+    assert message in text and tokenizer.decode(chat_ids) == text
