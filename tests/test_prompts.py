@@ -218,3 +218,38 @@ def test_conversational_pairs_and_prompts_through_the_cache(kind, templated_mode
         assert prompt == [{"role": "system", "content": "Be kind."}, _user(f"q{fields['id']}")]  # messages again
         assert [t for t in ids.tolist() if t != tok.pad_token_id] == fmt.prompt_ids(prompt)
     assert load_from_disk(str(Path(three["folder"]) / "train")).features["prompt_json"].dtype == "string"
+
+
+@pytest.mark.parametrize("kind", ["builtin", "chatml", "chatml_trained_as_dschat"])
+def test_saved_model_reproduces_its_training_prompt_through_apply_chat_template(kind, templated_model, tmp_path):
+    """Every saved model carries the template of the format it was trained in: the DeepSpeed-Chat format's renders
+    the training text byte for byte (builtin data's text prompts too), a chat-template model keeps its own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dschat.data.builtin_task import builtin_dataset
+    from dschat.data.phases import tokenize_row
+    from dschat.models.export import save_hf_model
+
+    tok = load_tokenizer(str(templated_model) if kind.startswith("chatml") else "builtin")
+    fmt = PromptFormat.create(tok, "dschat" if kind == "chatml_trained_as_dschat" else "auto")
+    model = AutoModelForCausalLM.from_pretrained(BUILTIN_MODEL_DIR)
+    model.resize_token_embeddings(len(tok))
+    save_hf_model(model, tok, str(tmp_path / "out"))
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out")  # plain transformers, as serving tools load it
+    messages = [{"role": "system", "content": "Be brief."}, _user("Hi, I am Ann. Name some fruits."),
+                _bot("apple, pear."), _user("Summarise: Human: hello Assistant: bye")]
+    training_prompt = fmt.render(messages)
+    assert saved.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == training_prompt
+    ids = saved.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert list(ids) == fmt.prompt_ids(messages)
+    again = PromptFormat.create(load_tokenizer(str(tmp_path / "out")))
+    assert again.kind == fmt.kind and again.render(messages) == training_prompt
+    if kind == "chatml":
+        assert saved.chat_template == CHATML
+        return
+    assert training_prompt == ("Be brief. Human: Hi, I am Ann. Name some fruits. Assistant: apple, pear. Human: "
+                               "Summarise: Human: hello Assistant: bye Assistant:")
+    row = builtin_dataset()["train"][0]  # text data: the template writes the very prompt step 1 trained on
+    question = row["prompt"].removeprefix("Human: ").removesuffix(" Assistant:")
+    assert saved.apply_chat_template([_user(question)], add_generation_prompt=True, tokenize=False) == row["prompt"]
+    assert again.prompt_ids(row["prompt"]) == tokenize_row(row, fmt, 3, 512, 256, False)["prompt_ids"]

@@ -26,15 +26,58 @@ Message = dict[str, Any]
 Prompt = str | list[Message]
 
 
+DSCHAT_MARK = "dschat: DeepSpeed-Chat format"  # identifies the template below in a saved tokenizer
+_DSCHAT_BODY = (
+    "{%- set ns = namespace(sep='') -%}{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- if message['content'] -%}{{ ns.sep + message['content'] }}"
+    "{%- set ns.sep = ' ' -%}{%- endif -%}"
+    "{%- elif message['role'] == 'user' -%}{{ ns.sep + 'Human: ' + message['content'] }}{%- set ns.sep = ' ' -%}"
+    "{%- elif message['role'] == 'assistant' -%}{{ ns.sep + 'Assistant: ' + message['content'] }}"
+    "{%- set ns.sep = ' ' -%}"
+    "{%- else -%}{{ raise_exception('the DeepSpeed-Chat format knows system, user and assistant messages') }}"
+    "{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}{{ ns.sep + 'Assistant:' }}{%- endif -%}")
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS in front of text it tokenises (then DeepSpeed-Chat prompts start with it)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
+
+
+def dschat_template(tokenizer) -> str:
+    """A chat template that renders exactly `render_dschat`'s text (with the BOS in front where the tokenizer adds
+    one when tokenising that text), so a DeepSpeed-Chat-format model's saved tokenizer reproduces its training
+    prompts through `apply_chat_template(..., add_generation_prompt=True)`."""
+    bos = "{{- bos_token -}}" if adds_bos(tokenizer) else ""
+    return "{#- " + DSCHAT_MARK + " (dschat's render_dschat) -#}" + bos + _DSCHAT_BODY
+
+
+def is_dschat_template(template: str | None) -> bool:
+    """Whether a chat template is the DeepSpeed-Chat one this package writes."""
+    return bool(template) and DSCHAT_MARK in template
+
+
 def resolve_format(tokenizer, prompt_format: str) -> str:
-    """"dschat" or "chat_template" for --prompt_format (auto: the template when the tokenizer has one)."""
+    """"dschat" or "chat_template" for --prompt_format (auto: the template when the tokenizer has one; a model
+    saved in the DeepSpeed-Chat format carries that format's template and stays "dschat")."""
     if prompt_format not in FORMATS:
         raise FlagError(f"--prompt_format {prompt_format!r}: expected one of {', '.join(FORMATS)}")
-    has_template = bool(getattr(tokenizer, "chat_template", None))
+    template = getattr(tokenizer, "chat_template", None)
+    if is_dschat_template(template):
+        return "dschat"
+    has_template = bool(template)
     if prompt_format == "chat_template" and not has_template:
         raise FlagError("--prompt_format chat_template: this model's tokenizer has no chat template")
     return "chat_template" if prompt_format == "chat_template" or (prompt_format == "auto" and has_template) \
         else "dschat"
+
+
+def carry_template(tokenizer, kind: str) -> None:
+    """Give `tokenizer` the chat template of the format it trains in, so the model saved with it carries that
+    format: in the DeepSpeed-Chat format, the template that renders its text (replacing another template the
+    model had when --prompt_format dschat overrode it); a chat-template format keeps the model's own."""
+    if kind == "dschat" and not is_dschat_template(getattr(tokenizer, "chat_template", None)):
+        tokenizer.chat_template = dschat_template(tokenizer)
 
 
 def to_messages(prompt: str) -> list[dict[str, str]]:
@@ -100,8 +143,11 @@ class PromptFormat:
 
     @classmethod
     def create(cls, tokenizer, prompt_format: str = "auto") -> PromptFormat:
-        """The format --prompt_format asks for (auto: the template when there is one)."""
-        return cls(tokenizer, resolve_format(tokenizer, prompt_format))
+        """The format --prompt_format asks for (auto: the template when there is one); the tokenizer gets that
+        format's chat template (carry_template), so whatever saves it saves the format the model was trained in."""
+        fmt = cls(tokenizer, resolve_format(tokenizer, prompt_format))
+        carry_template(tokenizer, fmt.kind)
+        return fmt
 
     def render(self, prompt: Prompt) -> str:
         """The prompt text the model reads, ending where the answer begins (a template's generation prompt)."""

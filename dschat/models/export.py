@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from dschat.data.prompts import carry_template
 from dschat.models.lora import merge_lora_state_dict
 from dschat.runtime import dist
 from dschat.runtime.errors import FlagError
@@ -220,7 +221,8 @@ def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: str, extra_json: d
     plain HF directory, atomically.
 
     Every rank must call this (ZeRO-3 gathers are collective); only rank 0 writes. `extra_json` maps file
-    names to JSON content stored beside the model. A completion marker is written last.
+    names to JSON content stored beside the model. A completion marker is written last. The tokenizer is saved
+    with the chat template of the format the model was trained in (DeepSpeed-Chat's when it has none).
     """
     module = unwrap(model)
     state = gathered_state_dict(module)
@@ -237,6 +239,8 @@ def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: str, extra_json: d
                       f"adapters' update by {lost:.0%} of its norm (the part below {dtype}'s precision)", flush=True)
         with atomic_dir(out_dir) as tmp:
             base.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if not getattr(tokenizer, "chat_template", None):  # a model trained in DeepSpeed-Chat's text format
+                carry_template(tokenizer, "dschat")
             tokenizer.save_pretrained(tmp)
             for name, content in (extra_json or {}).items():
                 (tmp / name).write_text(json.dumps(content, indent=1))
