@@ -131,7 +131,6 @@ def builtin_prompts(fmt, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
 
 # 9. bf16 actors: new log-probs from fp32 logits, as the old and reference ones are.
 def test_bf16_new_logprobs_equal_the_old_ones_at_the_on_policy_step(monkeypatch):
-    import dschat.trainers.ppo as ppo
     from dschat.trainers.loop import NanGuard
 
     torch.manual_seed(0)
@@ -139,13 +138,13 @@ def test_bf16_new_logprobs_equal_the_old_ones_at_the_on_policy_step(monkeypatch)
     exp = t.generate_experience(*builtin_prompts(fmt))
     t.add_advantages([exp])
     seen = {}
-    real = ppo.policy_loss
+    real = t.policy_loss  # the --policy_loss the trainer picked from the registry
 
     def spy(logprobs, old_logprobs, *args, **kwargs):
         seen["new"], seen["old"] = logprobs.detach(), old_logprobs
         return real(logprobs, old_logprobs, *args, **kwargs)
 
-    monkeypatch.setattr(ppo, "policy_loss", spy)
+    monkeypatch.setattr(t, "policy_loss", spy)
     assert t.train_rlhf(exp, NanGuard(3)) is not None
     assert seen["new"].dtype == torch.float32 and seen["old"].dtype == torch.float32
     mask = exp["action_mask"].bool()

@@ -7,6 +7,8 @@ import math
 
 from dschat.algos.advantages import ADVANTAGE_ESTIMATORS
 from dschat.algos.kl import KL_ESTIMATORS
+from dschat.algos.masked import LOSS_AGG_MODES
+from dschat.algos.policy_losses import POLICY_LOSSES
 from dschat.cli.args import check_common_args
 from dschat.runtime.errors import FlagError
 
@@ -73,7 +75,47 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
     ppo.add_argument("--target_kl", type=float, default=None,
                      help="Use Ziegler et al.'s adaptive KL controller with this target (per sequence).")
     ppo.add_argument("--kl_horizon", type=int, default=10000)
-    ppo.add_argument("--entropy_coef", type=float, default=0.0)
+    ppo.add_argument("--entropy_coef", type=float, default=0.0,
+                     help="Weight of the entropy bonus (the policy's mean token entropy, aggregated by "
+                          "--loss_agg_mode); the entropy is logged as train/entropy every step whatever this is. "
+                          "With --entropy_target, the coefficient's starting value.")
+    ppo.add_argument("--entropy_target", type=float, default=None,
+                     help="Adaptive entropy coefficient (Skywork-OR1): after each step the coefficient rises by "
+                          "--entropy_coef_delta when the step's mean token entropy (over all ranks) is below this "
+                          "target and falls by it above, clipped to [0, 1]; saved in checkpoints. Off by default.")
+    ppo.add_argument("--entropy_coef_delta", type=float, default=0.005,
+                     help="The adaptive entropy coefficient's step per PPO step (with --entropy_target).")
+    pl = p.add_argument_group("policy loss (the GRPO-era menu)")
+    pl.add_argument("--policy_loss", type=str, default="ppo", choices=sorted(POLICY_LOSSES),
+                    help="ppo: the clipped surrogate (the default, with --cliprange_high and --dual_clip); gspo: "
+                         "GSPO's sequence-level ratio exp(mean log(pi / pi_old)) over the answer, clipped to "
+                         "[1 - --cliprange, 1 + --cliprange_high] (the paper uses clip ranges near 3e-4 and "
+                         "seq-mean-token-mean); cispo: MiniMax's -sg[clip(r)] A log pi, clipped-weight REINFORCE.")
+    pl.add_argument("--cliprange_high", type=float, default=None,
+                    help="DAPO's clip-higher: the ratio's upper clip is 1 + this (default: --cliprange; DAPO uses "
+                         "0.28 with --cliprange 0.2), so low-probability tokens can grow and entropy holds up.")
+    pl.add_argument("--dual_clip", type=float, default=None,
+                    help="Dual-clip PPO (Ye et al. 2020): the loss of a negative-advantage token is at most this "
+                         "constant C > 1 times |A| (bounds the update when the ratio is far above 1). Off by "
+                         "default; --policy_loss ppo only.")
+    pl.add_argument("--loss_agg_mode", type=str, default="token-mean", choices=list(LOSS_AGG_MODES),
+                    help="How the policy, KL and entropy terms reduce over tokens, normalised over the global batch "
+                         "(all ranks): token-mean (every token weighs the same; DAPO's token-level loss and the "
+                         "default), seq-mean-token-mean (GRPO's: each answer's token mean, then the mean over "
+                         "answers), seq-mean-token-sum-norm (Dr. GRPO's: each answer's token sum divided by "
+                         "--max_answer_seq_len, then the mean over answers: no length bias). The critic's loss "
+                         "stays a token mean.")
+    pl.add_argument("--dynamic_sampling", action="store_true",
+                    help="DAPO's dynamic sampling (group estimators only): drop the prompts whose answers all got "
+                         "the same reward (no gradient) and generate more batches until every rank has a full "
+                         "training batch, at most --max_gen_batches per step (then the ranks train on the fewest "
+                         "groups any rank kept). Logs train/ds_dropped_groups, ds_gen_batches and ds_rollouts.")
+    pl.add_argument("--max_gen_batches", type=int, default=None,
+                    help="With --dynamic_sampling: generation batches at most per PPO step (default 3 x "
+                         "--generation_batches).")
+    pl.add_argument("--mask_truncated_completions", action="store_true",
+                    help="DAPO's overlong filtering: answers cut at --max_answer_seq_len (no end-of-turn token) "
+                         "carry no loss (their rewards still count in their group's baseline).")
     ppo.add_argument("--normalize_reward", action=argparse.BooleanOptionalAction, default=True,
                      help="Standardise reward scores with the mean/std step 2 stored (reward_stats.json) before "
                           "--clip_reward_value clips them, so the clip means the same for any reward model's scale "
@@ -164,6 +206,7 @@ def check_rlhf_args(args: argparse.Namespace) -> None:
     resolve_kl_estimator(args)
     estimator = ADVANTAGE_ESTIMATORS[args.advantage_estimator]
     check_reward_args(args, estimator.needs_critic)
+    check_policy_loss_args(args, estimator.needs_group)
     if estimator.needs_group and args.n_samples_per_prompt < 2:
         raise FlagError(f"--advantage_estimator {args.advantage_estimator} compares several answers to one prompt: "
                         f"set --n_samples_per_prompt 2 or more (got {args.n_samples_per_prompt})")
@@ -261,6 +304,8 @@ def check_reward_args(args: argparse.Namespace, needs_critic: bool) -> None:
 PPO_RANGES = (("kl_ctl", 0.0, None, True), ("clip_reward_value", 0.0, None, False), ("cliprange", 0.0, None, False),
               ("cliprange_value", 0.0, None, False), ("gamma", 0.0, 1.0, True), ("lam", 0.0, 1.0, True),
               ("unsup_coef", 0.0, None, True), ("entropy_coef", None, None, True), ("target_kl", 0.0, None, False),
+              ("cliprange_high", 0.0, None, False), ("entropy_target", 0.0, None, True),
+              ("entropy_coef_delta", 0.0, None, False),
               ("temperature", 0.0, None, False), ("top_p", 0.0, 1.0, False))
 
 
@@ -277,3 +322,30 @@ def check_ppo_numbers(args: argparse.Namespace) -> None:
             raise FlagError(f"--{name} must be a finite number in {bounds} (got {value})")
     if args.kl_horizon < 1:
         raise FlagError(f"--kl_horizon must be at least 1 (got {args.kl_horizon})")
+
+
+def check_policy_loss_args(args: argparse.Namespace, needs_group: bool) -> None:
+    """--policy_loss and the DAPO / Dr. GRPO options: ranges and the combinations that cannot work."""
+    if args.dual_clip is not None:
+        if not (math.isfinite(args.dual_clip) and args.dual_clip > 1.0):
+            raise FlagError(f"--dual_clip must be a finite number > 1 (got {args.dual_clip})")
+        if args.policy_loss != "ppo":
+            raise FlagError(f"--dual_clip is a bound of PPO's clipped loss: it needs --policy_loss ppo (got "
+                            f"{args.policy_loss})")
+    if args.cliprange >= 1.0 and args.policy_loss in ("gspo", "cispo"):
+        raise FlagError(f"--cliprange must be below 1 with --policy_loss {args.policy_loss} (a ratio clipped at "
+                        f"1 - {args.cliprange} <= 0; got {args.cliprange})")
+    if args.entropy_target is not None and not 0.0 <= args.entropy_coef <= 1.0:
+        raise FlagError(f"--entropy_target adapts --entropy_coef within [0, 1]: start it there (got {args.entropy_coef})")
+    if args.max_gen_batches is not None and not args.dynamic_sampling:
+        raise FlagError("--max_gen_batches is --dynamic_sampling's budget: add --dynamic_sampling or drop it")
+    if args.dynamic_sampling:
+        if not needs_group:
+            raise FlagError(f"--dynamic_sampling drops groups of answers to one prompt whose rewards are equal: it "
+                            f"needs a group estimator (grpo, dr_grpo, rloo, reinforce_pp_baseline), not "
+                            f"--advantage_estimator {args.advantage_estimator}")
+        if args.max_gen_batches is None:
+            args.max_gen_batches = 3 * args.generation_batches
+        if args.max_gen_batches < args.generation_batches:
+            raise FlagError(f"--max_gen_batches ({args.max_gen_batches}) must be at least --generation_batches "
+                            f"({args.generation_batches}): a full training batch needs that many")

@@ -17,8 +17,9 @@ import torch
 
 from dschat.algos.advantages import AdvantageInputs, compute_rewards, get_estimator
 from dschat.algos.kl import kl_penalty, make_kl_controller
-from dschat.algos.losses import entropy_from_logits, logprobs_from_logits, policy_loss, value_loss
-from dschat.algos.masked import masked_mean, masked_sum, masked_whiten
+from dschat.algos.losses import entropy_from_logits, logprobs_from_logits, value_loss
+from dschat.algos.masked import agg_count, aggregate, masked_mean, masked_sum, masked_whiten, truncated_rows
+from dschat.algos.policy_losses import PolicyLossConfig, get_policy_loss
 from dschat.models.forward import answer_logits
 from dschat.models.heads import token_values
 from dschat.rewards.combine import RewardBatch, RewardResult, RewardSet
@@ -42,10 +43,17 @@ class PPOSettings:
     clip_reward_value: float = 5.0
     normalize_reward: bool = True
     cliprange: float = 0.2
+    cliprange_high: float | None = None  # None: = cliprange
+    dual_clip: float | None = None
+    policy_loss: str = "ppo"
+    loss_agg_mode: str = "token-mean"
+    mask_truncated_completions: bool = False
     cliprange_value: float = 0.2
     gamma: float = 1.0
     lam: float = 0.95
     entropy_coef: float = 0.0
+    entropy_target: float | None = None
+    entropy_coef_delta: float = 0.005
     unsup_coef: float = 27.8
     temperature: float = 1.0
     top_p: float = 1.0
@@ -62,15 +70,21 @@ class PPOSettings:
 
 
 def answer_logprobs(model, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                    with_entropy: bool = False, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    with_entropy: bool = False, temperature: float = 1.0,
+                    entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [B, A] of the answer tokens seq[:, P:] under `model`'s logits / temperature (and their entropies if
     asked), always from fp32 logits: old, new and reference log-probs must be one function, or a bf16 model's
-    ratios start off 1; at the sampling temperature, so that they are the log-probs of the policy that sampled."""
+    ratios start off 1; at the sampling temperature, so that they are the log-probs of the policy that sampled.
+    entropy_grad=False computes the entropies without a graph (when only logged)."""
     logits = answer_logits(model, seq, attention_mask, prompt_len).float()
     if temperature != 1.0:
         logits = logits / temperature
     logprobs = logprobs_from_logits(logits, seq[:, prompt_len:], upcast=True)
-    return logprobs, (entropy_from_logits(logits, upcast=True) if with_entropy else None)
+    if not with_entropy:
+        return logprobs, None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = entropy_from_logits(logits, upcast=True)
+    return logprobs, entropy
 
 
 def answer_values(critic, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -90,6 +104,9 @@ class PPOTrainer:
     def __init__(self, engine: RLHFEngine, settings: PPOSettings, generator: Generator, rewards: RewardSet):
         self.engine, self.s, self.generator, self.rewards = engine, settings, generator, rewards
         self.estimator = get_estimator(settings.advantage_estimator)
+        self.policy_loss = get_policy_loss(settings.policy_loss)
+        self.loss_config = PolicyLossConfig(settings.cliprange, settings.cliprange_high, settings.dual_clip)
+        self.entropy_coef = settings.entropy_coef  # adapted toward --entropy_target when one is set
         self.kl_ctl = make_kl_controller(settings.kl_ctl, settings.target_kl, settings.kl_horizon)
         self.sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
                          "top_k": 0, "max_new_tokens": settings.max_answer_seq_len}
@@ -150,7 +167,11 @@ class PPOTrainer:
             e.critic.train()
         rewards = self.score(rollout, prompt_text, fields)
         group = torch.arange(seq.shape[0], device=seq.device) // n  # which prompt of this batch a row answers
-        return {"seq": seq, "attention_mask": attention_mask, "prompt_len": p, "action_mask": rollout.action_mask,
+        loss_mask = rollout.action_mask
+        if self.s.mask_truncated_completions:  # DAPO's overlong filtering: a cut answer carries no loss
+            cut = truncated_rows(seq[:, p:], rollout.action_mask, self.generator.fmt.eos_token_id)
+            loss_mask = rollout.action_mask * (~cut).unsqueeze(1).to(rollout.action_mask)
+        return {"loss_mask": loss_mask, "seq": seq, "attention_mask": attention_mask, "prompt_len": p, "action_mask": rollout.action_mask,
                 "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "live_values": live_values,
                 "scores": rewards.total.to(seq.device), "reward_values": rewards.values, "group": group,
                 "experience_time": time.time() - start, "gen_time": gen_time}
@@ -199,18 +220,19 @@ class PPOTrainer:
         actor and critic are skipped together.
         """
         s, e = self.s, self.engine
-        mask, p = exp["action_mask"], exp["prompt_len"]
-        # Normalise by the global token count so the loss does not depend on how the batch is sharded.
-        tokens = dist.all_reduce_sum(mask.sum().double().reshape(1)).item() / dist.world_size()
-        logprobs, entropy = answer_logprobs(e.actor, exp["seq"], exp["attention_mask"], p, s.entropy_coef > 0,
-                                            s.temperature)
-        pg_loss, stats = policy_loss(logprobs, exp["logprobs"], exp["advantages"], mask, s.cliprange,
-                                     token_count=tokens)
+        mask, p = exp.get("loss_mask", exp["action_mask"]), exp["prompt_len"]
+        # Normalise by the global count (tokens, or answers) so the loss does not depend on how the batch is sharded.
+        count = dist.all_reduce_sum(agg_count(mask, s.loss_agg_mode).double().reshape(1)).item() / dist.world_size()
+        adaptive = self.entropy_coef > 0 or s.entropy_target is not None
+        logprobs, entropy = answer_logprobs(e.actor, exp["seq"], exp["attention_mask"], p, True, s.temperature,
+                                            entropy_grad=adaptive)
+        per_token, stats = self.policy_loss(logprobs, exp["logprobs"], exp["advantages"], mask, self.loss_config)
+        pg_loss = self.aggregate(per_token, mask, count)
         actor_loss = pg_loss
-        if entropy is not None:
-            actor_loss = actor_loss - s.entropy_coef * masked_sum(entropy, mask) / tokens
+        if self.entropy_coef > 0:
+            actor_loss = actor_loss - self.entropy_coef * self.aggregate(entropy, mask, count)
         if s.use_kl_loss:
-            kl_loss = masked_sum(kl_penalty(logprobs, exp["ref_logprobs"], s.kl_estimator), mask) / tokens
+            kl_loss = self.aggregate(kl_penalty(logprobs, exp["ref_logprobs"], s.kl_estimator), mask, count)
             actor_loss = actor_loss + self.kl_ctl.value * kl_loss
             stats["kl_loss"] = kl_loss.detach()
         losses = [actor_loss]
@@ -219,7 +241,7 @@ class PPOTrainer:
             if values is None:
                 values = answer_values(e.critic, exp["seq"], exp["attention_mask"], p)
             vf_loss, vf_stats = value_loss(values, exp["values"], exp["returns"], mask, s.cliprange_value,
-                                           token_count=tokens)
+                                           token_count=self.value_token_count(mask, count))
             losses.append(vf_loss)
             stats |= vf_stats | {"critic_loss": vf_loss.detach()}
         if not guard.ok(*losses):
@@ -230,9 +252,27 @@ class PPOTrainer:
             e.critic.backward(losses[1])
             e.critic.step()
         stats["actor_loss"] = pg_loss.detach()
-        if entropy is not None:
-            stats["entropy"] = masked_mean(entropy.detach(), mask)
+        stats["entropy"] = masked_mean(entropy.detach(), mask)  # the policy's mean token entropy, every step
         return {k: float(v) for k, v in stats.items()}
+
+    def aggregate(self, per_token: torch.Tensor, mask: torch.Tensor, count: float) -> torch.Tensor:
+        """A per-token loss term reduced by --loss_agg_mode over the global batch (count: this rank's share)."""
+        return aggregate(per_token, mask, self.s.loss_agg_mode, count, self.s.max_answer_seq_len)
+
+    def value_token_count(self, mask: torch.Tensor, count: float) -> float:
+        """The critic's loss is a token mean whatever --loss_agg_mode says: this rank's share of the global tokens
+        (`count` already is that under token-mean)."""
+        if self.s.loss_agg_mode == "token-mean":
+            return count
+        return dist.all_reduce_sum(mask.sum().double().reshape(1)).item() / dist.world_size()
+
+    def adapt_entropy_coef(self, entropy: float) -> float:
+        """--entropy_target: raise the entropy coefficient by --entropy_coef_delta when the step's entropy is below
+        the target, lower it above, clipped to [0, 1]; returns the new value (the same on every rank)."""
+        if self.s.entropy_target is not None:
+            step = self.s.entropy_coef_delta if entropy < self.s.entropy_target else -self.s.entropy_coef_delta
+            self.entropy_coef = min(1.0, max(0.0, self.entropy_coef + step))
+        return self.entropy_coef
 
     def train_unsupervised(self, batch: dict[str, torch.Tensor], guard: NanGuard) -> float | None:
         """PTX: language-model loss on unsupervised text, scaled by --unsup_coef (None when non-finite)."""
@@ -242,3 +282,50 @@ class PPOTrainer:
         self.engine.actor.backward(loss)
         self.engine.actor.step()
         return loss.item()
+
+
+def select_rows(exp: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+    """The experience of the rows where `keep` [B] (bool) is True: every per-row tensor and reward list cut alike."""
+    n = exp["seq"].shape[0]
+    idx = keep.nonzero().flatten()
+    rows = idx.tolist()
+    out = {}
+    for k, v in exp.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+            out[k] = v[idx.to(v.device)]
+        elif k == "reward_values":
+            out[k] = {name: [values[i] for i in rows] for name, values in v.items()}
+        else:
+            out[k] = v
+    return out
+
+
+def merge_experiences(exps: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """One experience batch from several (before advantages): prompts left-padded to the longest prompt, answers
+    right-padded to the longest answer (pads attend to nothing and are no actions), group ids kept apart."""
+    if any(e.get("live_values") is not None for e in exps):
+        raise ValueError("merge_experiences: an experience with a live critic graph cannot be merged")
+    P = max(e["prompt_len"] for e in exps)
+    A = max(e["action_mask"].shape[1] for e in exps)
+    parts: dict[str, list[torch.Tensor]] = {}
+    offset = 0
+    for e in exps:
+        p, a = e["prompt_len"], e["action_mask"].shape[1]
+        pad = (P - p, A - a)  # left of the prompt, right of the answer
+        seq = torch.nn.functional.pad(e["seq"], pad, value=pad_token_id)
+        attention = torch.nn.functional.pad(e["attention_mask"], pad, value=0)
+        parts.setdefault("seq", []).append(seq)
+        parts.setdefault("attention_mask", []).append(attention)
+        for k in ("action_mask", "loss_mask", "logprobs", "ref_logprobs", "values"):
+            if e.get(k) is not None:
+                parts.setdefault(k, []).append(torch.nn.functional.pad(e[k], (0, A - a), value=0))
+        parts.setdefault("scores", []).append(e["scores"])
+        parts.setdefault("group", []).append(e["group"] + offset)
+        offset += int(e["group"].max().item()) + 1 if e["group"].numel() else 0
+    out: dict[str, Any] = {k: torch.cat(v) for k, v in parts.items()}
+    out.setdefault("values", None)
+    out |= {"prompt_len": P, "live_values": None,
+            "reward_values": {name: [x for e in exps for x in e["reward_values"][name]]
+                              for name in exps[0]["reward_values"]},
+            "experience_time": sum(e["experience_time"] for e in exps), "gen_time": sum(e["gen_time"] for e in exps)}
+    return out

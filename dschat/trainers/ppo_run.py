@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dschat.algos.advantages import get_estimator
+from dschat.algos.advantages import get_estimator, groups_with_variance
 from dschat.algos.kl import exact_kl
 from dschat.data.builtin_task import heldout_chosen_judge, heldout_prompts, judge
 from dschat.data.collators import PromptCollator
@@ -31,7 +31,7 @@ from dschat.runtime.engine import device, setup, to_device
 from dschat.runtime.errors import FlagError, NothingTrainedError
 from dschat.runtime.logger import Logger
 from dschat.trainers.loop import NanGuard
-from dschat.trainers.ppo import PPOSettings, PPOTrainer
+from dschat.trainers.ppo import PPOSettings, PPOTrainer, merge_experiences, select_rows
 from dschat.trainers.rlhf_engine import RLHFEngine
 from dschat.trainers.rollout import Generator, decode_answers, encode_prompts, generate_rollout
 
@@ -81,6 +81,9 @@ class RLHFRun:
         generator = Generator(self.engine.actor, self.fmt, args.enable_hybrid_engine, args.actor_zero_stage,
                               args.release_inference_cache)
         self.trainer = PPOTrainer(self.engine, settings, generator, self.rewards)
+        self.sampler = DynamicSampler(args.per_device_generation_batch_size * args.generation_batches,
+                                      args.max_gen_batches, self.tokenizer.pad_token_id) \
+            if args.dynamic_sampling else None
         self.builtin = self.data_settings.uses_builtin
         if self.builtin:
             self.eval_rows = [{"prompt": p, "fields": {}} for p in heldout_prompts(n=args.num_judge_prompts)]
@@ -239,6 +242,7 @@ class RLHFRun:
             self.best = state.get("best", self.best)
             if "kl_ctl" in state:
                 self.trainer.kl_ctl.load_state_dict(state["kl_ctl"])
+                self.trainer.entropy_coef = state.get("entropy_coef", self.trainer.entropy_coef)
                 self.step = state["step"]
                 self.updates = state.get("updates", self.step)
             for _ in range(state.get("ptx_drawn", 0)):  # the same PTX text order as an uninterrupted run
@@ -247,15 +251,30 @@ class RLHFRun:
         for epoch in range(state["epoch"], a.num_train_epochs):
             self.prompt_loader.sampler.set_epoch(epoch)
             buffer: list[dict[str, Any]] = []
+            if self.sampler is not None:
+                self.sampler.reset()  # a part-filled batch at an epoch's end is dropped, as a short buffer is
             for i, batch in enumerate(self.prompt_loader):
                 if epoch == state["epoch"] and i < state["batch"]:
                     continue
                 batch = to_device(batch, self.dev)
-                buffer.append(self.trainer.generate_experience(batch["prompt"], batch["prompt_att_mask"],
-                                                               batch["prompt_text"], batch["fields"]))
-                if len(buffer) < a.generation_batches:
-                    continue
-                self._update(buffer)
+                exp = self.trainer.generate_experience(batch["prompt"], batch["prompt_att_mask"],
+                                                       batch["prompt_text"], batch["fields"])
+                if self.sampler is not None:
+                    self.sampler.add(exp)
+                    if not self.sampler.ready():
+                        continue
+                    merged, sampling = self.sampler.take()
+                    if merged is None:
+                        self.logger.write(f"--dynamic_sampling: no group with differing rewards on some rank after "
+                                          f"{sampling['ds_gen_batches']:.0f} generation batches; no update")
+                        continue
+                    self._update([merged], sampling)
+                    buffer = [merged]
+                else:
+                    buffer.append(exp)
+                    if len(buffer) < a.generation_batches:
+                        continue
+                    self._update(buffer)
                 if a.print_answers and self.step % a.print_answers_interval == 0:
                     exp = buffer[-1]
                     self.logger.write(f"  sample: {self.tokenizer.decode(exp['seq'][0], skip_special_tokens=True)!r}")
@@ -266,6 +285,7 @@ class RLHFRun:
                     checkpoint.save(a.output_dir, self.engine.trained_engines(),
                                     {"epoch": epoch, "batch": i + 1, "step": self.step, "updates": self.updates,
                                      "kl_ctl": self.trainer.kl_ctl.state_dict(), "resume_key": key,
+                                     "entropy_coef": self.trainer.entropy_coef,
                                      "history": self.history, "ptx_drawn": self.ptx_drawn, "best": self.best},
                                     self.engine.checkpoint_extras())
                 if a.enable_test_mode and self.step >= a.test_stop_step:
@@ -277,8 +297,9 @@ class RLHFRun:
                 break
         self.logger.close()
 
-    def _update(self, buffer: list[dict[str, Any]]) -> None:
-        """PPO epochs over the buffered experience, in micro-batches of --per_device_training_batch_size."""
+    def _update(self, buffer: list[dict[str, Any]], sampling: dict[str, float] | None = None) -> None:
+        """PPO epochs over the buffered experience, in micro-batches of --per_device_training_batch_size
+        (`sampling`: what --dynamic_sampling dropped and generated, logged with the step)."""
         a = self.args
         rollout = self.trainer.add_advantages(buffer)
         start = time.time()
@@ -286,6 +307,7 @@ class RLHFRun:
         stats: list[dict[str, float]] = []
         first_steps = self.engine.actor.global_steps
         on_policy: list[float] = []  # ratios of micro-batches updated before this rollout's first optimizer step
+        on_policy_max: list[float] = []
         for epoch in range(a.ppo_epochs):
             for mb in micro:
                 fresh = epoch == 0 and self.engine.actor.global_steps == first_steps
@@ -293,9 +315,10 @@ class RLHFRun:
                 if s is None:
                     self.logger.write(f"non-finite PPO loss: update skipped ({self.guard.total} in all)")
                     continue
-                ratio = s.pop("ratio_mean")
+                ratio, ratio_max = s.pop("ratio_mean"), s.pop("ratio_max")
                 if fresh:  # the actor is still the sampling policy: new / old must be 1 up to rounding
                     on_policy.append(ratio)
+                    on_policy_max.append(ratio_max)
                 self.updates += 1
                 if self.unsup_loader is not None:  # each PPO micro-batch gets its own PTX micro-batch
                     unsup = self.trainer.train_unsupervised(self._next_ptx(), self.guard)
@@ -312,6 +335,13 @@ class RLHFRun:
         logged = {k: sum(s[k] for s in stats if k in s) / max(len(stats), 1) for k in (stats[0] if stats else {})}
         if on_policy:  # off 1 means old and new log-probs are not one function (sampling settings, dtype, dropout)
             logged["ratio_mean"] = sum(on_policy) / len(on_policy)
+            logged["ratio_max"] = max(on_policy_max)
+        if "entropy" in logged:  # the mean over ranks: the adaptive coefficient must be the same on every rank
+            total, n = dist.all_reduce_sum(torch.tensor([logged["entropy"], 1.0], dtype=torch.float64)).tolist()
+            logged["entropy"] = total / n
+            if a.entropy_target is not None:
+                logged["entropy_coef"] = self.trainer.adapt_entropy_coef(logged["entropy"])
+        logged |= sampling or {}
         logged |= rollout | {
             "answer_len": answer_tokens / sum(b["scores"].numel() for b in buffer),
             "gen_time_s": gen_time, "experience_time_s": experience_time, "train_time_s": train_time,
@@ -419,3 +449,64 @@ def split_micro_batches(buffer: list[dict[str, Any]], size: int) -> list[dict[st
             out.append({k: v[s:s + size] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
                         for k, v in exp.items()})
     return out
+
+
+class DynamicSampler:
+    """--dynamic_sampling (DAPO): keeps the groups whose rewards differ from each generation batch until every rank
+    holds `target` groups or --max_gen_batches batches were generated this step, then gives each rank the same
+    number of groups (the fewest any rank holds, at most `target`), merged into one experience batch.
+
+    ready() is a collective every rank calls after each batch, so all ranks generate, and train, in lockstep.
+    """
+
+    def __init__(self, target: int, max_batches: int, pad_token_id: int):
+        self.target, self.max_batches, self.pad_token_id = target, max_batches, pad_token_id
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was kept (a new step, or a new epoch)."""
+        self.kept: list[dict[str, Any]] = []
+        self.groups = self.batches = self.dropped = self.rollouts = 0
+        self.times = [0.0, 0.0]
+        self.totals: list[float] = []
+
+    def add(self, exp: dict[str, Any]) -> None:
+        """Keep the groups of one generation batch whose rewards differ."""
+        keep = groups_with_variance(exp["scores"], exp["group"].to(exp["scores"].device)).to(exp["group"].device)
+        groups = int(torch.unique(exp["group"]).numel())
+        kept = int(torch.unique(exp["group"][keep]).numel())
+        self.batches += 1
+        self.rollouts += int(exp["group"].numel())
+        self.dropped += groups - kept
+        self.times[0] += exp["experience_time"]
+        self.times[1] += exp["gen_time"]
+        if kept:
+            self.kept.append(select_rows(exp, keep))
+            self.groups += kept
+
+    def ready(self) -> bool:
+        """Whether the step's batch is complete on every rank, or the generation budget is spent (a collective)."""
+        counts = torch.zeros(dist.world_size() + 2, dtype=torch.float64)
+        counts[dist.rank()] = self.groups
+        counts[-2:] = torch.tensor([self.dropped, self.rollouts], dtype=torch.float64)
+        self.totals = dist.all_reduce_sum(counts).tolist()
+        return min(self.totals[:-2]) >= self.target or self.batches >= self.max_batches
+
+    def take(self) -> tuple[dict[str, Any] | None, dict[str, float]]:
+        """The step's experience (None when some rank kept no group) and what it cost; resets the sampler."""
+        take = int(min(min(self.totals[:-2]), self.target))
+        logged = {"ds_dropped_groups": self.totals[-2], "ds_rollouts": self.totals[-1],
+                  "ds_gen_batches": float(self.batches), "ds_kept_groups": float(take * dist.world_size())}
+        picked, left = [], take
+        for exp in self.kept:
+            if left == 0:
+                break
+            ids = torch.unique_consecutive(exp["group"])[:left]
+            picked.append(select_rows(exp, torch.isin(exp["group"], ids)))
+            left -= int(ids.numel())
+        merged = None
+        if picked:
+            merged = merge_experiences(picked, self.pad_token_id)
+            merged["experience_time"], merged["gen_time"] = self.times
+        self.reset()
+        return merged, logged
