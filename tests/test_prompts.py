@@ -253,3 +253,30 @@ def test_saved_model_reproduces_its_training_prompt_through_apply_chat_template(
     question = row["prompt"].removeprefix("Human: ").removesuffix(" Assistant:")
     assert saved.apply_chat_template([_user(question)], add_generation_prompt=True, tokenize=False) == row["prompt"]
     assert again.prompt_ids(row["prompt"]) == tokenize_row(row, fmt, 3, 512, 256, False)["prompt_ids"]
+
+
+def test_print_examples_shows_each_step_its_rows_as_tokenised_and_trains_nothing(tmp_path, templated_model):
+    conv = tmp_path / "conv.jsonl"
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, _user("Name a fruit."), _bot("apple."),
+                          _user("Another?"), _bot("pear.")]}] * 4
+    conv.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"chosen": [_user("Sky?"), _bot("blue.")], "rejected": [_user("Sky?"),
+                                         _bot("green.")]}) + "\n" for _ in range(4)))
+    common = ["--data_output_path", tmp_path / "cache", "--print_examples", "2"]
+    out = run([STEP1, "--data_path", conv, "--data_split", "1,0,0", *common]).stdout
+    assert "Be brief. Human: Name a fruit. Assistant:[[ apple.]] Human: Another? Assistant:[[ pear.</s>]]" in out
+    out = run([STEP1, "--model_name_or_path", templated_model, "--data_path", conv, "--data_split", "1,0,0",
+               "--last_turn_only", *common]).stdout
+    assert ("<|im_start|>user\nAnother?<|im_end|>\n<|im_start|>assistant\n[[pear.<|im_end|>]]" in out
+            and "[[apple" not in out and "<|im_start|>system\nBe brief.<|im_end|>" in out)
+    for step in (STEP2, REPO / "training" / "step2_dpo_finetuning" / "main.py"):
+        out = run([step, "--model_name_or_path", templated_model, "--data_path", pairs, "--data_split", "0,1,0",
+                   *common]).stdout
+        assert "<|im_start|>user\nSky?<|im_end|>\n<|im_start|>assistant\n[[blue.<|im_end|>]]" in out
+        assert "[[green.<|im_end|>]]" in out
+    out = run([STEP3, "--actor_model_name_or_path", templated_model, "--reward_fn", "builtin_judge",
+               "--advantage_estimator", "grpo", "--n_samples_per_prompt", "2", "--data_path", pairs,
+               "--data_split", "0,0,1", *common]).stdout
+    assert "<|im_start|>user\nSky?<|im_end|>\n<|im_start|>assistant\n[[<answer sampled here>]]" in out
+    assert not (tmp_path / "cache").exists()  # nothing tokenised into the cache, nothing trained

@@ -39,6 +39,10 @@ def add_data_args(p: argparse.ArgumentParser, step: int) -> None:
                    help="Train on batches of rows of similar length (windows of 50 shuffled batches sorted by "
                         "length, the batches then shuffled; step 3: prompts), so less of each batch is padding. "
                         "Same rows per epoch, another order.")
+    p.add_argument("--print_examples", type=int, default=0, metavar="N",
+                   help="Print the first N training rows of this step's phase exactly as they will be tokenised "
+                        "(special tokens shown, the loss-bearing tokens between [[ and ]]), then exit without "
+                        "training.")
     if step == 1:
         p.add_argument("--sft_only_data_path", nargs="*", default=[],
                        help="Single-response datasets used only in phase 1.")
@@ -121,6 +125,8 @@ def check_common_args(args: argparse.Namespace, model_dirs: tuple[str, ...] = ("
         raise FlagError(f"--max_bad_steps must be at least 1 (got {args.max_bad_steps})")
     check_numbers(args)
     check_data_flags(args)
+    if getattr(args, "print_examples", 0) < 0:
+        raise FlagError(f"--print_examples must be 0 (off) or positive (got {args.print_examples})")
     if not getattr(args, "output_dir", None):
         for name in ("resume", "save_interval"):
             if getattr(args, name, None):

@@ -157,6 +157,44 @@ def tokenize_row(row: Row, fmt: PromptFormat, phase: int, max_seq_len: int, max_
     return {"chosen_ids": chosen, "rejected_ids": rejected[:max_seq_len], "prompt_len": start}
 
 
+LOSS_OPEN, LOSS_CLOSE = "[[", "]]"  # --print_examples: around the tokens that carry the loss
+
+
+def marked_text(tokenizer, ids: list[int], loss: list[bool]) -> str:
+    """The ids decoded (special tokens shown) with each loss-bearing run between LOSS_OPEN and LOSS_CLOSE."""
+    out, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or loss[i] != loss[start]:
+            text = tokenizer.decode(ids[start:i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            out.append(f"{LOSS_OPEN}{text}{LOSS_CLOSE}" if loss[start] else text)
+            start = i
+    return "".join(out)
+
+
+def example_text(row: Row, fmt: PromptFormat, phase: int, max_seq_len: int, max_prompt_len: int,
+                 train_on_prompt: bool = False, last_turn_only: bool = False) -> str:
+    """One row of phase `phase` exactly as it is tokenised, the loss-bearing tokens marked (--print_examples):
+    step 1 its labels, steps 2 and DPO each answer, step 3 the prompt and where the sampled answer goes."""
+    enc = tokenize_row(row, fmt, phase, max_seq_len, max_prompt_len, train_on_prompt, last_turn_only)
+    if enc is None:
+        limit = f"--max_prompt_seq_len {max_prompt_len}" if phase == 3 else f"--max_seq_len {max_seq_len}"
+        return f"(dropped: longer than {limit})"
+    tok = fmt.tokenizer
+    if phase == 1:
+        ids = enc["input_ids"]
+        loss = [label != -100 for label in enc["labels"]]
+        return f"({len(ids)} tokens, {sum(loss)} with loss)\n{marked_text(tok, ids, loss)}"
+    if phase == 2:
+        n = enc["prompt_len"]
+        return "\n".join(f"{side} ({len(ids)} tokens, answer {len(ids) - n}):\n"
+                         f"{marked_text(tok, ids, [i >= n for i in range(len(ids))])}"
+                         for side, ids in (("chosen", enc["chosen_ids"]), ("rejected", enc["rejected_ids"])))
+    ids = enc["prompt_ids"]
+    return (f"({len(ids)} prompt tokens; the sampled answer follows, ended by "
+            f"{tok.convert_ids_to_tokens(fmt.eos_token_id)!r})\n{marked_text(tok, ids, [False] * len(ids))}"
+            f"{LOSS_OPEN}<answer sampled here>{LOSS_CLOSE}")
+
+
 def _source_stamps(settings: DataSettings) -> list[Any]:
     """What identifies each source's content: size and mtime of local files, the builtin task's code."""
     from dschat.data import arith_task, builtin_task

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dschat.cli.args import add_data_args, add_model_args, add_run_args, check_common_args  # noqa: E402
 from dschat.cli.entry import parse_step_args, run_main, run_step  # noqa: E402
+from dschat.cli.examples import print_examples  # noqa: E402
 from dschat.trainers.sft import SFTRun  # noqa: E402
 
 
@@ -34,8 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Setup, train, evaluate, save."""
-    run_step(SFTRun(parse_args(argv)))
+    """Setup, train, evaluate, save (--print_examples: show the data, then stop)."""
+    args = parse_args(argv)
+    if args.print_examples:
+        print_examples(args, 1, args.model_name_or_path)
+        return
+    run_step(SFTRun(args))
 
 
 if __name__ == "__main__":

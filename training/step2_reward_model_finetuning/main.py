@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dschat.cli.args import add_data_args, add_model_args, add_run_args, check_common_args  # noqa: E402
 from dschat.cli.entry import parse_step_args, run_main, run_step  # noqa: E402
+from dschat.cli.examples import print_examples  # noqa: E402
 from dschat.trainers.reward import RewardRun  # noqa: E402
 
 LR_HELP = ("Learning rate. The default 1e-3 suits the builtin tiny model (5 epochs); DeepSpeed-Chat's 5e-5 "
@@ -44,8 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Setup, evaluate, train, save, summarise."""
-    run_step(RewardRun(parse_args(argv)))
+    """Setup, evaluate, train, save, summarise (--print_examples: show the data, then stop)."""
+    args = parse_args(argv)
+    if args.print_examples:
+        print_examples(args, 2, args.model_name_or_path)
+        return
+    run_step(RewardRun(args))
 
 
 if __name__ == "__main__":

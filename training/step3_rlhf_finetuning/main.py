@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dschat.cli.args import SCHEDULERS, add_data_args, add_lora_args, add_run_args  # noqa: E402
 from dschat.cli.entry import parse_step_args, run_main, run_step  # noqa: E402
+from dschat.cli.examples import print_examples  # noqa: E402
 from dschat.cli.rlhf_args import add_ppo_args, check_rlhf_args, set_step3_help  # noqa: E402
 from dschat.trainers.ppo_run import RLHFRun  # noqa: E402
 
@@ -61,8 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Setup, evaluate the SFT actor, PPO, evaluate, save."""
-    run_step(RLHFRun(parse_args(argv)), "start (SFT)")
+    """Setup, evaluate the SFT actor, PPO, evaluate, save (--print_examples: show the data, then stop)."""
+    args = parse_args(argv)
+    if args.print_examples:
+        print_examples(args, 3, args.actor_model_name_or_path)
+        return
+    run_step(RLHFRun(args), "start (SFT)")
 
 
 if __name__ == "__main__":
