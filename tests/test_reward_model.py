@@ -314,3 +314,21 @@ def test_run_on_anthropic_hh_data(tmp_path, data_dir):
     assert 0.0 <= last["accuracy"] <= 1.0 and last["eval_pairs"] > 0
     assert "judge_spearman" not in last  # no ground-truth judge for real data
     assert "acc (higher is better)" in result.stdout
+
+
+def test_rw_eval_scores_every_pair_of_a_conversational_file_with_split_all(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Name {i} fruits."}],
+                                     "chosen": [{"role": "assistant", "content": "apple, pear."}],
+                                     "rejected": [{"role": "assistant", "content": "dog."}]}) + "\n"
+                         for i in range(23)))
+    counts = {}
+    for split in ("all", "eval"):
+        rw = subprocess.run([sys.executable, str(STEP2 / "rw_eval.py"), "--model_name_or_path", BUILTIN_MODEL_DIR,
+                             "--untrained_head", "--data_path", str(f), "--split", split], cwd=REPO, env=env(),
+                            capture_output=True, text=True, timeout=120)
+        assert rw.returncode == 0, rw.stderr
+        line = next(x for x in rw.stdout.splitlines() if "pairwise accuracy" in x)
+        counts[split] = int(line.split(" pairs of ")[0].rsplit(" ", 1)[1])
+        assert f"('{split}' split)" in line
+    assert counts == {"all": 23, "eval": 2}

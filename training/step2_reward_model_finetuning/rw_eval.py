@@ -4,8 +4,8 @@ Unlike DeepSpeed-Chat's rw_eval.py, which builds a fresh, untrained value head o
 loads the saved model with AutoModelForSequenceClassification, head included, and refuses folders that
 hold no reward model. Without --prompt/--response it scores chosen and rejected answers of held-out
 builtin examples, with the builtin judge's score beside each. With --data_path (any preference data the
-pipeline reads: a registered name or a local file) it reports pairwise accuracy on that data's held-out
-split (the rows no step trains on) next to the "longer answer wins" baseline on the same pairs;
+pipeline reads: a registered name, a local file, text or conversational) it reports pairwise accuracy on that
+data's held-out split (the rows no step trains on; --split all: every pair, for a file no step trained on) next to the "longer answer wins" baseline on the same pairs;
 --untrained_head scores with a fresh, seeded head on a causal LM instead (the untrained baseline).
 """
 
@@ -42,8 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="As in training: auto = the chat template when the tokenizer has one.")
     p.add_argument("--data_path", type=str, default=None,
                    help="Preference data (as step 2's --data_path): report pairwise accuracy on its --split.")
-    p.add_argument("--split", choices=["eval", "train"], default="eval",
-                   help="With --data_path: the held-out rows (default; no step trains on them) or the train rows.")
+    p.add_argument("--split", choices=["eval", "train", "all"], default="eval",
+                   help="With --data_path: the held-out rows (default; no step trains on them), the train rows, or "
+                        "all: every pair of the data (a file no step trained on).")
     p.add_argument("--max_pairs", type=int, default=None, help="With --data_path: score only the first N pairs.")
     p.add_argument("--batch_size", type=int, default=8, help="With --data_path: pairs per forward.")
     p.add_argument("--seed", type=int, default=1234,
@@ -143,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.data_path:
         from dschat.data.sources import load_raw
 
-        rows = [r for r in load_raw(args.data_path, args.seed)[args.split] if r["rejected"] is not None]
+        raw = load_raw(args.data_path, args.seed)
+        split_rows = raw["train"] + raw["eval"] if args.split == "all" else raw[args.split]
+        rows = [r for r in split_rows if r.get("rejected") is not None]
         rows = rows[: args.max_pairs] if args.max_pairs else rows
         if not rows:
             raise FlagError(f"--data_path {args.data_path}: its '{args.split}' split holds no chosen/rejected pairs")
