@@ -361,3 +361,59 @@ def test_bad_conversations_name_file_line_and_field(tmp_path, record, expected):
     bad.write_text(json.dumps({"prompt": "ok", "chosen": " a", "rejected": " b"}) + "\n" + json.dumps(record) + "\n")
     with pytest.raises(DatasetError, match=expected.replace("bad\\.jsonl:1", "bad\\.jsonl:2")):
         read_json_rows(str(bad))
+
+
+def test_load_dataset_formats_parquet_csv_and_data_folders_without_a_hub(tmp_path, tokenizer):
+    from datasets import Dataset
+
+    records = [{"prompt": [_user(f"q{i}")], "chosen": [_bot("yes")], "rejected": [_bot("no")], "id": i}
+               for i in range(20)]
+    Dataset.from_list(records).to_parquet(str(tmp_path / "pairs.parquet"))
+    data = load_raw(str(tmp_path / "pairs.parquet"), seed=1)
+    assert len(data["train"]) == 18 and len(data["eval"]) == 2
+    row = data["train"][0]
+    assert row["prompt"] == [_user(f"q{row['fields']['id']}")] and row["chosen"] == [_bot("yes")]
+    csv = tmp_path / "sft.csv"
+    csv.write_text("prompt,completion\n" + "".join(f"Human: q{i} Assistant:, a{i}\n" for i in range(10)))
+    data = load_raw(str(csv), seed=1)
+    assert {r["prompt"] for r in data["train"] + data["eval"]} == {f"Human: q{i} Assistant:" for i in range(10)}
+    assert all(r["chosen"].startswith(" a") and r["rejected"] is None for r in data["train"])
+    (tmp_path / "bad.csv").write_text("prompt,completion\nHuman: q Assistant:, a\n  , b\n")
+    with pytest.raises(DatasetError, match=r"bad\.csv:3: field 'prompt' is empty"):
+        load_raw(str(tmp_path / "bad.csv"), seed=1)
+    folder = tmp_path / "hubstyle" / "data"
+    folder.mkdir(parents=True)
+    Dataset.from_list([{"messages": [_user(f"q{i}"), _bot(f"a{i}")]} for i in range(12)]).to_parquet(
+        str(folder / "train-00000-of-00001.parquet"))
+    Dataset.from_list([{"messages": [_user("t"), _bot("u")]}] * 3).to_parquet(str(folder / "test-00000-of-00001.parquet"))
+    data = load_raw(str(tmp_path / "hubstyle"), seed=1)
+    assert len(data["train"]) == 12 and len(data["eval"]) == 3 and data["eval"][0]["conversation"]
+    # and the phases tokenise them (the cache stamps the local files)
+    out = load_phase_data(settings([str(tmp_path / "hubstyle")], data_split="1,0,0"), tokenizer, str(tmp_path / "c"))
+    assert len(out["train"]) == 12
+    with pytest.raises(DatasetError, match="folder has no train.json"):
+        load_raw(str((tmp_path / "empty").mkdir() or tmp_path / "empty"), seed=1)
+
+
+def test_a_hub_name_goes_through_load_dataset_with_column_detection(monkeypatch):
+    from datasets import Dataset, DatasetDict
+
+    from dschat.data import sources
+
+    calls = []
+
+    def fake_load_dataset(name, *args, **kwargs):
+        calls.append(name)
+        return DatasetDict({"train": Dataset.from_list([{"chosen": [_user("q"), _bot(f"a{i}")],
+                                                         "rejected": [_user("q"), _bot("no")]} for i in range(5)]),
+                            "test": Dataset.from_list([{"text": "plain"}])})
+
+    monkeypatch.setattr(sources, "hub_unreachable", lambda: None)
+    monkeypatch.setattr("datasets.load_dataset", fake_load_dataset)
+    data = load_raw("someorg/prefs", seed=1)
+    assert calls == ["someorg/prefs"] and len(data["train"]) == 5
+    assert data["train"][0]["prompt"] == [_user("q")] and data["eval"][0]["text"] == "plain"
+    monkeypatch.setattr(sources, "hub_unreachable", lambda: "HF_HUB_OFFLINE is set")
+    with pytest.raises(DatasetError, match=r"unknown dataset 'other/name'.*hub cannot be reached .*HF_HUB_OFFLINE"):
+        load_raw("other/name", seed=1)
+    assert calls == ["someorg/prefs"]

@@ -248,15 +248,18 @@ def carve_eval(rows: list[Row], seed: int, fraction: float = 0.1) -> Splits:
     return {"train": [rows[i] for i in order[n_eval:]], "eval": [rows[i] for i in order[:n_eval]]}
 
 
-def _from_hf(ds: Any, name: str, seed: int, convert: Callable[[dict], Row | None]) -> Splits:
-    """Rows from a `datasets` Dataset or DatasetDict, converted record by record (None skips a record)."""
+def _from_hf(ds: Any, name: str, seed: int, convert: Callable[[dict], Row | None],
+             where: Callable[[str, int], str] | None = None) -> Splits:
+    """Rows from a `datasets` Dataset or DatasetDict, converted record by record (None skips a record); `where`
+    names a record in errors (default: "<name> [<split> row <i>]")."""
     from datasets import DatasetDict
 
     def rows_of(split_ds: Any, split: str) -> list[Row]:
         out = []
         for i, record in enumerate(split_ds):
             row = convert(record)
-            row = normalize_row(row, f"{name} [{split} row {i}]") if row is not None else None
+            at = where(split, i) if where else f"{name} [{split} row {i}]"
+            row = normalize_row(row, at) if row is not None else None
             if row is not None:
                 out.append(row)
         return out
@@ -270,10 +273,32 @@ def _from_hf(ds: Any, name: str, seed: int, convert: Callable[[dict], Row | None
     return carve_eval(rows_of(ds, "train"), seed)
 
 
+# Local formats `datasets.load_dataset` reads (beside our own JSON reader): suffix -> its builder.
+TABLE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
+
+
+def _load_table(path: str, seed: int) -> Splits:
+    """A local Parquet/CSV/Arrow file, read by `datasets.load_dataset` (no hub); rows are named by their line
+    (CSV: the header is line 1) or row number in errors."""
+    from datasets import load_dataset
+
+    suffix = Path(path).suffix.lower()
+    extra = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    try:
+        ds = load_dataset(TABLE_FORMATS[suffix], data_files=path, split="train", **extra)
+    except Exception as err:  # a corrupt file raises anything from arrow
+        raise DatasetError(f"{path}: cannot read as {TABLE_FORMATS[suffix]}: {type(err).__name__}: {err}") from err
+    line = (lambda split, i: f"{path}:{i + 2}") if suffix in (".csv", ".tsv") else (lambda split, i: f"{path}: row {i}")
+    return _from_hf(ds, path, seed, lambda r: r, line)
+
+
 def load_local(path: str, seed: int) -> Splits:
-    """A local .json/.jsonl(.gz) file, a folder with train/eval JSON files, or a save_to_disk folder."""
+    """A local .json/.jsonl(.gz), .parquet, .csv/.tsv or .arrow file; a folder with train/eval JSON files; a
+    save_to_disk folder; or any other folder `datasets.load_dataset` reads (data files, a data/ folder)."""
     p = Path(path)
     if p.is_file():
+        if p.suffix.lower() in TABLE_FORMATS:
+            return _load_table(path, seed)
         return carve_eval(read_json_rows(path), seed)
     if (p / "dataset_dict.json").exists() or (p / "dataset_info.json").exists():
         from datasets import load_from_disk
@@ -283,11 +308,27 @@ def load_local(path: str, seed: int) -> Splits:
                           if (p / f"{stem}{ext}").exists()), None)
              for split, names in (("train", ("train",)), ("eval", ("eval", "test", "validation")))}
     if files["train"] is None:
-        raise DatasetError(f"{path}: folder has no train.json/train.jsonl and is not a datasets save_to_disk folder")
+        return _load_folder(path, seed)
     train = read_json_rows(str(files["train"]))
     if files["eval"] is None:
         return carve_eval(train, seed)
     return {"train": train, "eval": read_json_rows(str(files["eval"]))}
+
+
+def _load_folder(path: str, seed: int) -> Splits:
+    """A data folder in a layout `datasets.load_dataset` knows (train/test files, data/train-*.parquet, ...)."""
+    from datasets import load_dataset
+
+    known = (".json", ".jsonl", ".gz", *TABLE_FORMATS)
+    if not any(f.is_file() and f.suffix.lower() in known for f in Path(path).rglob("*")):
+        raise DatasetError(f"{path}: folder has no train.json/train.jsonl, no data files (.json, .jsonl, .parquet, "
+                           f".csv, .arrow) and is not a datasets save_to_disk folder")
+    try:
+        ds = load_dataset(path)
+    except Exception as err:
+        raise DatasetError(f"{path}: datasets.load_dataset cannot read this folder: {type(err).__name__}: "
+                           f"{' '.join(str(err).split())[:300]}") from err
+    return _from_hf(ds, path, seed, lambda r: r)
 
 
 def _builtin(seed: int) -> Splits:
@@ -374,13 +415,56 @@ LOADERS: dict[str, Callable[[int], Splits]] = {
 }
 
 
+HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now (offline mode, no route to it), or None (a quick probe, so an
+    offline machine is told at once instead of after `datasets`' retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as err:
+        return f"{url.hostname}: {err}"
+    return None
+
+
+def load_hub(name: str, seed: int) -> Splits:
+    """A hub dataset that is not one of DeepSpeed-Chat's names, through `datasets.load_dataset`, its rows' type
+    detected from the columns like a local file's."""
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(name)
+    except Exception as err:
+        raise DatasetError(f"cannot load hub dataset '{name}' ({type(err).__name__}: {' '.join(str(err).split())[:300]})"
+                           f"; without a hub, pass a local file (.json/.jsonl/.parquet/.csv) or folder to "
+                           f"--data_path") from err
+    return _from_hf(ds, name, seed, lambda r: r)
+
+
 def load_raw(name: str, seed: int) -> Splits:
-    """The train/eval rows of one `--data_path` entry: a registered name, "local/jsonfile", or a path."""
+    """The train/eval rows of one `--data_path` entry: a registered name, "local/jsonfile", a local file or folder,
+    or another hub dataset name ("org/name", through `datasets.load_dataset`)."""
     if name in LOADERS:
         return LOADERS[name](seed)
     if name == "local/jsonfile":  # DeepSpeed-Chat's convention: ./data/{train,eval}.json
         return load_local("data", seed)
     if os.path.exists(name):
         return load_local(name, seed)
-    raise DatasetError(f"unknown dataset '{name}' in --data_path: not a registered name ({', '.join(LOADERS)}, "
-                       f"local/jsonfile) and no such file or folder")
+    known = f"not a registered name ({', '.join(LOADERS)}, local/jsonfile) and no such file or folder"
+    if not HUB_NAME.match(name):
+        raise DatasetError(f"unknown dataset '{name}' in --data_path: {known}")
+    reason = hub_unreachable()
+    if reason:
+        raise DatasetError(f"unknown dataset '{name}' in --data_path: {known}, and the Hugging Face hub cannot be "
+                           f"reached to load it ({reason}); without a hub, pass a local file (.json/.jsonl/.parquet/"
+                           f".csv) or folder")
+    return load_hub(name, seed)
