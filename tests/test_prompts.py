@@ -280,3 +280,30 @@ def test_print_examples_shows_each_step_its_rows_as_tokenised_and_trains_nothing
                "--data_split", "0,0,1", *common]).stdout
     assert "<|im_start|>user\nSky?<|im_end|>\n<|im_start|>assistant\n[[<answer sampled here>]]" in out
     assert not (tmp_path / "cache").exists()  # nothing tokenised into the cache, nothing trained
+
+
+def test_conversational_files_through_steps_1_2_3_and_chat(tmp_path, templated_model):
+    """A test-sized pipeline on conversational data: step 1 on `messages`, step 2 on conversational pairs (implicit
+    prompt), step 3 on their prompts with a rule reward; the actor answers in chat.py."""
+    conv, pairs = tmp_path / "conv.jsonl", tmp_path / "pairs.jsonl"
+    fruits = ["apple", "pear", "plum", "kiwi", "lemon", "mango"]
+    conv.write_text("".join(json.dumps({"messages": [{"role": "system", "content": "Answer with fruits."},
+                                                     _user(f"Name {k} fruits."), _bot(", ".join(fruits[:k]) + ".")]})
+                            + "\n" for k in range(1, 7) for _ in range(8)))
+    pairs.write_text("".join(json.dumps({"chosen": [_user(f"Name {k} fruits."), _bot(", ".join(fruits[:k]) + ".")],
+                                         "rejected": [_user(f"Name {k} fruits."), _bot("dog.")]}) + "\n"
+                             for k in range(1, 7) for _ in range(8)))
+    data, sft, rm, s3 = tmp_path / "data", tmp_path / "sft", tmp_path / "rm", tmp_path / "s3"
+    run([STEP1, "--model_name_or_path", templated_model, "--data_path", conv, "--data_split", "1,0,0",
+         "--output_dir", sft, "--data_output_path", data, "--max_seq_len", "64", "--eval_iters", "2",
+         "--num_judge_prompts", "0"])
+    run([STEP2, "--model_name_or_path", sft, "--data_path", pairs, "--data_split", "0,1,0", "--output_dir", rm,
+         "--data_output_path", data, "--max_seq_len", "64", "--num_train_epochs", "1", "--eval_iters", "2"])
+    run([STEP3, "--actor_model_name_or_path", sft, "--critic_model_name_or_path", rm, "--data_path", pairs,
+         "--data_split", "0,0,1", "--output_dir", s3, "--data_output_path", data,
+         "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "4",
+         "--max_answer_seq_len", "8", "--num_judge_prompts", "0", "--enable_test_mode", "--test_stop_step", "1"])
+    saved = load_tokenizer(str(s3 / "actor"))
+    assert saved.chat_template == CHATML
+    proc = run([REPO / "chat.py", "--path", s3 / "actor", "--prompt", "Name 2 fruits.", "--max_new_tokens", "8"])
+    assert proc.returncode == 0
