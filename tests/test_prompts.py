@@ -307,3 +307,17 @@ def test_conversational_files_through_steps_1_2_3_and_chat(tmp_path, templated_m
     assert saved.chat_template == CHATML
     proc = run([REPO / "chat.py", "--path", s3 / "actor", "--prompt", "Name 2 fruits.", "--max_new_tokens", "8"])
     assert proc.returncode == 0
+
+
+def test_dschat_template_puts_the_bos_in_front_where_the_tokenizer_adds_one():
+    from dschat.data.prompts import adds_bos
+
+    tok = load_tokenizer("builtin")
+    tok.add_bos_token = True
+    assert adds_bos(tok)
+    fmt = PromptFormat.create(tok)
+    messages = [_user("Hi"), _bot("Hello."), _user("Fruit?")]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == tok.bos_token + fmt.render(messages) == "<s>Human: Hi Assistant: Hello. Human: Fruit? Assistant:"
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert list(ids) == fmt.prompt_ids(messages)
