@@ -133,7 +133,7 @@ def test_gspo_sequence_ratio_by_hand():
     adv = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]])
     loss, stats = get_policy_loss("gspo")(lp, old, adv, mask, PolicyLossConfig(0.2, 0.3))
     s0, s1 = math.exp(0.2), math.exp(-0.1)
-    close(loss, [[-s0, -s0, 0.0], [s1, 0.0, 0.0]])
+    close(loss * mask, [[-s0, -s0, 0.0], [s1, 0.0, 0.0]])  # entries leave masking to aggregate
     close(stats["seq_ratio_mean"], (s0 + s1) / 2)
     close(stats["clipfrac"], 0.0)
     # seq-mean-token-mean: each row's mean; the gradient through token t is -A s_i / |y_i| (the sequence ratio's)
@@ -145,7 +145,7 @@ def test_gspo_sequence_ratio_by_hand():
     loss, stats = get_policy_loss("gspo")(lp, old, adv, mask, PolicyLossConfig(0.2))
     close(loss[0, :2], [-1.2, -1.2])
     close(stats["clipfrac"], 0.5)
-    loss.sum().backward()
+    (loss * mask).sum().backward()
     close(lp.grad[0], [0.0, 0.0, 0.0])
 
 
@@ -317,24 +317,49 @@ def test_entropy_is_logged_every_step_and_the_coefficient_adapts():
 
 # ---- the default step is today's step -----------------------------------------------------------------------
 
-def test_default_step3_step_gives_todays_loss_and_gradients():
-    """A default PPOTrainer update (ppo, token-mean) gives exactly the loss and gradient of algos/losses.policy_loss
-    with the global token count, as train_rlhf computed them before the registry."""
-    t = trainer(with_critic=False, estimator="grpo", n_samples=2)
+TODAY = [("grpo", {}), ("reinforce_pp", {"entropy_coef": 0.02, "use_kl_loss": True, "kl_estimator": "k2"}),
+         ("gae", {"entropy_coef": 0.01})]
+
+
+@pytest.mark.parametrize("estimator,extra", TODAY)
+def test_default_step3_step_gives_todays_loss_and_gradients(estimator, extra):
+    """A default PPOTrainer update (ppo, token-mean) gives exactly the loss and gradients train_rlhf computed before
+    the registry: algos/losses.policy_loss with the global token count, the entropy bonus as coef * sum / tokens,
+    the KL loss, the critic's value loss (torch.equal, not allclose: the order autograd sums in matters too)."""
+    from dschat.algos.kl import kl_penalty
+    from dschat.algos.losses import value_loss
+    from dschat.algos.masked import masked_sum
+    from dschat.trainers.ppo import answer_values
+
+    t = trainer(with_critic=estimator == "gae", estimator=estimator, n_samples=2 if estimator == "grpo" else 1)
+    t.s = PPOSettings(advantage_estimator=estimator, n_samples_per_prompt=t.s.n_samples_per_prompt, **extra)
+    t.entropy_coef = t.s.entropy_coef
     exp = experience(t)
-    actor = t.engine.actor
-    state = {k: v.clone() for k, v in actor.state_dict().items()}
+    exp["ref_logprobs"] = exp["ref_logprobs"] - 0.3  # a KL to the reference
+    models = [m for m in (t.engine.actor, t.engine.critic) if m is not None]
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
     stats = t.train_rlhf(exp, NanGuard(3))
-    got = actor.emb.weight.grad.clone()
-    actor.zero_grad()
-    actor.load_state_dict(state)
-    mask = exp["action_mask"]
-    logprobs, _ = answer_logprobs(actor, exp["seq"], exp["attention_mask"], exp["prompt_len"])
-    want, _ = policy_loss(logprobs, exp["logprobs"], exp["advantages"], mask, 0.2,
-                          token_count=mask.sum().double().item())
-    want.backward()
+    got = [m.emb.weight.grad.clone() for m in models]
+    for m, state in zip(models, states):
+        m.zero_grad()
+        m.load_state_dict(state)
+    s, mask, actor = t.s, exp["action_mask"], t.engine.actor
+    tokens = mask.sum().double().item()
+    logprobs, entropy = answer_logprobs(actor, exp["seq"], exp["attention_mask"], exp["prompt_len"],
+                                        s.entropy_coef > 0)
+    want, _ = policy_loss(logprobs, exp["logprobs"], exp["advantages"], mask, 0.2, token_count=tokens)
+    loss = want
+    if entropy is not None:
+        loss = loss - s.entropy_coef * masked_sum(entropy, mask) / tokens
+    if s.use_kl_loss:
+        loss = loss + t.kl_ctl.value * masked_sum(kl_penalty(logprobs, exp["ref_logprobs"], s.kl_estimator), mask) / tokens
+    loss.backward()
     assert stats["actor_loss"] == want.item()
-    assert torch.equal(got, actor.emb.weight.grad)
+    assert torch.equal(got[0], actor.emb.weight.grad)
+    if t.engine.critic is not None:
+        values = answer_values(t.engine.critic, exp["seq"], exp["attention_mask"], exp["prompt_len"])
+        value_loss(values, exp["values"], exp["returns"], mask, 0.2, token_count=tokens)[0].backward()
+        assert torch.equal(got[1], t.engine.critic.emb.weight.grad)
 
 
 # ---- DPO's loss registry ------------------------------------------------------------------------------------
@@ -436,6 +461,10 @@ def test_step3_menu_on_one_rank(tmp_path):
     assert all(1 <= g <= 3 for g in logs["train/ds_gen_batches"])
     assert logs["train/ds_rollouts"] == [8 * g for g in logs["train/ds_gen_batches"]]  # 4 prompts x 2 answers each
     assert all(k == 4 for k in logs["train/ds_kept_groups"])  # a full batch each step
+    m = metrics(out / "actor")
+    assert (m["policy_loss"], m["loss_agg_mode"]) == ("gspo", "seq-mean-token-sum-norm")
+    assert m["rollouts"] == sum(logs["train/ds_rollouts"])  # counted on across the resume
+    assert m["final_entropy"] == pytest.approx(resumed["train/entropy"][-1])
 
 
 def test_step3_menu_on_two_ranks_zero3(tmp_path):
@@ -447,6 +476,7 @@ def test_step3_menu_on_two_ranks_zero3(tmp_path):
          tmp_path / "tb", "--output_dir", out], ranks=2)
     m = metrics(out / "actor")
     assert m["ppo_steps"] == 2 and (out / "actor" / "dschat_complete.json").is_file()
+    assert m["policy_loss"] == "cispo" and m["rollouts"] % 16 == 0 and m["rollouts"] >= 32  # 2 ranks x 4 x 2 a batch
     logs = train_logs(tmp_path / "tb")
     assert all(k % 2 == 0 and 0 < k <= 8 for k in logs["train/ds_kept_groups"])  # the same count on both ranks
     assert all(abs(r - 1.0) < 1e-3 for r in logs["train/ratio_max"]), logs["train/ratio_max"]  # the hybrid twin

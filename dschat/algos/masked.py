@@ -108,14 +108,15 @@ def agg_count(mask: Tensor, mode: str) -> Tensor:
 
 
 def aggregate(x: Tensor, mask: Tensor, mode: str = "token-mean", count: float | Tensor | None = None,
-              horizon: int | None = None) -> Tensor:
+              horizon: int | None = None, weight: float = 1.0) -> Tensor:
     """Reduce per-token values x [B, T] over valid (mask == 1) tokens to a scalar, one rule for every loss term.
 
     token-mean: sum(x) / count (tokens); seq-mean-token-mean: sum over rows of each row's token mean / count (rows);
     seq-mean-token-sum-norm (Dr. GRPO): sum over rows of (row's token sum / horizon) / count (rows), horizon a
     constant (the maximum answer length), so no answer's tokens weigh more for being short. `count` is the
     divisor's share of this process when the batch is sharded (the global agg_count / world size; None: the local
-    agg_count); a count of 0 divides by 1 (the sum is 0 then).
+    agg_count); a count of 0 divides by 1 (the sum is 0 then). A `weight` other than 1 multiplies the sum before the
+    division (weight * sum / count: the rounding step 3's entropy bonus always had).
     """
     if count is None:
         count = agg_count(mask, mode)
@@ -124,16 +125,19 @@ def aggregate(x: Tensor, mask: Tensor, mode: str = "token-mean", count: float | 
     elif count == 0:
         count = 1.0
     if mode == "token-mean":
-        return masked_sum(x, mask) / count
-    m = as_float_mask(mask, x)
-    row_sums = (x * m).sum(-1)
-    if mode == "seq-mean-token-mean":
-        return (row_sums / m.sum(-1).clamp(min=1.0)).sum() / count
-    if mode == "seq-mean-token-sum-norm":
-        if not horizon or horizon < 1:
-            raise ValueError("seq-mean-token-sum-norm needs a horizon >= 1 (the maximum answer length)")
-        return (row_sums / horizon).sum() / count
-    raise ValueError(f"unknown loss aggregation {mode!r}; valid choices: {LOSS_AGG_MODES}")
+        total = masked_sum(x, mask)
+    else:
+        m = as_float_mask(mask, x)
+        row_sums = (x * m).sum(-1)
+        if mode == "seq-mean-token-mean":
+            total = (row_sums / m.sum(-1).clamp(min=1.0)).sum()
+        elif mode == "seq-mean-token-sum-norm":
+            if not horizon or horizon < 1:
+                raise ValueError("seq-mean-token-sum-norm needs a horizon >= 1 (the maximum answer length)")
+            total = (row_sums / horizon).sum()
+        else:
+            raise ValueError(f"unknown loss aggregation {mode!r}; valid choices: {LOSS_AGG_MODES}")
+    return total / count if weight == 1.0 else weight * total / count
 
 
 def truncated_rows(answer_ids: Tensor, action_mask: Tensor, eos_token_id: int) -> Tensor:

@@ -1,8 +1,9 @@
 """Policy losses: a registry of pure functions over [B, T] tensors aligned on answer tokens.
 
-Each entry returns the per-token loss [B, T] (0 where the mask is 0) and detached stats; the caller reduces the
-per-token loss with `dschat.algos.masked.aggregate` (`--loss_agg_mode`), so every loss shares one normalisation
-over the global batch. Step 3 picks a loss by name (`--policy_loss`); adding one is one function plus
+Each entry returns the per-token loss [B, T] and detached stats; the caller reduces the per-token loss with
+`dschat.algos.masked.aggregate` (`--loss_agg_mode`), which masks it, so every loss shares one normalisation over the
+global batch. Entries leave masked positions unmasked: one multiply fewer in the graph keeps the default step's
+gradients bit for bit those of `dschat.algos.losses.policy_loss` (the order autograd sums them in is unchanged). Step 3 picks a loss by name (`--policy_loss`); adding one is one function plus
 `@register_policy_loss(name)` above it.
 """
 
@@ -87,7 +88,7 @@ def ppo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, action_
         loss = torch.where(adv < 0, bounded, loss)
     with torch.no_grad():
         stats["clipfrac"] = masked_mean((clipped > unclipped).float(), mask)
-    return loss * mask, stats | ratio_stats(log_ratio, mask)
+    return loss, stats | ratio_stats(log_ratio, mask)
 
 
 @register_policy_loss("gspo")
@@ -111,7 +112,7 @@ def gspo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, action
         seq_clipped = ((clipped > unclipped).float() * mask).sum(-1) > 0
         stats = {"clipfrac": seq_clipped[rows].float().mean() if rows.any() else torch.zeros(()),
                  "seq_ratio_mean": torch.exp(seq_log_ratio)[rows].mean() if rows.any() else torch.ones(())}
-    return loss * mask, stats | ratio_stats(token_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), mask)
+    return loss, stats | ratio_stats(token_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), mask)
 
 
 @register_policy_loss("cispo")
@@ -127,4 +128,4 @@ def cispo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, actio
     loss = -weight * advantages.float() * lp
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((weight != ratio).float(), mask)}
-    return loss * mask, stats | ratio_stats(log_ratio, mask)
+    return loss, stats | ratio_stats(log_ratio, mask)

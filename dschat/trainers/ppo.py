@@ -230,7 +230,7 @@ class PPOTrainer:
         pg_loss = self.aggregate(per_token, mask, count)
         actor_loss = pg_loss
         if self.entropy_coef > 0:
-            actor_loss = actor_loss - self.entropy_coef * self.aggregate(entropy, mask, count)
+            actor_loss = actor_loss - self.aggregate(entropy, mask, count, weight=self.entropy_coef)
         if s.use_kl_loss:
             kl_loss = self.aggregate(kl_penalty(logprobs, exp["ref_logprobs"], s.kl_estimator), mask, count)
             actor_loss = actor_loss + self.kl_ctl.value * kl_loss
@@ -255,9 +255,9 @@ class PPOTrainer:
         stats["entropy"] = masked_mean(entropy.detach(), mask)  # the policy's mean token entropy, every step
         return {k: float(v) for k, v in stats.items()}
 
-    def aggregate(self, per_token: torch.Tensor, mask: torch.Tensor, count: float) -> torch.Tensor:
+    def aggregate(self, per_token: torch.Tensor, mask: torch.Tensor, count: float, weight: float = 1.0) -> torch.Tensor:
         """A per-token loss term reduced by --loss_agg_mode over the global batch (count: this rank's share)."""
-        return aggregate(per_token, mask, self.s.loss_agg_mode, count, self.s.max_answer_seq_len)
+        return aggregate(per_token, mask, self.s.loss_agg_mode, count, self.s.max_answer_seq_len, weight)
 
     def value_token_count(self, mask: torch.Tensor, count: float) -> float:
         """The critic's loss is a token mean whatever --loss_agg_mode says: this rank's share of the global tokens

@@ -98,6 +98,8 @@ class RLHFRun:
         self.guard = NanGuard(args.max_bad_steps)
         self.step = 0
         self.updates = 0  # actor updates applied (a run that applies none saves nothing)
+        self.rollouts = 0  # answers this rank generated for training (dynamic sampling's dropped ones included)
+        self.last_entropy: float | None = None  # the last step's mean token entropy over all ranks
         self.best: dict[str, Any] | None = None  # --save_best_by: the best evaluation of a trained state so far
 
     def _can_reuse_critic_forward(self, rows_per_rollout: int) -> bool:
@@ -227,7 +229,8 @@ class RLHFRun:
                 self._ptx = None
 
     def train(self) -> None:
-        """Epochs of: generate --generation_batches rollouts, then --ppo_epochs of PPO updates over them."""
+        """Epochs of: generate --generation_batches rollouts (with --dynamic_sampling: batches until every rank holds
+        a full batch of groups whose rewards differ, at most --max_gen_batches), then --ppo_epochs of PPO updates."""
         a = self.args
         # Settings that fix the data position; a resumed run must use the same ones.
         key = {"world_size": dist.world_size(), "per_device_generation_batch_size": a.per_device_generation_batch_size,
@@ -243,6 +246,7 @@ class RLHFRun:
             if "kl_ctl" in state:
                 self.trainer.kl_ctl.load_state_dict(state["kl_ctl"])
                 self.trainer.entropy_coef = state.get("entropy_coef", self.trainer.entropy_coef)
+                self.rollouts = state.get("rollouts", 0)
                 self.step = state["step"]
                 self.updates = state.get("updates", self.step)
             for _ in range(state.get("ptx_drawn", 0)):  # the same PTX text order as an uninterrupted run
@@ -259,6 +263,7 @@ class RLHFRun:
                 batch = to_device(batch, self.dev)
                 exp = self.trainer.generate_experience(batch["prompt"], batch["prompt_att_mask"],
                                                        batch["prompt_text"], batch["fields"])
+                self.rollouts += exp["seq"].shape[0]
                 if self.sampler is not None:
                     self.sampler.add(exp)
                     if not self.sampler.ready():
@@ -285,7 +290,7 @@ class RLHFRun:
                     checkpoint.save(a.output_dir, self.engine.trained_engines(),
                                     {"epoch": epoch, "batch": i + 1, "step": self.step, "updates": self.updates,
                                      "kl_ctl": self.trainer.kl_ctl.state_dict(), "resume_key": key,
-                                     "entropy_coef": self.trainer.entropy_coef,
+                                     "entropy_coef": self.trainer.entropy_coef, "rollouts": self.rollouts,
                                      "history": self.history, "ptx_drawn": self.ptx_drawn, "best": self.best},
                                     self.engine.checkpoint_extras())
                 if a.enable_test_mode and self.step >= a.test_stop_step:
@@ -338,7 +343,7 @@ class RLHFRun:
             logged["ratio_max"] = max(on_policy_max)
         if "entropy" in logged:  # the mean over ranks: the adaptive coefficient must be the same on every rank
             total, n = dist.all_reduce_sum(torch.tensor([logged["entropy"], 1.0], dtype=torch.float64)).tolist()
-            logged["entropy"] = total / n
+            logged["entropy"] = self.last_entropy = total / n
             if a.entropy_target is not None:
                 logged["entropy_coef"] = self.trainer.adapt_entropy_coef(logged["entropy"])
         logged |= sampling or {}
@@ -361,6 +366,8 @@ class RLHFRun:
             return
         metrics = {"step": 3, "evals": self.history, "wall_time_s": time.time() - self.start,
                    "skipped_updates": self.guard.total, "advantage_estimator": a.advantage_estimator,
+                   "policy_loss": a.policy_loss, "loss_agg_mode": a.loss_agg_mode, "final_entropy": self.last_entropy,
+                   "rollouts": self.rollouts * dist.world_size(),  # every rank generates as many
                    "critic": self.engine.critic is not None, "ppo_steps": self.step, "ppo_updates": self.updates,
                    "actor_optimizer_steps": self.engine.actor.global_steps, "ptx_batches": self.ptx_drawn}
         if self.engine.ema is not None:
