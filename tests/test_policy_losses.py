@@ -289,6 +289,78 @@ def test_select_and_merge_experiences():
     assert (m["experience_time"], m["gen_time"]) == (3.0, 1.5)
 
 
+def fake_experience(scores: list[float], width: int = 3) -> dict:
+    """A generation batch of 2 prompts x 2 answers with these scores (what DynamicSampler reads and merges)."""
+    n = len(scores)
+    return {"seq": torch.ones(n, 2 + width, dtype=torch.long), "attention_mask": torch.ones(n, 2 + width, dtype=torch.long),
+            "prompt_len": 2, "action_mask": torch.ones(n, width), "loss_mask": torch.ones(n, width),
+            "logprobs": torch.zeros(n, width), "ref_logprobs": torch.zeros(n, width), "values": None,
+            "live_values": None, "scores": torch.tensor(scores), "group": torch.arange(n) // 2,
+            "reward_values": {"r": list(scores)}, "experience_time": 1.0, "gen_time": 0.5}
+
+
+# rank -> generation batches: rank 0 fills its 2 groups at once; rank 1 keeps one group, then none
+SAMPLER_BATCHES = {"short": [[[0.0, 1.0, 1.0, 0.0]], [[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0],
+                                                      [1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]]],
+                   "none": [[[0.0, 1.0, 1.0, 0.0]], [[1.0, 1.0, 0.0, 0.0]] * 4]}
+
+
+def _sampler_worker(rank: int, world_size: int, init_file: str, out_dir: str, case: str) -> None:
+    import torch.distributed as tdist
+
+    from dschat.trainers.ppo_run import DynamicSampler
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        sampler = DynamicSampler(target=2, max_batches=3, pad_token_id=0)
+        batches = SAMPLER_BATCHES[case][rank]
+        for i in range(3):
+            sampler.add(fake_experience(batches[min(i, len(batches) - 1)]))
+            if sampler.ready():
+                break
+        merged, logged = sampler.take()
+        torch.save({"batches": i + 1, "rows": None if merged is None else merged["seq"].shape[0],
+                    "scores": None if merged is None else merged["scores"], "logged": logged},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["short", "none"])
+def test_dynamic_sampling_ranks_agree_when_the_budget_runs_out(tmp_path, case):
+    """Two gloo ranks: one full at once, the other short of groups; both generate until the budget is spent
+    (the same number of collectives) and both train on the fewest groups any rank kept (or neither trains)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sampler_worker, args=(2, str(tmp_path / "init"), str(tmp_path), case), nprocs=2, join=True)
+    outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [o["batches"] for o in outs] == [3, 3]
+    assert outs[0]["logged"] == outs[1]["logged"]
+    if case == "short":
+        assert [o["rows"] for o in outs] == [2, 2]  # one group each
+        assert outs[1]["scores"].tolist() == [1.0, 0.0]  # the one group of rank 1 that differed
+        assert outs[0]["logged"] == {"ds_dropped_groups": 5.0, "ds_rollouts": 24.0, "ds_gen_batches": 3.0,
+                                     "ds_kept_groups": 2.0}
+    else:
+        assert [o["rows"] for o in outs] == [None, None]
+
+
+def test_dynamic_sampling_on_one_rank_trims_to_the_target():
+    from dschat.trainers.ppo_run import DynamicSampler
+
+    sampler = DynamicSampler(target=3, max_batches=5, pad_token_id=0)
+    sampler.add(fake_experience([0.0, 1.0, 1.0, 1.0]))  # one group kept
+    assert not sampler.ready()
+    sampler.add(fake_experience([0.0, 1.0, 1.0, 0.0, 0.5, 0.2], width=4))  # three kept: one too many
+    assert sampler.ready()
+    merged, logged = sampler.take()
+    assert merged["scores"].tolist() == [0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    assert merged["group"].tolist() == [0, 0, 1, 1, 2, 2] and merged["action_mask"].shape == (6, 4)
+    assert logged == {"ds_dropped_groups": 1.0, "ds_rollouts": 10.0, "ds_gen_batches": 2.0, "ds_kept_groups": 3.0}
+    assert (merged["experience_time"], merged["gen_time"]) == (2.0, 1.0)
+    assert sampler.batches == 0 and sampler.kept == []  # reset for the next step
+
+
 # ---- entropy ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
