@@ -62,7 +62,8 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
     ppo = p.add_argument_group("PPO (DeepSpeed-Chat hard-codes these; defaults are its values)")
     ppo.add_argument("--kl_ctl", type=float, default=0.1, help="KL penalty coefficient beta (initial if adaptive).")
     ppo.add_argument("--clip_reward_value", type=float, default=5.0)
-    ppo.add_argument("--cliprange", type=float, default=0.2)
+    ppo.add_argument("--cliprange", type=float, default=0.2,
+                     help="The policy ratio's clip range: [1 - this, 1 + --cliprange_high (default this)].")
     ppo.add_argument("--cliprange_value", type=float, default=0.2)
     ppo.add_argument("--gamma", type=float, default=1.0)
     ppo.add_argument("--lam", type=float, default=0.95)
@@ -128,8 +129,8 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
                      help="How advantages are computed; gae (PPO with a critic) is DeepSpeed-Chat's. Critic-free "
                           "estimators build no critic.")
     ppo.add_argument("--n_samples_per_prompt", type=int, default=1,
-                     help="Answers sampled per prompt in one rollout (grpo, rloo and reinforce_pp_baseline compare "
-                          "them; they need at least 2).")
+                     help="Answers sampled per prompt in one rollout (grpo, dr_grpo, rloo and reinforce_pp_baseline "
+                          "compare them; they need at least 2).")
     ppo.add_argument("--recompute_critic_values", action="store_true",
                      help="Run the critic's old-value forward apart from its update forward, as DeepSpeed-Chat does. "
                           "By default, when one PPO epoch updates each rollout batch whole (--ppo_epochs 1, "
