@@ -25,6 +25,9 @@ def policy_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate over [B, T] masked tokens; returns (scalar loss, {"clipfrac", "approx_kl", "ratio_mean"}).
 
+    Step 3 now takes its policy loss from the registry in `dschat.algos.policy_losses` (--policy_loss); this is the
+    pre-registry loss, kept as the reference its default ppo entry is tested against bit for bit.
+
     The loss is divided by token_count when given (e.g. a global count, so it is independent of
     sharding), else by the local sum(mask); stats are local masked means, detached.
     """

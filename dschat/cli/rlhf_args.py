@@ -84,8 +84,9 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
                      help="Adaptive entropy coefficient (Skywork-OR1): after each step the coefficient rises by "
                           "--entropy_coef_delta when the step's mean token entropy (over all ranks) is below this "
                           "target and falls by it above, clipped to [0, 1]; saved in checkpoints. Off by default.")
-    ppo.add_argument("--entropy_coef_delta", type=float, default=0.005,
-                     help="The adaptive entropy coefficient's step per PPO step (with --entropy_target).")
+    ppo.add_argument("--entropy_coef_delta", type=float, default=None,
+                     help="The adaptive entropy coefficient's step per PPO step (with --entropy_target; default "
+                          "0.005).")
     pl = p.add_argument_group("policy loss (the GRPO-era menu)")
     pl.add_argument("--policy_loss", type=str, default="ppo", choices=sorted(POLICY_LOSSES),
                     help="ppo: the clipped surrogate (the default, with --cliprange_high and --dual_clip); gspo: "
@@ -338,6 +339,10 @@ def check_policy_loss_args(args: argparse.Namespace, needs_group: bool) -> None:
                         f"1 - {args.cliprange} <= 0; got {args.cliprange})")
     if args.entropy_target is not None and not 0.0 <= args.entropy_coef <= 1.0:
         raise FlagError(f"--entropy_target adapts --entropy_coef within [0, 1]: start it there (got {args.entropy_coef})")
+    if args.entropy_coef_delta is not None and args.entropy_target is None:
+        raise FlagError("--entropy_coef_delta is --entropy_target's step: add --entropy_target or drop it")
+    if args.entropy_coef_delta is None:
+        args.entropy_coef_delta = 0.005
     if args.max_gen_batches is not None and not args.dynamic_sampling:
         raise FlagError("--max_gen_batches is --dynamic_sampling's budget: add --dynamic_sampling or drop it")
     if args.dynamic_sampling:
