@@ -218,6 +218,8 @@ def test_conversational_pairs_and_prompts_through_the_cache(kind, templated_mode
         assert prompt == [{"role": "system", "content": "Be kind."}, _user(f"q{fields['id']}")]  # messages again
         assert [t for t in ids.tolist() if t != tok.pad_token_id] == fmt.prompt_ids(prompt)
     assert load_from_disk(str(Path(three["folder"]) / "train")).features["prompt_json"].dtype == "string"
+    held = [r["prompt"] for r in three["eval"].select(range(1))]  # as step 3 reads its held-out prompts
+    assert held[0][0] == {"role": "system", "content": "Be kind."} and held[0][1]["content"].startswith("q")
 
 
 @pytest.mark.parametrize("kind", ["builtin", "chatml", "chatml_trained_as_dschat"])
@@ -302,7 +304,7 @@ def test_conversational_files_through_steps_1_2_3_and_chat(tmp_path, templated_m
     run([STEP3, "--actor_model_name_or_path", sft, "--critic_model_name_or_path", rm, "--data_path", pairs,
          "--data_split", "0,0,1", "--output_dir", s3, "--data_output_path", data,
          "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "4",
-         "--max_answer_seq_len", "8", "--num_judge_prompts", "0", "--enable_test_mode", "--test_stop_step", "1"])
+         "--max_answer_seq_len", "8", "--num_judge_prompts", "4", "--enable_test_mode", "--test_stop_step", "1"])
     saved = load_tokenizer(str(s3 / "actor"))
     assert saved.chat_template == CHATML
     proc = run([REPO / "chat.py", "--path", s3 / "actor", "--prompt", "Name 2 fruits.", "--max_new_tokens", "8"])

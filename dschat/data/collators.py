@@ -59,7 +59,8 @@ class PromptCollator:
         ids = [r["prompt_ids"] for r in rows]
         return {"prompt": pad_sequences(ids, self.pad_token_id, left=True),
                 "prompt_att_mask": _mask(ids, left=True),
-                "prompt_text": [json.loads(r["prompt_json"]) if "prompt_json" in r else r.get("prompt") for r in rows],
+                "prompt_text": [r["prompt"] if "prompt" in r else json.loads(r["prompt_json"]) if "prompt_json" in r
+                                else None for r in rows],
                 "fields": [json.loads(r["fields"]) if r.get("fields") else {} for r in rows]}
 
 

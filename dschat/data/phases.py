@@ -278,5 +278,17 @@ def load_phase_data(settings: DataSettings, tokenizer, output_path: str) -> dict
     if errors:
         raise DatasetError(errors[0])
     info = json.loads((folder / "settings.json").read_text())
-    return {split: load_from_disk(str(folder / split)) for split in SPLITS} | {"stats": info["stats"],
-                                                                               "folder": str(folder)}
+    # Phase 3 stores each prompt as JSON (text or messages); reading a row gives it back as "prompt".
+    data = {split: load_from_disk(str(folder / split)) for split in SPLITS}
+    if settings.phase == 3:
+        data = {split: ds.with_transform(decode_prompts) for split, ds in data.items()}
+    return data | {"stats": info["stats"], "folder": str(folder)}
+
+
+def decode_prompts(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """A batch of cached phase-3 rows with each "prompt_json" decoded into "prompt" (a text or a message list)."""
+    if "prompt_json" not in batch:
+        return batch
+    out = {k: v for k, v in batch.items() if k != "prompt_json"}
+    out["prompt"] = [json.loads(p) for p in batch["prompt_json"]]
+    return out
