@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dschat.data.prompts import PromptFormat, render_dschat, resolve_format, to_messages
+from dschat.data.prompts import PromptFormat, carry_template, render_dschat, resolve_format, to_messages
 from dschat.models.builtin import BUILTIN_MODEL_DIR
 from dschat.models.loading import load_tokenizer
 from dschat.runtime.errors import FlagError
@@ -234,6 +234,8 @@ def test_saved_model_reproduces_its_training_prompt_through_apply_chat_template(
 
     tok = load_tokenizer(str(templated_model) if kind.startswith("chatml") else "builtin")
     fmt = PromptFormat.create(tok, "dschat" if kind == "chatml_trained_as_dschat" else "auto")
+    if kind == "chatml_trained_as_dschat":  # what a step does with its tokenizer (trainers/base.py); a tokenizer
+        carry_template(tok, fmt.kind)  # without a template gets the DeepSpeed-Chat one from save_hf_model itself
     model = AutoModelForCausalLM.from_pretrained(BUILTIN_MODEL_DIR)
     model.resize_token_embeddings(len(tok))
     save_hf_model(model, tok, str(tmp_path / "out"))
@@ -318,6 +320,7 @@ def test_dschat_template_puts_the_bos_in_front_where_the_tokenizer_adds_one():
     tok.add_bos_token = True
     assert adds_bos(tok)
     fmt = PromptFormat.create(tok)
+    carry_template(tok, fmt.kind)
     messages = [_user("Hi"), _bot("Hello."), _user("Fruit?")]
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text == tok.bos_token + fmt.render(messages) == "<s>Human: Hi Assistant: Hello. Human: Fruit? Assistant:"

@@ -143,11 +143,8 @@ class PromptFormat:
 
     @classmethod
     def create(cls, tokenizer, prompt_format: str = "auto") -> PromptFormat:
-        """The format --prompt_format asks for (auto: the template when there is one); the tokenizer gets that
-        format's chat template (carry_template), so whatever saves it saves the format the model was trained in."""
-        fmt = cls(tokenizer, resolve_format(tokenizer, prompt_format))
-        carry_template(tokenizer, fmt.kind)
-        return fmt
+        """The format --prompt_format asks for (auto: the template when there is one)."""
+        return cls(tokenizer, resolve_format(tokenizer, prompt_format))
 
     def render(self, prompt: Prompt) -> str:
         """The prompt text the model reads, ending where the answer begins (a template's generation prompt)."""

@@ -17,7 +17,7 @@ import torch
 from dschat.data.builtin_task import heldout_prompts
 from dschat.data.loaders import make_loader, steps_per_epoch
 from dschat.data.phases import DataSettings, load_phase_data
-from dschat.data.prompts import PromptFormat
+from dschat.data.prompts import PromptFormat, carry_template
 from dschat.models.export import save_hf_model
 from dschat.models.loading import load_tokenizer
 from dschat.models.lora import apply_lora
@@ -53,6 +53,7 @@ class OneModelRun:
         self.dev = device()
         self.tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
         self.fmt = PromptFormat.create(self.tokenizer, args.prompt_format)
+        carry_template(self.tokenizer, self.fmt.kind)  # the saved model carries the format it was trained in
         self.data_settings = DataSettings(
             data_path=tuple(args.data_path), data_split=args.data_split, phase=self.phase, seed=args.seed,
             sft_only_data_path=tuple(getattr(args, "sft_only_data_path", ()) if self.phase == 1 else ()),
