@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Chat with a trained actor. Type 'clear' to reset the history, 'quit' or 'exit' to leave.")
     parser.add_argument("--path", default=None,
                         help=f"model directory, .gguf file or 'builtin' (default: {DEFAULT_ACTOR} when it exists)")
+    parser.add_argument("--system", default=None,
+                        help="a system message in front of the conversation (rendered as in training)")
     parser.add_argument("--prompt", default=None,
                         help="answer this one prompt, print the answer and exit (no interactive session)")
     parser.add_argument("--max_new_tokens", type=int, default=128)
@@ -145,6 +147,7 @@ class Conversation:
     """The turns so far (user message, answer), rendered through the training renderer (PromptFormat)."""
 
     turns: list[tuple[str, str]] = field(default_factory=list)
+    system: str | None = None  # a system message in front of every prompt (kept by `clear`)
 
     def clear(self) -> None:
         """Forget all turns."""
@@ -156,7 +159,7 @@ class Conversation:
 
     def messages(self, message: str, start: int = 0) -> list[dict[str, str]]:
         """The conversation after turns[start:] and the new user `message`, as role messages."""
-        out: list[dict[str, str]] = []
+        out: list[dict[str, str]] = [{"role": "system", "content": self.system}] if self.system else []
         for user, answer in self.turns[start:]:
             out += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         return out + [{"role": "user", "content": message}]
@@ -341,11 +344,11 @@ def read_message(prompt: str = "Human: ") -> str | None:
         return None
 
 
-def chat_loop(generator: Generator, out: TextIO = sys.stdout) -> None:
+def chat_loop(generator: Generator, out: TextIO = sys.stdout, system: str | None = None) -> None:
     """The interactive session: read, answer with streaming, remember; `clear` and `quit` are commands."""
     if sys.stdin.isatty():
         import readline  # noqa: F401 - gives input() line editing and arrow-key recall on a terminal
-    conversation = Conversation()
+    conversation = Conversation(system=system)
     while True:
         message = read_message()
         if message is None:
@@ -401,9 +404,9 @@ def main(argv: list[str] | None = None) -> int:
 
         set_seed(args.seed)
     if args.prompt is not None:
-        print(generator.answer(Conversation(), args.prompt))
+        print(generator.answer(Conversation(system=args.system), args.prompt))
         return 0
     print(f"Chatting with {path} on {device} ({args.dtype}). "
           "Type 'clear' to reset the history, 'quit' or 'exit' (or Ctrl-D) to leave.")
-    chat_loop(generator)
+    chat_loop(generator, system=args.system)
     return 0

@@ -255,7 +255,7 @@ def test_chat_prompt_is_the_training_prompt_for_the_same_messages(kind, chatml_m
     tokenizer = load_tokenizer("builtin" if kind == "builtin" else str(chatml_model), padding_side="left")
     fmt = chatbot.prompt_format(tokenizer, "auto")
     assert fmt.kind == ("dschat" if kind == "builtin" else "chat_template")
-    conversation = chatbot.Conversation([("Hi, I am Ann. Name some fruits.", "apple, pear.")])
+    conversation = chatbot.Conversation([("Hi, I am Ann. Name some fruits.", "apple, pear.")], system="Be brief.")
     message = "Summarise: Human: hello Assistant: bye"  # role words inside a message stay its text
     chat_ids = chatbot.encode_prompt(conversation, message, fmt, None)[0].tolist()
     messages = conversation.messages(message)
@@ -267,3 +267,4 @@ def test_chat_prompt_is_the_training_prompt_for_the_same_messages(kind, chatml_m
     assert tokenize_row(row, fmt, 3, 512, 256, False)["prompt_ids"] == chat_ids
     text = conversation.render(message, fmt)
     assert message in text and tokenizer.decode(chat_ids) == text
+    assert messages[0] == {"role": "system", "content": "Be brief."} and "Be brief." in text

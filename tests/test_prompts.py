@@ -326,3 +326,18 @@ def test_dschat_template_puts_the_bos_in_front_where_the_tokenizer_adds_one():
     assert text == tok.bos_token + fmt.render(messages) == "<s>Human: Hi Assistant: Hello. Human: Fruit? Assistant:"
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     assert list(ids) == fmt.prompt_ids(messages)
+
+
+def test_prompt_eval_takes_text_or_a_json_message_list():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prompt_eval", REPO / "training" / "step1_supervised_finetuning"
+                                                  / "prompt_eval.py")
+    prompt_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prompt_eval)
+    assert prompt_eval.parse_prompt("Human: hi Assistant:") == "Human: hi Assistant:"
+    assert prompt_eval.parse_prompt('[{"role": "user", "content": "Human: hi"}]') == [_user("Human: hi")]
+    from dschat.runtime.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="--prompt: field 'prompt' message 0: unknown role 'bot'"):
+        prompt_eval.parse_prompt('[{"role": "bot", "content": "x"}]')

@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--language", choices=["English", "Chinese", "Japanese"], default="English",
                    help="Accepted for compatibility; the prompts are the builtin ones or --prompt.")
     p.add_argument("--add_eot_token", action="store_true", help="Accepted for compatibility (EOS ends answers).")
-    p.add_argument("--prompt", action="append", default=[], help="A prompt in \"Human: ... Assistant:\" form; repeatable.")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="A prompt in \"Human: ... Assistant:\" form, or a JSON list of {\"role\", \"content\"} messages "
+                        "(rendered by the model's chat template, as in training); repeatable.")
     p.add_argument("--num_prompts", type=int, default=6, help="Held-out builtin prompts used when no --prompt is given.")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--prompt_format", choices=["auto", "dschat", "chat_template"], default="auto",
@@ -55,6 +57,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.num_prompts < 1 or args.max_new_tokens < 1 or args.num_return_sequences < 1:
         p.error("--num_prompts, --max_new_tokens and --num_return_sequences must be at least 1")
     return args
+
+
+def parse_prompt(text: str) -> str | list[dict]:
+    """A --prompt: DeepSpeed-Chat text, or (starting with "[") a JSON list of messages, checked as data rows are."""
+    if not text.lstrip().startswith("["):
+        return text
+    import json
+
+    from dschat.data.sources import messages_of
+    from dschat.runtime.errors import FlagError
+
+    try:
+        return messages_of(json.loads(text), "prompt", "--prompt")
+    except json.JSONDecodeError as err:
+        raise FlagError(f"--prompt {text[:40]!r}...: starts with '[' but is not a JSON list of messages: {err}") from err
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict[str, object]:
@@ -99,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     from dschat.data.builtin_task import ITEM_KINDS, heldout_prompts, item_counts, judge
 
     builtin = not args.prompt
-    prompts = heldout_prompts(n=args.num_prompts) if builtin else args.prompt
+    prompts = heldout_prompts(n=args.num_prompts) if builtin else [parse_prompt(p) for p in args.prompt]
     kwargs = decoding_kwargs(args)
     paths = {"baseline": resolve_model_name(args.model_name_or_path_baseline),
              "finetune": resolve_model_name(args.model_name_or_path_finetune)}
