@@ -471,7 +471,7 @@ def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     (tmp / "adapter_folder" / "adapter_model.safetensors").write_text("")
     return {
         "malformed_json": (["--data_path", str(jsonl)], f"{jsonl}:2: invalid JSON"),
-        "missing_field": (["--data_path", str(tmp / "missing.jsonl")], "missing.jsonl:1: missing field 'chosen'"),
+        "missing_field": (["--data_path", str(tmp / "missing.jsonl")], "missing.jsonl: a 'train' row of phase 1 has no 'chosen' answer"),
         "empty_field": (["--data_path", str(tmp / "empty.jsonl")], "empty.jsonl:1: field 'prompt' is empty"),
         "all_rows_too_long": (["--max_seq_len", "4"], "rows, all dropped for length (--max_seq_len=4)"),
         "unknown_dataset": (["--data_path", "nosuch/dataset"], "unknown dataset 'nosuch/dataset'"),

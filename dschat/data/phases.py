@@ -91,7 +91,8 @@ def phase_rows(data_paths: list[str], data_split: str, phase: int, seed: int,
         for split in SPLITS:
             rows = raw[split]
             idx = phase_indices(len(rows), path_shares, phase, seed)
-            check_rows_fit_phase(path, split, [rows[i] for i in idx], phase, path_shares is not shares)
+            if path_shares[phase - 1] > 0:  # every row of a source this phase reads must suit it, not only its share
+                check_rows_fit_phase(path, split, rows, phase, path_shares is not shares)
             out[split].extend(rows[i] for i in idx)
     return out
 
