@@ -69,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and step 3 trains against the rules alone.")
     p.add_argument("--reward-weights", nargs="+", type=float, default=None,
                    help="Step 3's --reward_weights, one per --reward-fn entry.")
+    p.add_argument("--data-path", nargs="+", default=None,
+                   help="Every step's --data_path (files, folders, dschat/builtin, dschat/arith, hub names); default: "
+                        "each step script's own (the builtin task).")
+    p.add_argument("--data-split", default=None,
+                   help="Every step's --data_split (e.g. 2,4,4); default: each step script's own.")
     p.add_argument("--actor-model", default="builtin", help="Model to fine-tune in step 1 (see 'models').")
     p.add_argument("--reward-model", default="builtin", help="Model to train as reward model in step 2.")
     p.add_argument("--actor-zero-stage", type=str, default="", choices=["", "0", "1", "2", "3"],
@@ -101,10 +106,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def step3_flags(args: argparse.Namespace) -> list[str]:
-    """The e2e flags that step 3's command line carries (--reward_fn, --reward_weights)."""
-    flags = ["--reward_fn", *args.reward_fn] if args.reward_fn else []
-    if args.reward_weights:
+def step_flags(args: argparse.Namespace, step: int) -> list[str]:
+    """The e2e flags a step's command line carries: --data_path/--data_split for every step, and step 3's
+    --reward_fn/--reward_weights."""
+    flags = ["--data_path", *args.data_path] if args.data_path else []
+    if args.data_split:
+        flags += ["--data_split", args.data_split]
+    if step == 3 and args.reward_fn:
+        flags += ["--reward_fn", *args.reward_fn]
+    if step == 3 and args.reward_weights:
         flags += ["--reward_weights", *map(str, args.reward_weights)]
     return flags
 
@@ -167,7 +177,7 @@ def run_steps(args: argparse.Namespace, dirs: dict[int, Path], scripts: dict[int
                              "wall_time_s": metrics.get("wall_time_s")}
             continue
         script, model_args = scripts[step]
-        cmd = e2e.step_command(step, script, model_args, dirs, zero_stages, step3_flags(args) if step == 3 else [])
+        cmd = e2e.step_command(step, script, model_args, dirs, zero_stages, step_flags(args, step))
         dirs[step].mkdir(parents=True, exist_ok=True)
         e2e.invalidate(step, dirs[step])
         log = dirs[step] / "training.log"
