@@ -14,6 +14,7 @@ from dschat.rewards.registry import RewardContext
 from dschat.rewards.rules import accuracy, answers_match, final_answer, overlong_penalty, reference_answer
 from dschat.runtime.errors import DatasetError, FlagError, RewardFunctionError
 from tests.helpers import STEP3, metrics, run
+from tests.test_chat import chatml_model  # noqa: F401,F811  (a fixture)
 
 # ---- accuracy: the final answer and its comparison ----------------------------------------------------------
 
@@ -349,3 +350,17 @@ def test_builtin_arithmetic_task_is_seeded_disjoint_and_answerable():
         assert int(r["answer"]) == a + b, r
     rows = load_raw("dschat/arith", 1)
     assert rows["eval"][0]["chosen"] is None and rows["eval"][0]["fields"]["answer"].isdigit()
+
+
+def test_step3_actor_carries_the_format_it_was_trained_in(tmp_path, chatml_model):  # noqa: F811
+    """--prompt_format dschat on a ChatML actor: the saved actor's template renders DeepSpeed-Chat's text."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "s3"
+    run([STEP3, *RULE_STEP3, "--actor_model_name_or_path", chatml_model, "--prompt_format", "dschat",
+         "--reward_fn", "builtin_judge", "--test_stop_step", "1", "--data_output_path", tmp_path / "c",
+         "--output_dir", out])
+    tok = AutoTokenizer.from_pretrained(out / "actor")
+    text = tok.apply_chat_template([{"role": "user", "content": "Name some fruits."}], add_generation_prompt=True,
+                                   tokenize=False)
+    assert "<|im_start|>" not in text and text.endswith("Human: Name some fruits. Assistant:"), text

@@ -19,7 +19,7 @@ from dschat.data.builtin_task import heldout_chosen_judge, heldout_prompts, judg
 from dschat.data.collators import PromptCollator
 from dschat.data.loaders import make_loader
 from dschat.data.phases import DataSettings, load_phase_data
-from dschat.data.prompts import PromptFormat
+from dschat.data.prompts import PromptFormat, carry_template
 from dschat.data.ptx import unsupervised_loader
 from dschat.models.export import DONE_MARKER, atomic_dir, save_hf_model
 from dschat.models.forward import answer_logits
@@ -47,6 +47,7 @@ class RLHFRun:
         self.dev = device()
         self.tokenizer = load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code, padding_side="left")
         self.fmt = PromptFormat.create(self.tokenizer, args.prompt_format)
+        carry_template(self.tokenizer, self.fmt.kind)  # the saved actor carries the format it was trained in
         self.data_settings = DataSettings(data_path=tuple(args.data_path), data_split=args.data_split, phase=3,
                                           seed=args.seed, max_prompt_len=args.max_prompt_seq_len,
                                           prompt_format=self.fmt.kind)
