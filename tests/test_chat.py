@@ -228,20 +228,9 @@ def test_chat_template_is_used_when_the_tokenizer_has_one():
 @pytest.fixture(scope="module")
 def chatml_model(tmp_path_factory):
     """The builtin model with a ChatML chat template (as tests/test_prompts.py builds it)."""
-    import shutil
+    from tests.test_prompts import chatml_copy
 
-    from transformers import AutoTokenizer
-
-    from dschat.models.builtin import BUILTIN_MODEL_DIR
-    from tests.test_prompts import CHATML
-
-    folder = tmp_path_factory.mktemp("chatml") / "model"
-    shutil.copytree(BUILTIN_MODEL_DIR, folder)
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.chat_template = CHATML
-    tok.save_pretrained(folder)
-    return folder
+    return chatml_copy(tmp_path_factory.mktemp("chatml") / "model")
 
 
 @pytest.mark.parametrize("kind", ["builtin", "chatml"])

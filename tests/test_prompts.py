@@ -18,18 +18,22 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def templated_model(tmp_path_factory):
-    """The builtin model with a ChatML chat template and its two special tokens."""
+def chatml_copy(folder):
+    """A copy of the builtin model in `folder` with a ChatML chat template and its two special tokens."""
     from transformers import AutoTokenizer
 
-    folder = tmp_path_factory.mktemp("chatml") / "model"
     shutil.copytree(BUILTIN_MODEL_DIR, folder)
     tok = AutoTokenizer.from_pretrained(folder)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = CHATML
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def templated_model(tmp_path_factory):
+    """The builtin model with a ChatML chat template and its two special tokens."""
+    return chatml_copy(tmp_path_factory.mktemp("chatml") / "model")
 
 
 def test_dschat_prompts_become_role_messages():
