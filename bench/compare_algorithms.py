@@ -1,20 +1,27 @@
-"""SFT, PPO (gae), GRPO, RLOO, REINFORCE++ (with and without baseline) and DPO on the builtin task, from one
-SFT model and one reward model, scored by the ground-truth judge on 64 held-out prompts; and GRPO trained
-against the judge itself (--reward_fn builtin_judge, no reward model), which shows what the reward model's
-proxy costs.
+"""Step-3 algorithms on the builtin task from one SFT model, scored by the ground-truth judge on 64 held-out
+prompts, in two tables.
 
-    python bench/compare_algorithms.py --seeds 1234 2 3            # all algorithms, 3 seeds
-    python bench/compare_algorithms.py --algos gae grpo --seeds 1234   # a subset
+Table "rm" (the default): SFT, PPO (gae), GRPO, RLOO, REINFORCE++ (with and without baseline) and DPO against one
+reward model, and GRPO trained against the judge itself (--reward_fn builtin_judge, no reward model), which shows
+what the reward model's proxy costs. Table "losses": the policy-loss menu against the judge: the GRPO paper's loss
+(seq-mean-token-mean), then DAPO's parts added one at a time (clip-higher 0.28, token-mean, dynamic sampling,
+overlong filtering = DAPO), Dr. GRPO, GSPO, CISPO, RLOO and PPO with a critic started from the reward model.
+
+    python bench/compare_algorithms.py --seeds 1234 2 3                      # table rm, 3 seeds
+    python bench/compare_algorithms.py --tables rm losses --seeds 1234 2 3   # both tables
+    python bench/compare_algorithms.py --algos gae l_gspo --seeds 1234       # a subset
 
 Step 1 and step 2 run once with the e2e defaults (their training_scripts/run_tiny_cpu.sh) unless their
 outputs exist under --workdir. Every RL run uses the same sample budget: 300 PPO steps of 16 sampled
-answers, batch 16, step 3's defaults otherwise. PPO and REINFORCE++ sample 1 answer for each of 16 prompts;
-the group estimators (grpo, rloo, reinforce_pp_baseline) sample 4 answers for each of 4 prompts, from a
-quarter of step 3's prompt share (`--data_split 4.5,4.5,1`: with seed 1234 a subset of the 2,4,4 phase-3
-prompts, so no prompt the SFT or reward model trained on; other seeds also re-draw the split, as
-DeepSpeed-Chat's --seed does). The judge's 64 held-out prompts never appear in any training. DPO runs step 2's DPO script from the same SFT model (its own pairs
-are the phase-2 share). Runs go one at a time (two trainings on 2 cores slow each other 5-10x). Peak RSS
-is the run's maximum resident set size (GNU time). Prints a table and writes <workdir>/compare.json.
+answers, batch 16, step 3's defaults otherwise (dynamic sampling generates more: the rollouts column counts
+them). PPO and REINFORCE++ sample 1 answer for each of 16 prompts; the group estimators sample 4 answers for
+each of 4 prompts, from a quarter of step 3's prompt share (`--data_split 4.5,4.5,1`: with seed 1234 a subset of
+the 2,4,4 phase-3 prompts, so no prompt the SFT or reward model trained on; other seeds also re-draw the split,
+as DeepSpeed-Chat's --seed does). The judge's 64 held-out prompts never appear in any training. DPO runs step
+2's DPO script from the same SFT model (its own pairs are the phase-2 share). Runs go one at a time (two
+trainings on 2 cores slow each other 5-10x). Answer length is the held-out answers' mean in tokens, entropy the
+last PPO step's mean token entropy, peak RSS the run's maximum resident set size (GNU time). Prints the tables
+and merges the runs into <workdir>/compare.json.
 """
 
 from __future__ import annotations
@@ -34,21 +41,39 @@ STEP2 = ROOT / "training/step2_reward_model_finetuning/training_scripts/run_tiny
 STEP3 = ROOT / "training/step3_rlhf_finetuning/main.py"
 DPO = ROOT / "training/step2_dpo_finetuning/training_scripts/run_tiny_cpu.sh"
 GROUP = ["--n_samples_per_prompt", "4", "--per_device_generation_batch_size", "4", "--data_split", "4.5,4.5,1"]
-ALGOS = {
-    "gae": [],
-    "grpo": ["--advantage_estimator", "grpo", *GROUP],
-    "rloo": ["--advantage_estimator", "rloo", *GROUP],
-    "reinforce_pp": ["--advantage_estimator", "reinforce_pp"],
-    "reinforce_pp_baseline": ["--advantage_estimator", "reinforce_pp_baseline", *GROUP],
-    # the same GRPO with the e2e verifier recipe's smaller KL coefficient, against the reward model ...
-    "grpo_kl02": ["--advantage_estimator", "grpo", *GROUP, "--kl_ctl", "0.02"],
-    # ... and against the judge itself (run_tiny_cpu_verifier.sh's settings): what the reward model's proxy costs
-    "grpo_judge": ["--advantage_estimator", "grpo", *GROUP, "--kl_ctl", "0.02", "--reward_fn", "builtin_judge"],
-    "dpo": None,  # step 2's DPO, not a step-3 estimator
+JUDGE = ["--reward_fn", "builtin_judge", "--kl_ctl", "0.02"]  # run_tiny_cpu_verifier.sh's reward and KL
+GRPO_PAPER = ["--advantage_estimator", "grpo", *GROUP, *JUDGE, "--loss_agg_mode", "seq-mean-token-mean"]
+CLIP_HIGHER = ["--cliprange_high", "0.28"]  # DAPO's eps_high
+# (table, label, step-3 flags; None: step 2's DPO). Table "rm": the estimators against the reward model (and GRPO
+# against the judge, what the proxy costs); table "losses": the policy-loss menu on the judge (issue 28), DAPO's
+# parts added one at a time from the GRPO paper's loss, then the other losses alone.
+VARIANTS: dict[str, tuple[str, str, list[str] | None]] = {
+    "gae": ("rm", "PPO (gae)", []),
+    "grpo": ("rm", "GRPO", ["--advantage_estimator", "grpo", *GROUP]),
+    "rloo": ("rm", "RLOO", ["--advantage_estimator", "rloo", *GROUP]),
+    "reinforce_pp": ("rm", "REINFORCE++", ["--advantage_estimator", "reinforce_pp"]),
+    "reinforce_pp_baseline": ("rm", "REINFORCE++ baseline",
+                              ["--advantage_estimator", "reinforce_pp_baseline", *GROUP]),
+    "grpo_kl02": ("rm", "GRPO kl 0.02", ["--advantage_estimator", "grpo", *GROUP, "--kl_ctl", "0.02"]),
+    "grpo_judge": ("rm", "GRPO on the judge", ["--advantage_estimator", "grpo", *GROUP, *JUDGE]),
+    "dpo": ("rm", "DPO", None),
+    "l_grpo": ("losses", "GRPO (seq-mean-token-mean)", GRPO_PAPER),
+    "l_clip_higher": ("losses", "+ clip-higher 0.28", [*GRPO_PAPER, *CLIP_HIGHER]),
+    "l_token_mean": ("losses", "+ token-mean", [*GRPO_PAPER, *CLIP_HIGHER, "--loss_agg_mode", "token-mean"]),
+    "l_dynamic": ("losses", "+ dynamic sampling",
+                  [*GRPO_PAPER, *CLIP_HIGHER, "--loss_agg_mode", "token-mean", "--dynamic_sampling"]),
+    "l_dapo": ("losses", "DAPO (+ overlong filter)", [*GRPO_PAPER, *CLIP_HIGHER, "--loss_agg_mode", "token-mean",
+                                                    "--dynamic_sampling", "--mask_truncated_completions"]),
+    "l_dr_grpo": ("losses", "Dr. GRPO", ["--advantage_estimator", "dr_grpo", *GROUP, *JUDGE,
+                                         "--loss_agg_mode", "seq-mean-token-sum-norm"]),
+    "l_gspo": ("losses", "GSPO", [*GRPO_PAPER, "--policy_loss", "gspo", "--cliprange", "3e-4",
+                                  "--cliprange_high", "4e-4"]),
+    "l_cispo": ("losses", "CISPO", ["--advantage_estimator", "grpo", *GROUP, *JUDGE, "--policy_loss", "cispo",
+                                    *CLIP_HIGHER]),
+    "l_rloo": ("losses", "RLOO", ["--advantage_estimator", "rloo", *GROUP, *JUDGE]),
+    "l_ppo": ("losses", "PPO (critic from the RM)", [*JUDGE]),
 }
-NAMES = {"gae": "PPO (gae)", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
-         "reinforce_pp_baseline": "REINFORCE++ baseline", "grpo_kl02": "GRPO kl 0.02",
-         "grpo_judge": "GRPO on the judge", "dpo": "DPO"}
+TABLES = {"rm": "against the reward model", "losses": "the policy-loss menu, against the judge (--reward_fn builtin_judge)"}
 
 
 def timed(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, float]:
@@ -74,11 +99,16 @@ def metrics(folder: Path) -> dict:
 def main() -> None:
     """Train what is missing, run every algorithm and seed, print the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
+    p.add_argument("--algos", nargs="+", default=None, choices=list(VARIANTS),
+                   help="Variants to run (default: every variant of --tables).")
+    p.add_argument("--tables", nargs="+", default=["rm"], choices=list(TABLES),
+                   help="Tables whose variants run when --algos is not given (rm: the estimators against the "
+                        "reward model; losses: the policy-loss menu against the judge).")
     p.add_argument("--seeds", nargs="+", type=int, default=[1234])
     p.add_argument("--workdir", type=Path, default=ROOT / "output" / "compare")
     p.add_argument("--threads", type=int, default=2, help="OMP threads per run (the machine's cores).")
     args = p.parse_args()
+    algos = args.algos or [name for name, (table, _, _) in VARIANTS.items() if table in args.tables]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     work = args.workdir.resolve()
@@ -91,11 +121,12 @@ def main() -> None:
         timed(["bash", str(STEP2), str(rm), "0", str(sft)], work / "logs/rm.log", env)
     sft_judge = metrics(sft)["evals"][-1]["judge"]
     rows: dict[str, list[dict]] = {}
-    for algo in args.algos:
+    for algo in algos:
+        _, label, flags = VARIANTS[algo]
         for seed in args.seeds:
             out = work / f"{algo}-seed{seed}"
-            print(f"{NAMES[algo]} seed {seed} ...", flush=True)
-            if algo == "dpo":
+            print(f"{label} seed {seed} ...", flush=True)
+            if flags is None:
                 if not DPO.exists():
                     print("  (no DPO step in this checkout; skipped)")
                     break
@@ -104,18 +135,24 @@ def main() -> None:
                 evals = metrics(out)["evals"]
                 row = {"judge": evals[-1]["judge"], "kl": None}
             else:
-                rules_only = "--reward_fn" in ALGOS[algo]  # no reward model: none is passed
+                # the reward model is passed where it is the reward or the critic's start (gae)
+                needs_rm = "--reward_fn" not in flags or "--advantage_estimator" not in flags
                 cmd = [sys.executable, str(STEP3), "--actor_model_name_or_path", str(sft),
-                       *([] if rules_only else ["--critic_model_name_or_path", str(rm)]), "--enable_hybrid_engine",
-                       "--output_dir", str(out), "--seed", str(seed), *ALGOS[algo]]
+                       *(["--critic_model_name_or_path", str(rm)] if needs_rm else []), "--enable_hybrid_engine",
+                       "--output_dir", str(out), "--seed", str(seed), *flags]
                 wall, rss = timed(cmd, work / f"logs/{algo}-{seed}.log", env)
                 m = metrics(out / "actor")
-                row = {"judge": m["evals"][-1]["judge"], "kl": m["evals"][-1]["kl"], "steps": m["ppo_steps"],
+                last = m["evals"][-1]
+                row = {"judge": last["judge"], "kl": last["kl"], "answer_len": last.get("answer_len"),
+                       "entropy": m.get("final_entropy"), "rollouts": m.get("rollouts"), "steps": m["ppo_steps"],
                        "start_judge": m["evals"][0]["judge"], "chosen_judge": m.get("chosen_judge")}
             rows.setdefault(algo, []).append(row | {"seed": seed, "wall_s": wall, "peak_rss_mib": rss})
             print(f"  judge {row['judge']:.3f}, wall {wall:.0f} s, peak RSS {rss:.0f} MiB", flush=True)
-    result = {"sft_judge": sft_judge, "runs": rows}
-    (work / "compare.json").write_text(json.dumps(result, indent=1))
+    saved = work / "compare.json"
+    result = json.loads(saved.read_text()) if saved.exists() else {"runs": {}}
+    result["sft_judge"] = sft_judge
+    result["runs"].update(rows)
+    saved.write_text(json.dumps(result, indent=1))
 
     def span(values: list[float], fmt: str) -> str:
         values = [v for v in values if v is not None]
@@ -124,14 +161,21 @@ def main() -> None:
         lo, hi, med = min(values), max(values), statistics.median(values)
         return format(med, fmt) if len(values) == 1 else f"{format(med, fmt)} ({format(lo, fmt)}-{format(hi, fmt)})"
 
-    print(f"\nbuiltin task, 64 held-out prompts; median (min-max) over seeds {args.seeds}")
-    print(f"{'algorithm':<22}{'judge':>22}{'vs SFT':>9}{'KL to SFT':>20}{'wall s':>16}{'peak RSS MiB':>18}")
-    print(f"{'SFT (start)':<22}{sft_judge:>22.3f}{'':>9}{'0':>20}{'':>16}{'':>18}")
-    for algo, runs in rows.items():
-        judges = [r["judge"] for r in runs]
-        print(f"{NAMES[algo]:<22}{span(judges, '.3f'):>22}{statistics.median(judges) - sft_judge:>+9.3f}"
-              f"{span([r['kl'] for r in runs], '.2f'):>20}{span([r['wall_s'] for r in runs], '.0f'):>16}"
-              f"{span([r['peak_rss_mib'] for r in runs], '.0f'):>18}")
+    for table, title in TABLES.items():
+        runs_of = {algo: runs for algo, runs in rows.items() if VARIANTS[algo][0] == table}
+        if not runs_of:
+            continue
+        print(f"\nbuiltin task, {title}; 64 held-out prompts; median (min-max) over seeds {args.seeds}")
+        print(f"{'algorithm':<27}{'judge':>20}{'vs SFT':>8}{'KL to SFT':>19}{'answer len':>19}{'entropy':>19}"
+              f"{'wall s':>14}{'rollouts':>20}{'peak RSS MiB':>18}")
+        print(f"{'SFT (start)':<27}{sft_judge:>20.3f}{'':>8}{'0':>19}")
+        for algo, runs in runs_of.items():
+            judges = [r["judge"] for r in runs]
+            print(f"{VARIANTS[algo][1]:<27}{span(judges, '.3f'):>20}{statistics.median(judges) - sft_judge:>+8.3f}"
+                  f"{span([r['kl'] for r in runs], '.2f'):>19}{span([r.get('answer_len') for r in runs], '.1f'):>19}"
+                  f"{span([r.get('entropy') for r in runs], '.3f'):>19}{span([r['wall_s'] for r in runs], '.0f'):>14}"
+                  f"{span([r.get('rollouts') for r in runs], '.0f'):>20}"
+                  f"{span([r['peak_rss_mib'] for r in runs], '.0f'):>18}")
 
 
 if __name__ == "__main__":

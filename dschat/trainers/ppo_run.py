@@ -115,7 +115,7 @@ class RLHFRun:
     def _eval_keys(self) -> list[str]:
         """The sums every rank reduces at an evaluation, in one fixed order."""
         n = self.args.eval_n_samples
-        keys = ["rows", "kl", "reward_score", "judge", "gold_score"]
+        keys = ["rows", "kl", "answer_len", "reward_score", "judge", "gold_score"]
         for name in self.rewards.names:
             keys += [f"reward/{name}", f"count/{name}", f"nonbinary/{name}", f"prompts/{name}"]
             keys += [f"pass@{k}/{name}" for k in pass_ks(n)]
@@ -149,12 +149,14 @@ class RLHFRun:
             answers = decode_answers(self.fmt, r)
             gold = self.gold.scores(r.seq, r.attention_mask).tolist() if self.gold is not None else [0.0] * len(texts)
             kl_rows = kl.sum(1).double().cpu().tolist()
+            len_rows = r.action_mask.sum(1).double().cpu().tolist()
             for i, row in enumerate(rows):
                 if start + i >= n_real:  # padding rows of an uneven shard
                     continue
                 span = range(i * n, (i + 1) * n)
                 sums["rows"] += n
                 sums["kl"] += sum(kl_rows[j] for j in span)
+                sums["answer_len"] += sum(len_rows[j] for j in span)
                 sums["reward_score"] += sum(result.total[j].item() for j in span)
                 sums["gold_score"] += sum(gold[j] for j in span)
                 if self.builtin:
@@ -177,7 +179,7 @@ class RLHFRun:
                                                                 dtype=torch.float64)).tolist()))
         rows_seen = max(total["rows"], 1.0)
         metrics: dict[str, Any] = {"when": when, "reward_score": total["reward_score"] / rows_seen,
-                                   "kl": total["kl"] / rows_seen}
+                                   "kl": total["kl"] / rows_seen, "answer_len": total["answer_len"] / rows_seen}
         for name in self.rewards.names:
             if total[f"count/{name}"]:
                 metrics[f"reward/{name}"] = total[f"reward/{name}"] / total[f"count/{name}"]
