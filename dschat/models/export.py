@@ -6,12 +6,19 @@ RENAME_EXCHANGE; elsewhere two renames). Entries of the old folder that are not 
 `training.log` the training scripts write there, `checkpoints/`, TensorBoard folders, a user's notes.json)
 move into the new folder; only the files a model loader reads (weights, shards and their index, adapters,
 config, tokenizer and chat-template files, our markers) do not, so no stale shard or adapter survives
-(a folder that held no model keeps everything the new model does not overwrite). A run killed mid-save
-leaves the old folder whole plus a `.<name>.tmp-<pid>-*` sibling, which the next save into the same path
-removes once that process is gone.
+(a folder that held no model keeps everything the new model does not overwrite).
 
-Test hook: `DSCHAT_TEST_SLOW_SAVE=<seconds>` sleeps after the model is written and before the rename,
-so tests can kill a run in the middle of a save.
+Killed at any instant, a save loses nothing: before the swap the old folder is untouched and the
+`.<name>.tmp-<pid>-*` sibling holds only the new model (it carries a `SAVE_MARKER` file saying so); after
+the swap the output is the new model, whole, and the sibling holds the old folder. An exception (SIGTERM,
+Ctrl-C, a failed rename) after the swap still finishes the carry-over before it propagates; after a SIGKILL,
+`recover` (called when a run takes its output folder, and before every save) moves the user's entries of a
+dead process's old folder back into the output before anything is removed; a name taken there since is kept
+as `<name>.recovered`.
+
+Test hooks: `DSCHAT_TEST_SLOW_SAVE=<seconds>` sleeps after the model is written and before the rename,
+so tests can kill a run in the middle of a save; `FAULT_HOOK` (a module attribute, set by tests) is called
+with a description before every file operation of a save or a recovery, so a test can fail each in turn.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +45,10 @@ from dschat.runtime.errors import FlagError
 
 DONE_MARKER = "dschat_complete.json"
 SLOW_SAVE_ENV = "DSCHAT_TEST_SLOW_SAVE"
+# Written first into a save's temporary folder: a temp sibling holding it is a new model that never took the
+# output's place (removed when stale); one without it is the old folder after the swap (its entries go back).
+SAVE_MARKER = ".dschat-new-save"
+FAULT_HOOK: Callable[[str], None] | None = None
 # Files a model loader reads from a model directory (transformers, peft, our markers): a new save replaces
 # the model as a whole, so none of the old folder's is kept (a stale shard, adapter or chat template would
 # silently change the new model). Any other file (notes.json, settings, logs) moves into the new folder.
@@ -45,7 +56,7 @@ MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.m
                "*.safetensors.index.json", "*.bin.index.json", "config.json", "generation_config.json",
                "adapter_*", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*",
                "preprocessor_config.json", "processor_config.json", "*.model", "*.tiktoken", "vocab.*",
-               "merges.txt", DONE_MARKER, "dschat_metrics.json", "reward_stats.json")
+               "merges.txt", DONE_MARKER, "dschat_metrics.json", "reward_stats.json", SAVE_MARKER)
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "adapter_*")
 
 
@@ -114,21 +125,57 @@ def check_output_dir(out_dir: str) -> None:
                         f"{', ...' if len(weights) > 5 else ''}); use a new or empty folder")
 
 
-def clean_stale_temps(out: Path) -> list[Path]:
-    """Remove `.<name>.tmp-<pid>-*`/`.old-<pid>` siblings of `out` whose process is gone; returns them."""
-    # They are left by runs killed mid-save. If `out` itself is missing, a stale `.old-*` is put back first.
+def _op(what: str) -> None:
+    """Announce one file operation of a save or recovery to the test hook (which may raise to fail it)."""
+    if FAULT_HOOK is not None:
+        FAULT_HOOK(what)
+
+
+def recover(out: Path) -> list[Path]:
+    """Put back what saves killed into `out` left in dead processes' temp siblings, then remove those; returns them.
+
+    A missing `out` gets its old folder back (killed between the two renames of the fallback swap); the user's
+    entries of an old folder parked beside `out` after a swap move back into it before that folder is removed.
+    """
+    out = Path(out)
+
     def stale(pattern: str) -> list[Path]:
         return sorted(p for p in out.parent.glob(pattern) if p.is_dir() and not _owner_alive(p))
 
-    if not out.exists():  # killed between the two renames of the fallback swap: the old model comes back
-        olds = sorted(stale(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
-        if olds:
+    # Killed between the two renames of the fallback swap: the old model comes back (into a folder a rerun's
+    # script has since created for its log, too: then that folder's entries are carried into the old one).
+    olds = sorted(stale(f".{out.name}.old-*"), key=lambda p: (is_model_dir(p), p.stat().st_mtime))
+    if olds and not is_model_dir(out) and is_model_dir(olds[-1]):
+        if not out.exists():
+            _op(f"rename {olds[-1]} -> {out}")
             os.replace(olds[-1], out)
+        else:
+            _op(f"swap {olds[-1]} <-> {out}")
+            if not _exchange(olds[-1], out):
+                parked = out.parent / f".{out.name}.old-{os.getpid()}-rerun"
+                os.replace(out, parked)
+                _op(f"rename {olds[-1]} -> {out}")
+                os.replace(olds[-1], out)
+                _carry_over(parked, out, recovering=True)
+                _op(f"remove {parked}")
+                shutil.rmtree(parked, ignore_errors=True)
     removed = []
     for path in stale(f".{out.name}.tmp-*") + stale(f".{out.name}.old-*"):
+        if out.is_dir() and not (path / SAVE_MARKER).exists():  # the old folder of a swap that happened
+            _carry_over(path, out, recovering=True)
+        _op(f"remove {path}")
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
+    if (out / SAVE_MARKER).exists() and not any(p.is_dir() for p in out.parent.glob(f".{out.name}.tmp-*")):
+        _op(f"remove {out / SAVE_MARKER}")  # killed right after a swap, before the marker was dropped
+        (out / SAVE_MARKER).unlink(missing_ok=True)
     return removed
+
+
+def clean_stale_temps(out: Path) -> list[Path]:
+    """Remove `.<name>.tmp-<pid>-*`/`.old-<pid>` siblings of `out` whose process is gone, after `recover` moved
+    the user's entries in them back; returns them."""
+    return recover(out)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -147,14 +194,27 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
-def _carry_over(old: Path, new: Path) -> None:
-    """Move the old folder's non-model entries (logs, checkpoints/, TensorBoard) into the new one."""
-    # From a folder that held no model, everything the new model does not overwrite moves.
+def _carry_over(old: Path, new: Path, recovering: bool = False) -> None:
+    """Move the old folder's non-model entries (logs, checkpoints/, TensorBoard) into the new one.
+
+    From a folder that held no model, everything the new model does not overwrite moves. `recovering`: an entry
+    whose name was taken in `new` since (a rerun's new training.log) is kept as `<name>.recovered` (-2, -3, ...).
+    """
     model = is_model_dir(old)
-    for entry in old.iterdir():
-        if (new / entry.name).exists() or (model and entry.is_file() and is_model_file(entry.name)):
+    for entry in sorted(old.iterdir()):
+        if entry.name == SAVE_MARKER or (model and entry.is_file() and is_model_file(entry.name)):
             continue
-        os.replace(entry, new / entry.name)
+        target = new / entry.name
+        if target.exists() or target.is_symlink():
+            if not recovering or is_model_file(entry.name):
+                continue
+            target = new / f"{entry.name}.recovered"
+            n = 1
+            while target.exists() or target.is_symlink():
+                n += 1
+                target = new / f"{entry.name}.recovered-{n}"
+        _op(f"rename {entry} -> {target}")
+        os.replace(entry, target)
 
 
 def _umask_permissions(folder: Path) -> None:
@@ -170,31 +230,51 @@ def _umask_permissions(folder: Path) -> None:
 def atomic_dir(out_dir: str) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `out_dir` by rename, else it is removed."""
     out = Path(out_dir).resolve()
+    _op(f"mkdir {out.parent}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
+    recover(out)
+    _op(f"mkdtemp in {out.parent}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    swapped = False
+    old: Path | None = None
     try:
+        _op(f"write {tmp / SAVE_MARKER}")
+        (tmp / SAVE_MARKER).write_text("a model being saved; removed when its process is gone\n")
         yield tmp
+        _op(f"chmod {tmp}")
         _umask_permissions(tmp)
         if os.environ.get(SLOW_SAVE_ENV):
             time.sleep(float(os.environ[SLOW_SAVE_ENV]))
+        _op(f"swap {tmp} <-> {out}")
         if not out.exists():
             os.replace(tmp, out)
-            return
-        if _exchange(tmp, out):  # one atomic step: `out` is the new model, `tmp` holds the old folder
+        elif _exchange(tmp, out):  # one atomic step: `out` is the new model, `tmp` holds the old folder
             old = tmp
         else:
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
+            parked = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, parked)
+            old = parked
+            _op(f"rename {tmp} -> {out}")
             os.replace(tmp, out)
-        swapped = True
-        _carry_over(old, out)
-        shutil.rmtree(old, ignore_errors=True)
+        _finish(out, old)
     except BaseException:
-        if not swapped:  # after the swap `tmp` is the old folder: a later save removes what is left of it
+        if old is not None and not out.exists():  # between the fallback's two renames: the old folder goes back
+            os.replace(old, out)
+            old = None
+        if old is None:  # before the swap `tmp` is the unfinished new model
             shutil.rmtree(tmp, ignore_errors=True)
+        else:  # after it, the new model is in place: bring the user's entries over first
+            _finish(out, old)
         raise
+
+
+def _finish(out: Path, old: Path | None) -> None:
+    """After the swap: drop the new model's marker, carry the old folder's entries over, remove what is left."""
+    _op(f"remove {out / SAVE_MARKER}")
+    (out / SAVE_MARKER).unlink(missing_ok=True)
+    if old is not None and old.exists():
+        _carry_over(old, out)
+        _op(f"remove {old}")
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
