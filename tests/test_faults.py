@@ -138,3 +138,101 @@ def test_recovery_puts_parked_files_back_before_removing_the_folder(tmp_path):
                          "training.log.recovered": "old log\n", "checkpoints/latest": "step5", "more.txt": "x"}
     assert not parked.exists() and not pending.exists()
     assert os.listdir(tmp_path) == ["model"]
+
+
+# ---------------------------------------------------------------- a rerun over an interrupted run's checkpoints
+
+def test_a_rerun_over_checkpoints_needs_resume_or_overwrite_checkpoints(tmp_path):
+    import argparse
+
+    from dschat.cli.args import add_run_args, check_earlier_checkpoints
+    from dschat.runtime.errors import FlagError
+
+    p = argparse.ArgumentParser()
+    add_run_args(p, tb_default="tb")
+    out = tmp_path / "out"
+    args = p.parse_args(["--output_dir", str(out)])
+    check_earlier_checkpoints(args)  # no folder yet
+    write(out, {"checkpoints/step65/state.json": "{}", "checkpoints/latest": "step65", "notes.json": "mine"})
+    with pytest.raises(FlagError) as err:
+        check_earlier_checkpoints(args)
+    message = str(err.value)
+    assert "\n" not in message and str(out) in message and "step65" in message
+    assert "--resume" in message and "--overwrite_checkpoints" in message
+    check_earlier_checkpoints(p.parse_args(["--output_dir", str(out), "--resume"]))
+    check_earlier_checkpoints(p.parse_args(["--output_dir", str(out), "--overwrite_checkpoints"]))
+    with pytest.raises(FlagError, match="give one"):
+        check_earlier_checkpoints(p.parse_args(["--output_dir", str(out), "--resume", "--overwrite_checkpoints"]))
+    assert tree(out) == {"checkpoints/latest": "step65", "checkpoints/step65/state.json": "{}", "notes.json": "mine"}
+
+    from dschat.cli.outdir import claim_output_dir
+
+    with claim_output_dir(p.parse_args(["--output_dir", str(out), "--resume"])):
+        assert (out / "checkpoints" / "latest").exists()  # kept for the resume
+    with claim_output_dir(p.parse_args(["--output_dir", str(out), "--overwrite_checkpoints"])):
+        assert tree(out) == {"notes.json": "mine"}  # deleted as asked, nothing else
+
+
+# ---------------------------------------------------------------- two runs into one output folder
+
+def test_a_live_owner_refuses_a_second_run_and_a_dead_ones_lock_is_taken_over(tmp_path, monkeypatch, capsys):
+    import fcntl
+    import json
+    import socket
+
+    from dschat.runtime import lock
+    from dschat.runtime.errors import FlagError
+
+    monkeypatch.delenv("RANK", raising=False)
+    out = tmp_path / "out"
+    path = lock.lock_path(out)
+    assert path == tmp_path / ".out.dschat-lock"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        with lock.output_lock(str(out)) as held:  # this run holds it: a second run is refused, naming the pid
+            assert held == path and json.loads(path.read_text())["pid"] == os.getpid()
+            with pytest.raises(FlagError) as err:
+                lock.acquire(str(out))
+            assert f"--output_dir {out} is in use by another run (pid {os.getpid()}" in str(err.value)
+        assert not path.exists()  # released at the end of the run
+
+        # A live process on this host named in the file (no flock: e.g. a filesystem without it) also refuses.
+        path.write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(),
+                                    "start": lock.process_start(live.pid)}))
+        with pytest.raises(FlagError, match=f"pid {live.pid} on"):
+            lock.acquire(str(out))
+        # A lock held (flock) by another open of the file, as another process would: refused.
+        fd = os.open(path, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            with pytest.raises(FlagError, match=f"pid {live.pid}"):
+                lock.acquire(str(out))
+        finally:
+            os.close(fd)
+
+        # The lock of a process that is gone (same host) is taken over, and said so in one line.
+        path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "start": "1"}))
+        capsys.readouterr()
+        with pytest.raises(RuntimeError):  # released on errors too (and on SIGTERM, which the steps raise)
+            with lock.output_lock(str(out)):
+                assert json.loads(path.read_text())["pid"] == os.getpid()
+                raise RuntimeError("boom")
+        note = [line for line in capsys.readouterr().out.splitlines() if "took over" in line]
+        assert len(note) == 1 and f"pid {dead.pid}" in note[0] and str(out) in note[0]
+        assert not path.exists()
+        # A pid reused by another process (another start time) is not the owner either.
+        path.write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(), "start": "1"}))
+        lock.release(str(out), lock.acquire(str(out)))
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_only_rank_0_of_a_launched_run_takes_the_lock(tmp_path, monkeypatch):
+    from dschat.runtime import lock
+
+    monkeypatch.setenv("RANK", "1")
+    with lock.output_lock(str(tmp_path / "out")) as held:  # rank 0 of the same run holds it
+        assert held is None and not lock.lock_path(tmp_path / "out").exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 from dschat.data.phases import BUILTIN_NAMES, parse_split
 from dschat.models.builtin import BUILTIN_MODEL_DIR, resolve_model_name
 from dschat.models.export import check_output_dir, nearest_existing
+from dschat.runtime import checkpoint
 from dschat.runtime.errors import DschatError, FlagError
 
 SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -100,6 +101,9 @@ def add_run_args(p: argparse.ArgumentParser, tb_default: str) -> None:
     p.add_argument("--save_interval", type=int, default=0,
                    help="Write a resumable checkpoint every N steps to <output_dir>/checkpoints (0: never).")
     p.add_argument("--resume", action="store_true", help="Continue from the last checkpoint in <output_dir>.")
+    p.add_argument("--overwrite_checkpoints", action="store_true",
+                   help="Start over although <output_dir>/checkpoints holds an earlier run's checkpoint: it is "
+                        "deleted when this run starts (without this flag or --resume such a run is refused).")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="Allow model code from the model directory to run (off by default).")
     p.add_argument("--max_bad_steps", type=int, default=5,
@@ -135,6 +139,18 @@ def check_common_args(args: argparse.Namespace, model_dirs: tuple[str, ...] = ("
     check_output_not_input(args)
     for sub in model_dirs:
         check_output_dir(f"{args.output_dir}/{sub}" if sub else args.output_dir)
+    check_earlier_checkpoints(args)
+
+
+def check_earlier_checkpoints(args: argparse.Namespace) -> None:
+    """Refuse to start over an earlier run's checkpoint without --resume or --overwrite_checkpoints."""
+    resume, overwrite = getattr(args, "resume", False), getattr(args, "overwrite_checkpoints", False)
+    if resume and overwrite:
+        raise FlagError("--resume continues from the last checkpoint, --overwrite_checkpoints deletes it: give one")
+    found = checkpoint.latest(args.output_dir)
+    if found is not None and not resume and not overwrite:
+        raise FlagError(f"--output_dir {args.output_dir} holds a checkpoint of an earlier run ({found}); rerun with "
+                        f"--resume to continue from it, or with --overwrite_checkpoints to delete it and start over")
 
 
 # Flags that name a model a step reads (its --output_dir must stay clear of them).
