@@ -236,3 +236,23 @@ def test_only_rank_0_of_a_launched_run_takes_the_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with lock.output_lock(str(tmp_path / "out")) as held:  # rank 0 of the same run holds it
         assert held is None and not lock.lock_path(tmp_path / "out").exists()
+
+
+def test_claiming_the_output_puts_back_what_a_killed_save_parked(tmp_path, monkeypatch):
+    """A run's start (under the lock) finishes a dead save's carry-over in every model folder of its step."""
+    import argparse
+
+    from dschat.cli.outdir import claim_output_dir
+
+    monkeypatch.delenv("RANK", raising=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "s3"
+    write(out / "actor", {**NEW, "training.log": "new\n"})
+    parked = out / f".actor.tmp-{dead.pid}-x"
+    write(parked, {**OLD, "notes.json": "mine", "training.log": "old\n"})
+    args = argparse.Namespace(output_dir=str(out), actor_model_name_or_path="sft", overwrite_checkpoints=False)
+    with claim_output_dir(args):
+        assert tree(out / "actor") == {**NEW, "training.log": "new\n", "training.log.recovered": "old\n",
+                                       "notes.json": "mine"}
+        assert not parked.exists()

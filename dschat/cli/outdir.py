@@ -17,15 +17,23 @@ from dschat.models.export import recover
 from dschat.runtime import checkpoint, dist
 from dschat.runtime.lock import output_lock
 
+# The model folders a step saves under --output_dir ("" = the folder itself); step 3 is told by its actor flag.
+STEP3_MODEL_DIRS = ("actor", "critic", "actor_ema", "best_actor")
+
+
+def model_dirs_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The folders under --output_dir that this step saves models into."""
+    return STEP3_MODEL_DIRS if hasattr(args, "actor_model_name_or_path") else ("",)
+
 
 @contextlib.contextmanager
-def claim_output_dir(args: argparse.Namespace, model_dirs: tuple[str, ...] = ("",)) -> Iterator[None]:
-    """Hold --output_dir's lock (rank 0) for the block; first recover interrupted saves of `model_dirs` under it
-    and, with --overwrite_checkpoints, delete the earlier run's checkpoints."""
+def claim_output_dir(args: argparse.Namespace, model_dirs: tuple[str, ...] | None = None) -> Iterator[None]:
+    """Hold --output_dir's lock (rank 0) for the block; first recover interrupted saves of `model_dirs` (default:
+    the step's, from its flags) under it and, with --overwrite_checkpoints, delete the earlier run's checkpoints."""
     out = getattr(args, "output_dir", None)
     with output_lock(out):
         if out and dist.rank() == 0:
-            for sub in model_dirs:
+            for sub in model_dirs if model_dirs is not None else model_dirs_of(args):
                 recover((Path(out) / sub).resolve())
             found = checkpoint.latest(out)
             if getattr(args, "overwrite_checkpoints", False) and (Path(out) / "checkpoints").is_dir():
