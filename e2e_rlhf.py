@@ -157,7 +157,8 @@ def report_failure(step: int, status: int, log: Path) -> None:
 
 def run_steps(args: argparse.Namespace, dirs: dict[int, Path], scripts: dict[int, tuple[Path, list[str]]],
               results: dict[int, dict]) -> int:
-    """Run (or skip) each requested step in order; returns 0, or 1 after a failed step."""
+    """Run (or skip) each requested step in order; returns 0, or after a failed step 2 (it refused its input)
+    or 1."""
     env = script_env(args)
     pipe = args.pipeline
     # Each step takes the ZeRO stage of the model it trains (DPO's step 2 trains the actor).
@@ -190,12 +191,13 @@ def run_steps(args: argparse.Namespace, dirs: dict[int, Path], scripts: dict[int
             print(f"Step {step}'s script exited 0 but wrote no complete model at {dirs[step]}", flush=True)
             status = 1
         if e2e.settle_markers(step, dirs[step], ok=status == 0):
-            print(f"Step {step} failed before saving: the earlier complete output at {dirs[step]} is kept",
-                  flush=True)
+            log = e2e.failed_log(dirs[step])  # the finished step's own training.log is back in place
+            print(f"Step {step} failed before saving: the earlier complete output at {dirs[step]} is kept, its "
+                  f"training.log too (this run's log: {log})", flush=True)
         if status != 0:
             results[step]["status"] = "failed"
             report_failure(step, status, log)
-            return 1
+            return 2 if status == 2 else 1  # 2: the step refused its input (a flag, a file), as the steps say
         results[step]["metrics"] = e2e.read_metrics(step, dirs[step])
         print(f"---=== Finished Step {step} in {e2e.fmt_time(seconds)} ===---", flush=True)
     return 0

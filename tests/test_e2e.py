@@ -304,15 +304,24 @@ def test_forced_rerun_that_fails_before_saving_keeps_the_finished_output(tmp_pat
     out = tmp_path / "out"
     sft = out / "actor-models/builtin"
     fake_done(1, sft, {"evals": [{"when": "start", "x": 1.0}, {"when": "end", "x": 2.0}]})
+    (sft / "training.log").write_text("the finished step's log\n")  # an output too: the script's &> truncates it
     marker = (sft / e2e.DONE_MARKER).read_bytes()
-    monkeypatch.setattr(e2e, "run_with_progress", FakeRunner(status=2))
-    assert e2e_rlhf.main(["--step", "1", "--output-dir", str(out), "--force"]) == 1
-    assert "the earlier complete output" in capsys.readouterr().out
+    monkeypatch.setattr(e2e, "run_with_progress", FakeRunner(status=2))  # 2: the step refused a flag
+    assert e2e_rlhf.main(["--step", "1", "--output-dir", str(out), "--force"]) == 2
+    text = capsys.readouterr().out
+    assert "the earlier complete output" in text and str(sft / "training.log.failed") in text
+    assert "RuntimeError: something broke" in text  # the failure shown is this run's
     assert (sft / e2e.DONE_MARKER).read_bytes() == marker and e2e.is_done(1, sft)
+    assert (sft / "training.log").read_text() == "the finished step's log\n"
+    assert "something broke" in (sft / "training.log.failed").read_text()
     assert not list(sft.glob("*.prev"))
+    monkeypatch.setattr(e2e, "run_with_progress", FakeRunner(status=1))
+    assert e2e_rlhf.main(["--step", "1", "--output-dir", str(out), "--force"]) == 1  # other failures: 1
+    assert (sft / "training.log").read_text() == "the finished step's log\n"
     monkeypatch.setattr(e2e, "run_with_progress", FakeRunner())  # a successful re-run leaves no .prev behind
     assert e2e_rlhf.main(["--step", "1", "--output-dir", str(out), "--force"]) == 0
-    assert e2e.is_done(1, sft) and not list(sft.glob("*.prev"))
+    assert e2e.is_done(1, sft) and not list(sft.glob("*.prev")) and not list(sft.glob("*.failed"))
+    assert (sft / "training.log").read_text() == "ok\n"
 
 
 # ---------------------------------------------------------------- the scripts' calling convention

@@ -204,18 +204,33 @@ def done_time(step: int, out_dir: Path) -> float:
     return max(p.stat().st_mtime for p in marker_paths(step, out_dir)) if is_done(step, out_dir) else 0.0
 
 
+LOG = "training.log"  # where every training script writes its step's log (`&> $OUTPUT/training.log`)
+
+
 def invalidate(step: int, out_dir: Path) -> None:
-    """Before (re)running a step: set its markers aside (`<marker>.prev`) and remove the old log, so a killed
-    re-run never counts as done."""
+    """Before (re)running a step: set its markers aside (`<marker>.prev`), so a killed re-run never counts as
+    done; a finished step's log too (`training.log.prev`: the script's `&>` would truncate it), any other
+    log is removed."""
+    done = is_done(step, out_dir)
     for p in marker_paths(step, out_dir):
         if p.is_file():
             os.replace(p, p.with_name(p.name + ".prev"))
-    (out_dir / "training.log").unlink(missing_ok=True)
+    log = out_dir / LOG
+    if done and log.is_file():
+        os.replace(log, log.with_name(LOG + ".prev"))
+    else:
+        log.unlink(missing_ok=True)
+
+
+def failed_log(out_dir: Path) -> Path:
+    """Where the log of a re-run that failed before saving is kept (the finished step's stays training.log)."""
+    return out_dir / f"{LOG}.failed"
 
 
 def settle_markers(step: int, out_dir: Path, ok: bool) -> bool:
-    """After a step ran: drop the set-aside markers, or, when it failed without saving a new model, put them
-    back (saves are atomic, so the earlier output is still whole); True when an earlier marker came back."""
+    """After a step ran: drop the set-aside markers and log, or, when it failed without saving a new model, put
+    them back (saves are atomic, so the earlier output is still whole; this run's log goes to `failed_log`);
+    True when an earlier marker came back."""
     restored = False
     for p in marker_paths(step, out_dir):
         prev = p.with_name(p.name + ".prev")
@@ -224,6 +239,15 @@ def settle_markers(step: int, out_dir: Path, ok: bool) -> bool:
             restored = True
         elif prev.is_file():
             prev.unlink()  # a new save may have carried it into the new folder
+    log, prev_log = out_dir / LOG, out_dir / f"{LOG}.prev"
+    if restored and prev_log.is_file():
+        if log.is_file():
+            os.replace(log, failed_log(out_dir))
+        os.replace(prev_log, log)
+    else:
+        prev_log.unlink(missing_ok=True)
+    if ok:
+        failed_log(out_dir).unlink(missing_ok=True)
     return restored
 
 
