@@ -94,6 +94,15 @@ CASES: dict[str, tuple[list[str], dict[str, str], list[str], int]] = {
     "s3_output_under_a_file": ([*S3, "--output_dir", "{file}/s3"], {}, ["--output_dir", "{file} is a file"], 2),
     "s3_output_in_a_read_only_folder": ([*S3, "--output_dir", "{read_only}/s3"], {},
                                         ["--output_dir", "cannot write in"], 2),
+    # 4. a rerun never deletes the checkpoints of an interrupted run (issue 30)
+    "s1_rerun_over_checkpoints": ([*S1, "--output_dir", "{interrupted}"], {},
+                                  ["--output_dir {interrupted} holds a checkpoint", "step65", "--resume",
+                                   "--overwrite_checkpoints"], 2),
+    "s3_rerun_over_checkpoints": ([*S3, "--output_dir", "{interrupted}"], {},
+                                  ["holds a checkpoint", "--resume", "--overwrite_checkpoints"], 2),
+    "s1_resume_and_overwrite_checkpoints": ([*S1, "--output_dir", "{interrupted}", "--resume",
+                                             "--overwrite_checkpoints"], {}, ["--resume", "--overwrite_checkpoints"],
+                                            2),
     # 5. flags checked when parsed
     "s1_learning_rate_0": ([*S1, "--learning_rate", "0", *KEEP], {}, ["--learning_rate", "> 0"], 2),
     "s1_learning_rate_nan": ([*S1, "--learning_rate", "nan", *KEEP], {}, ["--learning_rate"], 2),
@@ -342,6 +351,10 @@ def world(tmp_path_factory, tiny_reward_model) -> Iterator[dict[str, Any]]:
     paths["existing"] = copy_model(sft, w / "existing_output")  # what an earlier run left, plus the user's notes
     (paths["existing"] / "notes.json").write_text('{"mine": true}')
     (paths["existing"] / "training.log").write_text("an earlier run\n")
+    paths["interrupted"] = copy_model(sft, w / "interrupted")  # a run stopped after its step-65 checkpoint
+    (paths["interrupted"] / "checkpoints" / "step65").mkdir(parents=True)
+    (paths["interrupted"] / "checkpoints" / "step65" / "state.json").write_text('{"step": 65}')
+    (paths["interrupted"] / "checkpoints" / "latest").write_text("step65")
     paths["file"] = w / "a_file"
     paths["file"].write_text("not a folder\n")
     paths["rows"] = w / "rows.jsonl"
