@@ -256,3 +256,21 @@ def test_claiming_the_output_puts_back_what_a_killed_save_parked(tmp_path, monke
         assert tree(out / "actor") == {**NEW, "training.log": "new\n", "training.log.recovered": "old\n",
                                        "notes.json": "mine"}
         assert not parked.exists()
+
+
+# ---------------------------------------------------------------- accumulation longer than the run
+
+def test_accumulation_that_exceeds_the_run_is_refused_and_a_remainder_is_said():
+    from dschat.runtime.accumulation import check_accumulation
+    from dschat.runtime.errors import FlagError
+
+    with pytest.raises(FlagError) as err:
+        check_accumulation(3, 1, 8)  # 3 batches, windows of 8: zero optimizer steps
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--gradient_accumulation_steps 8 is more than the 3")
+    assert "--gradient_accumulation_steps 3 or less" in message
+    assert check_accumulation(3, 2, 4) == ("note: --gradient_accumulation_steps 4: the last 2 of the run's 6 "
+                                           "micro-batches per rank (3 per epoch x 2 epochs) fill no accumulation "
+                                           "window; their gradients are not applied (1 optimizer step)")
+    assert check_accumulation(4, 2, 4) is None and check_accumulation(5, 1, 1) is None
+    assert check_accumulation(0, 1, 4) is None  # no data: said elsewhere
