@@ -58,6 +58,15 @@ def user_files_anywhere(out: Path) -> dict[str, str]:
     return found
 
 
+def all_versions(out: Path) -> set[tuple[str, str]]:
+    """(name, text) of every file in `out` and its hidden siblings, `.recovered` copies under their own name."""
+    found = set()
+    for folder in [out, *out.parent.glob(f".{out.name}.*")]:
+        if folder.is_dir():
+            found |= {(k.split(".recovered")[0], v) for k, v in tree(folder).items()}
+    return found
+
+
 def save(out: Path, files: dict[str, str]) -> None:
     with export.atomic_dir(str(out)) as tmp:
         write(tmp, files)
@@ -108,6 +117,19 @@ def test_a_save_failed_at_any_file_operation_loses_nothing(tmp_path, monkeypatch
         monkeypatch.setattr(export, "_owner_alive", lambda p: False)
         out.mkdir(exist_ok=True)  # the rerun's script opens its log there before main.py starts
         (out / "training.log").exists() or (out / "training.log").write_text("rerun log\n")
+        if mode == "kill":  # reruns killed in their turn (during the recovery, too) lose nothing either
+            for m in range(1, 6):
+                def fault_again(what: str, m: int = m, seen: list[str] = []) -> None:  # noqa: B006
+                    seen.append(what)
+                    if len(seen) >= m:
+                        raise Killed(what)
+
+                monkeypatch.setattr(export, "FAULT_HOOK", fault_again)
+                with pytest.raises(Killed):
+                    save(out, NEW)
+                monkeypatch.setattr(export, "FAULT_HOOK", None)
+                assert not out.exists() or model_of(out) in ("old", "new"), (where, m)
+                assert set(USER.items()) <= all_versions(out), (where, m)
         save(out, NEW)
         monkeypatch.undo()
         if not exchange:
