@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dschat.cli import e2e  # noqa: E402
+from dschat.cli import config, e2e  # noqa: E402
+from dschat.runtime.errors import FlagError  # noqa: E402
 
 EPILOG = f"""\
 models:
@@ -54,10 +55,9 @@ environment passed to the scripts: DSCHAT_DEPLOYMENT (from --deployment-type), D
 """
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """DeepSpeed-Chat's e2e flags, any model name or path, plus --algo, --force and --num-gpus."""
-    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """DeepSpeed-Chat's e2e flags, any model name or path, plus --algo, --force, --num-gpus and --config."""
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=config.HelpFormatter)
     p.add_argument("--algo", choices=list(e2e.ALGOS), default="ppo",
                    help="ppo: SFT, reward model, PPO (DeepSpeed-Chat); dpo: SFT, then DPO from the SFT model.")
     p.add_argument("--step", type=int, nargs="+", choices=[1, 2, 3], default=None,
@@ -87,7 +87,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Ranks per node for run_generic.sh (DSCHAT_NUM_GPUS); with the builtin model, >1 picks "
                         "run_tiny_cpu_<N>ranks.sh where it exists.")
     p.add_argument("--force", action="store_true", help="Re-run steps whose output is already complete.")
-    args = p.parse_args(argv)
+    config.add_config_arg(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The e2e flags parsed (a --config file's values under the command line's) and checked."""
+    p = build_parser()
+    try:
+        args = config.parse_with_config(p, argv)  # --config FILE: its values under the command line's
+    except FlagError as err:
+        p.error(str(err))
+    args.recorded = config.recorded_flags(args)
     if args.algo == "dpo" and args.reward_fn:
         p.error("--reward-fn is step 3's; --algo dpo has no step 3")
     if args.reward_weights and not args.reward_fn:
@@ -256,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a regular file on the way, no permission, read-only file system
         print(f"error: --output-dir {args.output_dir}: cannot create it ({err.strerror})", file=sys.stderr)
         return 2
+    config.write_args(args.recorded, out)  # `e2e_rlhf.py --config <output-dir>/dschat_args.json` repeats the run
     print(f"Actor: {args.actor_model} -> {dirs[1]}", flush=True)
     for s in pipe.steps[1:]:
         source = f"{args.reward_model} " if pipe.zero_stage[s] == "reward" else ""

@@ -279,7 +279,7 @@ def test_rule_flags_are_checked(tmp_path, tiny_reward_model):
         (["--reward_fn", "builtin_judge", "--reward_weights", "1", "2"], "--reward_weights has 2 values"),
         (["--reward_fn", "builtin_judge", "--overlong_buffer_len", "4"], "add overlong to --reward_fn"),
         (["--reward_fn", "builtin_judge", "--save_best_by", "kl", "--output_dir", tmp_path / "o"], "--save_best_by kl"),
-        (["--reward_fn", "nope"], "not a registered reward"),
+        (["--reward_fn", "nope", "--output_dir", tmp_path / "o2"], "not a registered reward"),
     ]
     for extra, message in cases:
         proc = run([STEP3, *RULE_STEP3, *extra], check=False)
@@ -289,7 +289,7 @@ def test_rule_flags_are_checked(tmp_path, tiny_reward_model):
 def test_gae_with_rules_starts_its_critic_from_the_actor_only_when_asked(tmp_path):
     base = [a for a in RULE_STEP3 if a not in ("grpo", "--advantage_estimator")]
     base = [*base, "--advantage_estimator", "gae", "--reward_fn", "builtin_judge", "--data_output_path", tmp_path / "c"]
-    refused = run([STEP3, *base, "--critic_model_name_or_path", "builtin"], check=False)
+    refused = run([STEP3, *base, "--critic_model_name_or_path", "builtin", "--output_dir", tmp_path / "r"], check=False)
     assert refused.returncode == 2 and "not a trained reward model" in refused.stderr
     out = tmp_path / "s3"
     run([STEP3, *base, "--critic_from_actor", "--output_dir", out])

@@ -15,6 +15,7 @@ from pathlib import Path
 from dschat.data.phases import BUILTIN_NAMES, parse_split
 from dschat.models.builtin import BUILTIN_MODEL_DIR, resolve_model_name
 from dschat.models.export import check_output_dir, nearest_existing
+from dschat.models.lora import LORA_ALPHA
 from dschat.runtime import checkpoint
 from dschat.runtime.errors import DschatError, FlagError
 
@@ -53,47 +54,80 @@ def add_model_args(p: argparse.ArgumentParser, lr: float, lr_help: str | None = 
     """Model path, batch sizes, optimisation and schedule flags of steps 1 and 2."""
     p.add_argument("--model_name_or_path", type=str, default=BUILTIN_MODEL_DIR,
                    help="HF model directory, hub name, .gguf file, or 'builtin' (the default tiny Llama).")
-    p.add_argument("--per_device_train_batch_size", type=int, default=16)
-    p.add_argument("--per_device_eval_batch_size", type=int, default=16)
+    p.add_argument("--per_device_train_batch_size", type=int, default=16,
+                   help="Rows per micro-batch on each rank (the global batch is this x ranks x accumulation).")
+    p.add_argument("--per_device_eval_batch_size", type=int, default=16, help="Rows per evaluation batch on each rank.")
     p.add_argument("--max_seq_len", type=int, default=512,
                    help="Longest prompt+answer in tokens; batches are padded only to their own longest row.")
     p.add_argument("--learning_rate", type=float, default=lr, help=lr_help)
-    p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--num_train_epochs", type=int, default=1)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULERS)
-    p.add_argument("--num_warmup_steps", type=int, default=0)
+    p.add_argument("--weight_decay", type=float, default=0.0,
+                   help="AdamW weight decay (biases and norm weights are never decayed).")
+    p.add_argument("--num_train_epochs", type=int, default=1, help="Passes over the training split.")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="Micro-batches per optimizer step.")
+    p.add_argument("--lr_scheduler_type", type=str, default="cosine", choices=SCHEDULERS,
+                   help="transformers' learning-rate schedule after the warmup.")
+    add_optim_args(p, warmup=0)
     p.add_argument("--dropout", type=float, default=None,
                    help="Override the model's dropout rates (default: the model's own; DPO's policy: 0, no dropout).")
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3])
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute activations in the backward pass (less memory, ~30%% more compute).")
+    p.add_argument("--zero_stage", type=int, default=0, choices=[0, 1, 2, 3],
+                   help="DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.")
     p.add_argument("--offload", action="store_true", help="ZeRO-Offload of optimizer state and parameters to CPU.")
     add_lora_args(p, "")
 
 
+def add_optim_args(p: argparse.ArgumentParser, warmup: int, warmup_help: str = "") -> None:
+    """--num_warmup_steps, --warmup_ratio and --max_grad_norm."""
+    p.add_argument("--num_warmup_steps", type=int, default=warmup,
+                   help=f"Learning-rate warmup in optimizer steps{warmup_help}; excludes --warmup_ratio.")
+    p.add_argument("--warmup_ratio", type=float, default=None,
+                   help="Warm up over this share of the run instead: ceil(ratio x total optimizer steps) steps "
+                        "(TRL's and HF Trainer's flag); excludes an explicit --num_warmup_steps. Off by default.")
+    p.add_argument("--max_grad_norm", type=float, default=1.0,
+                   help="Clip the global gradient norm to this before each optimizer step (DeepSpeed's "
+                        "gradient_clipping, DeepSpeed-Chat's fixed 1.0); 0 turns clipping off.")
+
+
 def add_lora_args(p: argparse.ArgumentParser, prefix: str) -> None:
-    """--{prefix}lora_dim, --{prefix}lora_module_name, --{prefix}lora_learning_rate (peft LoRA)."""
-    p.add_argument(f"--{prefix}lora_dim", type=int, default=0, help="LoRA rank; 0 disables LoRA.")
+    """--{prefix}lora_dim, _module_name, _target_modules, _alpha, _learning_rate (peft LoRA)."""
+    who = f"the {prefix[:-1]}'s " if prefix else ""
+    p.add_argument(f"--{prefix}lora_dim", type=int, default=0, help=f"LoRA rank r of {who}adapters; 0 disables LoRA.")
     p.add_argument(f"--{prefix}lora_module_name", type=str, default="layers.",
                    help="LoRA goes on every Linear whose module name contains this (DeepSpeed-Chat's "
                         "'decoder.layers.' is OPT-only; 'layers.' covers OPT and Llama).")
-    p.add_argument(f"--{prefix}lora_learning_rate", type=float, default=5e-4)
+    p.add_argument(f"--{prefix}lora_target_modules", type=str, nargs="+", default=None, metavar="NAME",
+                   help=f"peft's target_modules instead of --{prefix}lora_module_name: module names (q_proj v_proj: "
+                        f"every Linear named so or ending in .NAME) or all-linear (every Linear but the output "
+                        f"head). Default: --{prefix}lora_module_name's substring match.")
+    p.add_argument(f"--{prefix}lora_alpha", type=float, default=LORA_ALPHA,
+                   help="LoRA alpha: the adapters' update is scaled by alpha / r. The default 1 keeps "
+                        "DeepSpeed-Chat's scale 1/r (peft's default alpha is 8; many recipes use 2 x r).")
+    p.add_argument(f"--{prefix}lora_learning_rate", type=float, default=5e-4,
+                   help="Learning rate of the LoRA weights (the other trained weights use the main one).")
 
 
 def add_run_args(p: argparse.ArgumentParser, tb_default: str) -> None:
     """Output, seed, precision, logging, evaluation cadence, checkpoints and safety flags."""
-    p.add_argument("--output_dir", type=str, default=None, help="Where the final model goes (no save if unset).")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--output_dir", type=str, default=None,
+                   help="Where the trained model, dschat_args.json and checkpoints go. Required to train (refused "
+                        "in one line before anything loads): a step's output is the next step's input, so it is "
+                        "named, never a default folder that the next run would silently replace. Not needed "
+                        "with --print_examples.")
+    p.add_argument("--seed", type=int, default=1234, help="Seed of data order, sampling and fresh weights.")
     p.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher.")
     p.add_argument("--dtype", type=str, default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="auto: bf16 on GPUs that support it, else fp32 (DeepSpeed-Chat defaults to fp16 and "
                         "has no fp32; fp16 is refused on CPU).")
-    p.add_argument("--only_optimize_lora", action="store_true")
+    p.add_argument("--only_optimize_lora", action="store_true",
+                   help="Train the LoRA adapters only (with a LoRA rank set); the base weights stay frozen.")
     p.add_argument("--compute_fp32_loss", action="store_true",
                    help="With bf16/fp16: compute step 1's loss and step 3's log-probs from fp32 logits "
                         "(DeepSpeed-Chat's meaning; fp32 runs always do, step 2 always scores in fp32).")
-    p.add_argument("--enable_tensorboard", action="store_true")
-    p.add_argument("--tensorboard_path", type=str, default=tb_default)
+    p.add_argument("--enable_tensorboard", action="store_true", help="Write TensorBoard logs to --tensorboard_path.")
+    p.add_argument("--tensorboard_path", type=str, default=tb_default,
+                   help="TensorBoard log folder (with --enable_tensorboard).")
     p.add_argument("--add_eot_token", action="store_true",
                    help="Accepted for compatibility: every answer already ends with the tokenizer's EOS.")
     p.add_argument("--eval_interval", type=int, default=0, help="Also evaluate every N steps (0: epochs only).")
@@ -176,6 +210,17 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise FlagError(f"--{name} must be at least 1 (got {getattr(args, name)})")
     if getattr(args, "num_warmup_steps", 0) < 0:
         raise FlagError(f"--num_warmup_steps must be 0 or positive (got {args.num_warmup_steps})")
+    ratio = getattr(args, "warmup_ratio", None)
+    if ratio is not None and not 0 <= ratio <= 1:
+        raise FlagError(f"--warmup_ratio must be in [0, 1] (got {ratio})")
+    norm = getattr(args, "max_grad_norm", 1.0)
+    if not (math.isfinite(norm) and norm >= 0):
+        raise FlagError(f"--max_grad_norm must be a finite number >= 0 (0: no clipping; got {norm})")
+    for name, value in sorted(vars(args).items()):
+        if name.endswith("lora_alpha") and not (math.isfinite(value) and value > 0):
+            raise FlagError(f"--{name} must be a finite number > 0 (got {value})")
+        if name.endswith("lora_target_modules") and value and "all-linear" in value and len(value) > 1:
+            raise FlagError(f"--{name}: all-linear stands alone (got {' '.join(value)})")
     temperature = getattr(args, "temperature", 1.0)
     if not (math.isfinite(temperature) and temperature > 0):
         raise FlagError(f"--temperature must be a finite number > 0 (got {temperature})")

@@ -15,18 +15,52 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dschat.cli.config import HelpFormatter, add_config_arg, parse_with_config, recorded_flags, write_args
 from dschat.runtime.errors import DschatError, FlagError
+
+# The flags each parsed step ran with (before its checks fill in derived values), written as dschat_args.json.
+RECORDED: dict[int, dict[str, Any]] = {}
+
+
+def complete_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A step's parser as it parses: DeepSpeed's config flags (with our help), --config, the help format."""
+    import deepspeed
+
+    if not any(a.dest == "deepspeed" for a in p._actions):
+        deepspeed.add_config_arguments(p)
+    for action in p._actions:  # DeepSpeed's own flags: say what they do here
+        if action.dest in DEEPSPEED_HELP:
+            action.help = DEEPSPEED_HELP[action.dest]
+    add_config_arg(p)
+    p.formatter_class = HelpFormatter
+    return p
 
 
 def parse_step_args(p: argparse.ArgumentParser, argv: list[str] | None,
                     check: Callable[[argparse.Namespace], None]) -> argparse.Namespace:
-    """Add DeepSpeed's config flags to a step's parser, parse `argv`, and run the step's flag checks."""
-    import deepspeed
-
-    args = deepspeed.add_config_arguments(p).parse_args(argv)
+    """Parse `argv` with a step's completed parser (a --config file's values under the command line's), then
+    run the step's flag checks; the flags as parsed are kept for dschat_args.json."""
+    args = parse_with_config(complete_parser(p), argv)
     check_deepspeed_config(args)
+    flags = recorded_flags(args)
     check(args)
+    RECORDED[id(args)] = flags
     return args
+
+
+DEEPSPEED_HELP = {
+    "deepspeed": "Accepted for DeepSpeed-Chat's scripts (a no-op switch: DeepSpeed is always on).",
+    "deepspeed_config": "Refused: the step writes its DeepSpeed config from its own flags.",
+    "deepscale": "Accepted for compatibility (DeepSpeed's old name for --deepspeed).",
+    "deepscale_config": "Refused: the step writes its DeepSpeed config from its own flags.",
+}
+
+
+def require_output_dir(args: argparse.Namespace) -> None:
+    """Refuse a training run without --output_dir (one line, before anything loads)."""
+    if not getattr(args, "output_dir", None):
+        raise FlagError("--output_dir is required: the trained model is saved there (the next step reads it); "
+                        "--print_examples needs none")
 
 
 # The DeepSpeed config keys the steps write, and the flags that set them (where a step has the flag).
@@ -59,6 +93,9 @@ def run_step(run: Any, start: str = "start") -> None:
     run.evaluate(start)
     run.train()
     run.save()
+    flags = RECORDED.get(id(run.args))
+    if flags is not None and dist.is_rank0() and getattr(run.args, "output_dir", None):
+        write_args(flags, run.args.output_dir)  # beside the model: `--config <output_dir>/dschat_args.json` repeats it
     dist.print_rank0(run.summary())
 
 

@@ -27,11 +27,12 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
     he = p.add_argument_group("generation")
     he.add_argument("--enable_hybrid_engine", action="store_true",
                     help="Generate with a hook-free twin of the actor (gathered once per rollout, LoRA merged).")
-    he.add_argument("--unpin_actor_parameters", action="store_true", help="Accepted for compatibility.")
+    he.add_argument("--unpin_actor_parameters", action="store_true",
+                    help="Accepted for DeepSpeed-Chat compatibility; no effect.")
     he.add_argument("--release_inference_cache", action="store_true",
                     help="Drop the generation twin after every rollout (saves memory, costs a rebuild).")
     he.add_argument("--inference_tp_size", type=int, default=1, help="Must be 1 (tensor-parallel generation is not built).")
-    he.add_argument("--tp_gather_partition_size", type=int, default=8, help="Accepted for compatibility.")
+    he.add_argument("--tp_gather_partition_size", type=int, default=8, help="Accepted for DeepSpeed-Chat compatibility; no effect.")
     he.add_argument("--temperature", type=float, default=1.0,
                     help="Sampling temperature for rollouts. Every step-3 log-prob (old, new, reference: PPO's "
                          "ratios and the KL) is taken at the same temperature (logits / T, as TRL does), so the "
@@ -45,7 +46,8 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
                          "of a separate forward over each rollout: one actor forward fewer per PPO step, equal "
                          "up to float rounding; keeps [B, V] logits per answer token until the rollout ends.")
     mem = p.add_argument_group("memory")
-    mem.add_argument("--offload", action="store_true")
+    mem.add_argument("--offload", action="store_true",
+                     help="ZeRO-Offload of the actor's and critic's optimizer state and parameters to CPU.")
     mem.add_argument("--offload_reference_model", action="store_true",
                      help="Keep a separate reference model with its parameters on CPU (ZeRO-3 parameter offload).")
     mem.add_argument("--offload_reward_model", action="store_true",
@@ -61,12 +63,14 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
                      help="DeepSpeed-Chat's MixZ++ (quantised frozen weights); not supported here, refused.")
     ppo = p.add_argument_group("PPO (DeepSpeed-Chat hard-codes these; defaults are its values)")
     ppo.add_argument("--kl_ctl", type=float, default=0.1, help="KL penalty coefficient beta (initial if adaptive).")
-    ppo.add_argument("--clip_reward_value", type=float, default=5.0)
+    ppo.add_argument("--clip_reward_value", type=float, default=5.0,
+                     help="Reward scores are clipped to [-this, this] (after --normalize_reward).")
     ppo.add_argument("--cliprange", type=float, default=0.2,
                      help="The policy ratio's clip range: [1 - this, 1 + --cliprange_high (default this)].")
-    ppo.add_argument("--cliprange_value", type=float, default=0.2)
-    ppo.add_argument("--gamma", type=float, default=1.0)
-    ppo.add_argument("--lam", type=float, default=0.95)
+    ppo.add_argument("--cliprange_value", type=float, default=0.2,
+                     help="The critic's values are clipped to within this of their old values in its loss.")
+    ppo.add_argument("--gamma", type=float, default=1.0, help="Discount of future rewards (GAE's gamma).")
+    ppo.add_argument("--lam", type=float, default=0.95, help="GAE's lambda (bias-variance trade-off of advantages).")
     ppo.add_argument("--kl_estimator", type=str, default=None, choices=sorted(KL_ESTIMATORS),
                      help="Per-token KL estimate from actor samples, r = log pi - log ref (Schulman): k1 = r, "
                           "k2 = r^2 / 2, k3 = exp(-r) - 1 + r. In the reward (default k1) each estimates "
@@ -75,7 +79,8 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
                           "expectation (refused there).")
     ppo.add_argument("--target_kl", type=float, default=None,
                      help="Use Ziegler et al.'s adaptive KL controller with this target (per sequence).")
-    ppo.add_argument("--kl_horizon", type=int, default=10000)
+    ppo.add_argument("--kl_horizon", type=int, default=10000,
+                     help="Horizon of the adaptive KL controller (with --target_kl), in sequences.")
     ppo.add_argument("--entropy_coef", type=float, default=0.0,
                      help="Weight of the entropy bonus (the policy's mean token entropy, aggregated by "
                           "--loss_agg_mode); the entropy is logged as train/entropy every step whatever this is. "
@@ -162,10 +167,13 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
                     help="With --advantage_estimator gae and no reward model: start the critic from the actor with "
                          "a fresh value head (the only case a fresh head is accepted).")
     out = p.add_argument_group("output")
-    out.add_argument("--print_answers", action="store_true")
-    out.add_argument("--print_answers_interval", type=int, default=1)
-    out.add_argument("--enable_test_mode", action="store_true")
-    out.add_argument("--test_stop_step", type=int, default=0)
+    out.add_argument("--print_answers", action="store_true", help="Print a prompt and its sampled answer while training.")
+    out.add_argument("--print_answers_interval", type=int, default=1,
+                     help="With --print_answers: every this many steps.")
+    out.add_argument("--enable_test_mode", action="store_true",
+                     help="Stop after --test_stop_step steps (DeepSpeed-Chat's test switch).")
+    out.add_argument("--test_stop_step", type=int, default=0,
+                     help="With --enable_test_mode: stop training after this many PPO steps.")
     out.add_argument("--num_judge_prompts", type=int, default=64,
                      help="Held-out prompts answered (greedy) at the start and end: builtin ones, else the eval split.")
     out.add_argument("--eval_n_samples", type=int, default=1,

@@ -8,19 +8,42 @@ import torch
 
 from dschat.runtime.errors import FlagError
 
+LORA_ALPHA = 1.0  # DeepSpeed-Chat's LoRA scaling 1/r (peft's own default alpha is 8)
+
+
+def lora_targets(model: torch.nn.Module, module_name: str, target_modules: list[str] | None = None,
+                 keep_trainable: tuple[str, ...] = ()) -> list[str]:
+    """The Linear layers LoRA wraps: peft's form when `target_modules` is given (names, each matching a module
+    whose name is it or ends with "." + it; or ["all-linear"]: every Linear but the output head), else every
+    Linear whose name contains `module_name` (DeepSpeed-Chat's form)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or any(name.endswith(k) for k in keep_trainable):
+            continue
+        if target_modules is None:
+            hit = module_name in name
+        elif target_modules == ["all-linear"]:
+            hit = mod is not head
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in target_modules)
+        if hit:
+            targets.append(name)
+    return targets
+
 
 def apply_lora(model: torch.nn.Module, dim: int, module_name: str, only_optimize_lora: bool,
-               flag: str = "--lora_module_name", keep_trainable: tuple[str, ...] = ()) -> torch.nn.Module:
-    """Wrap `model` with peft LoRA of rank `dim` on every Linear whose name contains `module_name`."""
+               flag: str = "--lora_module_name", keep_trainable: tuple[str, ...] = (), alpha: float = LORA_ALPHA,
+               target_modules: list[str] | None = None) -> torch.nn.Module:
+    """Wrap `model` with peft LoRA of rank `dim` and scale `alpha / dim` on the layers lora_targets picks."""
     from peft import LoraConfig, get_peft_model
 
-    targets = [name for name, mod in model.named_modules()
-               if isinstance(mod, torch.nn.Linear) and module_name in name
-               and not any(name.endswith(k) for k in keep_trainable)]
+    targets = lora_targets(model, module_name, target_modules, keep_trainable)
     if not targets:
-        raise FlagError(f"{flag} '{module_name}' matches no Linear layer of {type(model).__name__}")
-    # lora_alpha=1 gives DeepSpeed-Chat's scaling of 1/r.
-    config = LoraConfig(r=dim, lora_alpha=1, lora_dropout=0.0, target_modules=targets,
+        what = f"{flag.replace('module_name', 'target_modules')} {' '.join(target_modules)}" if target_modules \
+            else f"{flag} '{module_name}'"
+        raise FlagError(f"{what} matches no Linear layer of {type(model).__name__}")
+    config = LoraConfig(r=dim, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
                         modules_to_save=list(keep_trainable) or None)
     model = get_peft_model(model, config)
     if not only_optimize_lora:  # DeepSpeed-Chat trains the base weights too unless told otherwise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -58,6 +59,14 @@ def make_adamw(params: list[dict], lr: float) -> torch.optim.AdamW:
     """
     fusable = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in params for p in g["params"])
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), fused=fusable or None)
+
+
+def warmup_steps(num_warmup_steps: int, warmup_ratio: float | None, total_steps: int) -> int:
+    """The learning-rate warmup in optimizer steps: ceil(--warmup_ratio x total steps) when a ratio is given,
+    else --num_warmup_steps."""
+    if warmup_ratio is None:
+        return num_warmup_steps
+    return math.ceil(warmup_ratio * total_steps)
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float, lora_lr: float,

@@ -27,13 +27,13 @@ from transformers import AutoModelForCausalLM
 
 from dschat.models.heads import check_trained_reward_model, create_reward_model
 from dschat.models.loading import create_hf_model, load_tokenizer, read_json, split_model_path
-from dschat.models.lora import WithoutAdapters, apply_lora
+from dschat.models.lora import LORA_ALPHA, WithoutAdapters, apply_lora
 from dschat.rewards.combine import RewardSet
 from dschat.rewards.model import RewardModelScorer
 from dschat.rewards.registry import RewardContext
 from dschat.runtime import dist
 from dschat.runtime.ds_config import get_eval_ds_config, get_train_ds_config
-from dschat.runtime.engine import build_engine, build_frozen_engine, torch_dtype
+from dschat.runtime.engine import build_engine, build_frozen_engine, torch_dtype, warmup_steps
 from dschat.runtime.errors import FlagError, ModelPathError
 from dschat.trainers.ema import ActorEMA
 
@@ -102,7 +102,7 @@ class RLHFEngine:
         def train_cfg(stage: int, grad_accum: int, name: str) -> dict:
             return get_train_ds_config(stage=stage, dtype=dtype, micro_batch=micro, world_size=world,
                                        grad_accum=grad_accum, offload=args.offload, tensorboard_path=tb,
-                                       tb_name=name)
+                                       tb_name=name, gradient_clipping=getattr(args, "max_grad_norm", 1.0))
 
         self.actor = self._actor(train_cfg(args.actor_zero_stage, args.actor_gradient_accumulation_steps,
                                            "step3_actor"), total_steps)
@@ -194,9 +194,14 @@ class RLHFEngine:
                                 a.actor_gradient_checkpointing)
         if a.actor_lora_dim > 0:
             model = apply_lora(model, a.actor_lora_dim, a.actor_lora_module_name, a.only_optimize_lora,
-                               "--actor_lora_module_name")
+                               "--actor_lora_module_name", alpha=getattr(a, "actor_lora_alpha", LORA_ALPHA),
+                               target_modules=getattr(a, "actor_lora_target_modules", None))
         return build_engine(model, ds_config, a.actor_learning_rate, a.actor_weight_decay, a.actor_lora_learning_rate,
-                            a.lr_scheduler_type, a.num_warmup_steps, total_steps)
+                            a.lr_scheduler_type, self.warmup(total_steps), total_steps)
+
+    def warmup(self, total_steps: int) -> int:
+        """Warmup steps of the actor's and critic's schedules (--warmup_ratio of the total, or --num_warmup_steps)."""
+        return warmup_steps(self.args.num_warmup_steps, getattr(self.args, "warmup_ratio", None), total_steps)
 
     def _critic(self, ds_config: dict, total_steps: int, from_actor: bool = False):
         a = self.args
@@ -209,9 +214,11 @@ class RLHFEngine:
                                        a.critic_gradient_checkpointing)
         if a.critic_lora_dim > 0:
             model = apply_lora(model, a.critic_lora_dim, a.critic_lora_module_name, a.only_optimize_lora,
-                               "--critic_lora_module_name", keep_trainable=("score",))
+                               "--critic_lora_module_name", keep_trainable=("score",),
+                               alpha=getattr(a, "critic_lora_alpha", LORA_ALPHA),
+                               target_modules=getattr(a, "critic_lora_target_modules", None))
         return build_engine(model, ds_config, a.critic_learning_rate, a.critic_weight_decay,
-                            a.critic_lora_learning_rate, a.lr_scheduler_type, a.num_warmup_steps, total_steps)
+                            a.critic_lora_learning_rate, a.lr_scheduler_type, self.warmup(total_steps), total_steps)
 
     def update_ema(self) -> bool:
         """Move the EMA (if any) towards the actor when the actor took an optimizer step since the last call."""
