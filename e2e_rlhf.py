@@ -190,6 +190,10 @@ def run_steps(args: argparse.Namespace, dirs: dict[int, Path], scripts: dict[int
             continue
         script, model_args = scripts[step]
         cmd = e2e.step_command(step, script, model_args, dirs, zero_stages, step_flags(args, step))
+        busy = e2e.in_use(step, dirs[step])
+        if busy:  # before its markers and log are touched: the run holding it may still be writing them
+            print(f"error: {busy}", file=sys.stderr, flush=True)
+            return 2
         dirs[step].mkdir(parents=True, exist_ok=True)
         e2e.invalidate(step, dirs[step])
         log = dirs[step] / "training.log"

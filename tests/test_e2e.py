@@ -324,6 +324,27 @@ def test_forced_rerun_that_fails_before_saving_keeps_the_finished_output(tmp_pat
     assert (sft / "training.log").read_text() == "ok\n"
 
 
+def test_a_step_whose_output_another_run_holds_is_refused_before_anything_is_touched(tmp_path, monkeypatch, capsys):
+    """An e2e rerun while the trainer of a killed e2e still runs (it holds its output's lock): one line, exit 2,
+    the step's markers and log untouched, nothing started."""
+    from dschat.runtime import lock
+
+    monkeypatch.delenv("RANK", raising=False)
+    out = tmp_path / "out"
+    sft = out / "actor-models/builtin"
+    fake_done(1, sft, {"evals": []})
+    (sft / "training.log").write_text("the orphan is still writing this\n")
+    runner = FakeRunner()
+    monkeypatch.setattr(e2e, "run_with_progress", runner)
+    with lock.output_lock(str(sft)):
+        assert e2e_rlhf.main(["--step", "1", "--output-dir", str(out), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: Step 1's output {sft} is in use by another run (pid {os.getpid()}" in err
+    assert runner.calls == [] and e2e.is_done(1, sft) and not list(sft.glob("*.prev"))
+    assert (sft / "training.log").read_text() == "the orphan is still writing this\n"
+    assert e2e.in_use(1, sft) is None  # released
+
+
 # ---------------------------------------------------------------- the scripts' calling convention
 
 def test_script_convention_log_status_and_passthrough(tmp_path):

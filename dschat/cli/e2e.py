@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dschat.runtime import lock
+
 REPO = Path(__file__).resolve().parents[2]
 DONE_MARKER = "dschat_complete.json"  # == dschat.models.export.DONE_MARKER (tests/test_e2e.py checks)
 STEP_DIRS = {1: "training/step1_supervised_finetuning", 2: "training/step2_reward_model_finetuning",
@@ -220,6 +222,16 @@ def invalidate(step: int, out_dir: Path) -> None:
         os.replace(log, log.with_name(LOG + ".prev"))
     else:
         log.unlink(missing_ok=True)
+
+
+def in_use(step: int, out_dir: Path) -> str | None:
+    """A one-line refusal when a live run (an earlier step's trainer orphaned by a killed e2e, a second e2e) holds
+    the step's output folder, else None; checked before the step's markers and log are touched."""
+    owner = lock.holder(out_dir)
+    if owner is None:
+        return None
+    return (f"Step {step}'s output {out_dir} is in use by another run (pid {owner.get('pid', '?')} on "
+            f"{owner.get('host', '?')}); wait for it to end or stop it, then run the same command again")
 
 
 def failed_log(out_dir: Path) -> Path:

@@ -7,7 +7,8 @@ A lock whose process is gone (SIGKILL, a crash, a reboot; same host) is taken ov
 one written on another host is refused (its pid cannot be checked from here: the message says to remove the
 file if that run is gone). The lock goes when the run ends
 (normally, by an error, Ctrl-C or SIGTERM, which the entry points turn into exceptions); a SIGKILL leaves the
-file, which the next run takes over. All ranks of one launched run are one run: only rank 0 takes it.
+file, which the next run takes over. All ranks of one launched run are one run: only rank 0 (RANK, set by
+the launcher before any process group exists) takes it. No torch import: e2e_rlhf.py asks `holder` too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dschat.runtime import dist
 from dschat.runtime.errors import FlagError
 
 
@@ -95,14 +95,36 @@ def acquire(out_dir: str) -> int:
             if elsewhere or pid_alive(pid, owner.get("start")):
                 os.close(fd)  # a live process on this host that holds no flock, or one on another host
                 raise _refuse(out_dir, owner, path, elsewhere)
-            dist.print_rank0(f"note: --output_dir {out_dir}: took over the lock of pid {pid} on {owner.get('host')}, "
-                             f"which is no longer running ({path})")
+            print(f"note: --output_dir {out_dir}: took over the lock of pid {pid} on {owner.get('host')}, which is "
+                  f"no longer running ({path})", flush=True)
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, json.dumps(me).encode())
         os.fsync(fd)
         return fd
     raise _refuse(out_dir, {}, path)
+
+
+def holder(out_dir: str | Path) -> dict[str, Any] | None:
+    """The owner ({pid, host, ...}) of a run that holds `out_dir`'s lock now, or None (no lock, or a stale one)."""
+    path = lock_path(out_dir)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        owner = _owner(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return owner or {"pid": "?", "host": "?"}
+        pid = owner.get("pid")
+        if isinstance(pid, int) and pid != os.getpid() and (owner.get("host") != socket.gethostname()
+                                                            or pid_alive(pid, owner.get("start"))):
+            return owner
+        return None
+    finally:
+        os.close(fd)
 
 
 def release(out_dir: str, fd: int) -> None:
@@ -120,7 +142,7 @@ def release(out_dir: str, fd: int) -> None:
 @contextlib.contextmanager
 def output_lock(out_dir: str | None) -> Iterator[Path | None]:
     """Hold the lock of `out_dir` for the block on rank 0 (other ranks and runs without an output: nothing)."""
-    if not out_dir or dist.rank() != 0:
+    if not out_dir or int(os.environ.get("RANK", "0")) != 0:
         yield None
         return
     fd = acquire(out_dir)
