@@ -177,3 +177,13 @@ def test_wheel_holds_the_builtin_model_and_its_command_runs(tmp_path):
     where = subprocess.run([sys.executable, "-c", code], cwd=site, capture_output=True, text=True, timeout=60,
                            env={**env(), "PYTHONPATH": str(site)}).stdout.strip()
     assert where.startswith(str(site)) and os.path.isfile(os.path.join(where, "model.safetensors")), where
+
+
+def test_recipes_are_e2e_configs():
+    """recipes/*.yaml: one per documented e2e pipeline, each a valid e2e_rlhf.py --config."""
+    pipelines = {}
+    for recipe in sorted((REPO / "recipes").glob("*.yaml")):
+        args = e2e_rlhf.parse_args(["--config", str(recipe)])
+        pipelines[recipe.stem] = (args.pipeline.name, args.actor_model)
+    assert pipelines == {"builtin_dpo": ("dpo", "builtin"), "builtin_ppo": ("ppo", "builtin"),
+                         "builtin_verifier": ("verifier", "builtin"), "smollm2_ppo": ("ppo", "smollm2-135m")}
