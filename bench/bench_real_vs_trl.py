@@ -27,7 +27,7 @@ completion_only_loss=True).
 Ours: training/step1_supervised_finetuning/main.py and training/step2_reward_model_finetuning/main.py run
 unchanged as subprocesses on a local dataset folder (train.jsonl = the rows; eval.jsonl = the first 4 of them,
 only for the evaluations our steps run before and after training, outside the timing) with --data_split 1,0,0
-(step 1) and 0,1,0 (step 2): every train row goes to that phase. No --output_dir, so nothing is saved.
+(step 1) and 0,1,0 (step 2): every train row goes to that phase. The model is saved after the timed loop.
 Step 2 starts from the dense causal LM with a fresh one-label score head (dschat.models.heads), as TRL's
 AutoModelForSequenceClassification(num_labels=1) does. TRL: SFTTrainer on a prompt-completion dataset,
 RewardTrainer on prompt/chosen/rejected, both non-conversational (TRL appends the EOS text to answers; ours
@@ -365,7 +365,8 @@ def loop_timing(marks: list[float]) -> dict[str, Any]:
 
 
 def our_command(step: str, cfg: dict[str, Any], run_dir: Path) -> list[str]:
-    """Our real step entry point with the benchmark's shapes (no --output_dir: nothing is saved)."""
+    """Our real step entry point with the benchmark's shapes (the model is saved in <run_dir>/ours_out after the
+    timed loop: a step refuses to train without --output_dir)."""
     return [sys.executable, str(ROOT / STEPS[step]["main"]), "--model_name_or_path", str(DENSE),
             "--data_path", str(cfg["data_dir"]), "--data_split", STEPS[step]["split"],
             "--data_output_path", str(run_dir / "data"), "--prompt_format", "dschat",
@@ -374,7 +375,7 @@ def our_command(step: str, cfg: dict[str, Any], run_dir: Path) -> list[str]:
             "--learning_rate", str(cfg["lr"]), "--weight_decay", "0", "--num_train_epochs", "1",
             "--gradient_accumulation_steps", "1", "--lr_scheduler_type", "cosine", "--num_warmup_steps", "0",
             "--dtype", cfg["dtype"], "--zero_stage", "0", "--seed", str(cfg["seed"]),
-            "--enable_tensorboard", "--tensorboard_path", str(run_dir / "tb")]
+            "--enable_tensorboard", "--tensorboard_path", str(run_dir / "tb"), "--output_dir", str(run_dir / "ours_out")]
 
 
 def read_our_run(step: str, run_dir: Path) -> dict[str, Any]:
