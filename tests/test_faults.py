@@ -182,6 +182,8 @@ def test_a_rerun_over_checkpoints_needs_resume_or_overwrite_checkpoints(tmp_path
     assert "\n" not in message and str(out) in message and "step65" in message
     assert "--resume" in message and "--overwrite_checkpoints" in message
     check_earlier_checkpoints(p.parse_args(["--output_dir", str(out), "--resume"]))
+    args.print_examples = 2  # shows data, writes nothing
+    check_earlier_checkpoints(args)
     check_earlier_checkpoints(p.parse_args(["--output_dir", str(out), "--overwrite_checkpoints"]))
     with pytest.raises(FlagError, match="give one"):
         check_earlier_checkpoints(p.parse_args(["--output_dir", str(out), "--resume", "--overwrite_checkpoints"]))

@@ -182,7 +182,7 @@ def check_earlier_checkpoints(args: argparse.Namespace) -> None:
     if resume and overwrite:
         raise FlagError("--resume continues from the last checkpoint, --overwrite_checkpoints deletes it: give one")
     found = checkpoint.latest(args.output_dir)
-    if found is not None and not resume and not overwrite:
+    if found is not None and not resume and not overwrite and not getattr(args, "print_examples", 0):
         raise FlagError(f"--output_dir {args.output_dir} holds a checkpoint of an earlier run ({found}); rerun with "
                         f"--resume to continue from it, or with --overwrite_checkpoints to delete it and start over")
 
