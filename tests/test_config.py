@@ -187,3 +187,19 @@ def test_recipes_are_e2e_configs():
         pipelines[recipe.stem] = (args.pipeline.name, args.actor_model)
     assert pipelines == {"builtin_dpo": ("dpo", "builtin"), "builtin_ppo": ("ppo", "builtin"),
                          "builtin_verifier": ("verifier", "builtin"), "smollm2_ppo": ("ppo", "smollm2-135m")}
+
+
+def test_dschat_command_dispatch(capsys):
+    """`dschat <command>`: the step's own parser (the launcher's --local_rank=N moved after the command)."""
+    import signal
+
+    from dschat.cli import commands
+
+    assert commands.main([]) == 2 and commands.main(["nope"]) == 2 and "dschat sft" not in capsys.readouterr().out
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert commands.main(["--local_rank=0", "ppo", "--help"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    out = capsys.readouterr().out
+    assert "usage: dschat ppo" in out and "--actor_lora_alpha" in out and "--config FILE" in out

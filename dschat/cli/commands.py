@@ -57,6 +57,9 @@ def run_checkout_script(name: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Dispatch `dschat <command> ...`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # `deepspeed --module dschat.cli.commands sft ...` puts --local_rank=N before the subcommand: move it after.
+    launcher = [a for a in argv[:1] if a.startswith("--local_rank=")]
+    argv = argv[len(launcher):][:1] + launcher + argv[len(launcher) + 1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2

@@ -23,8 +23,10 @@ from dschat.runtime.errors import FlagError
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the checkout (or site-packages) holding dschat/
 ARGS_FILE = "dschat_args.json"
 RECORD_KEYS = ("version", "commit")  # written beside the flags, accepted and ignored by --config
-# Not written: the launcher's per-process rank, the config file itself, DeepSpeed's compatibility switches.
-NOT_RECORDED = ("help", "config", "local_rank", "deepspeed", "deepspeed_config", "deepscale", "deepscale_config")
+# Not written: the launcher's per-process rank, the config file itself, DeepSpeed's compatibility switches, and
+# --resume (a repeated run starts over; it continues a checkpoint only when asked again).
+NOT_RECORDED = ("help", "config", "local_rank", "deepspeed", "deepspeed_config", "deepscale", "deepscale_config",
+                "resume")
 # (flag, flag): given both (on the command line or in the config file, at a value other than the default) is refused.
 EXCLUSIVE = (("warmup_ratio", "num_warmup_steps"),
              *((f"{role}lora_target_modules", f"{role}lora_module_name") for role in ("", "actor_", "critic_")))
