@@ -168,6 +168,11 @@ def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: int | None = N
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
 
 
+def needs_gather(param: torch.Tensor) -> bool:
+    """Whether a ZeRO-3 gather fetches `param`: a partitioned parameter that is not kept whole between forwards."""
+    return hasattr(param, "ds_id") and not getattr(param, "ds_persist", False)
+
+
 def regather_from_partitions(params: Iterable[torch.nn.Parameter]) -> None:
     """Rebuild the ZeRO-3 parameters that stay whole between forwards (DeepSpeed's "persistent" small ones, such as
     norms) from their partitions, after their partitions were written in place (a collective: every rank calls

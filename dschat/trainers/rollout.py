@@ -1,20 +1,23 @@
 """Rollout generation for the actor, with and without our hybrid generation mode.
 
 DeepSpeed's HybridEngine breaks on modern transformers decoders, so `--enable_hybrid_engine` gives the
-actor a generation mode of our own: once per rollout the actor's weights are gathered (all ZeRO-3
-partitions in one collective) and copied into a plain Hugging Face twin of the model that lives outside
-DeepSpeed: no ZeRO forward hooks, no gradient checkpointing, dropout off, KV cache on. LoRA adapters stay
-adapters in the twin (a bf16 merge would round small deltas away), so it computes what the actor does. The
-training engine itself is not touched, so the actor goes back to training exactly as it was.
+actor a generation mode of our own: once per rollout the actor's weights are copied into a plain Hugging Face
+twin of the model that lives outside DeepSpeed: no ZeRO forward hooks, no gradient checkpointing, dropout off,
+KV cache on. Under ZeRO-3 the copy gathers one layer at a time and releases it before the next, so it costs one
+layer's weights on top of the twin, not a second model; the twin is built on the meta device and its tensors
+come from the actor's (no random initialisation of a full model). LoRA adapters stay adapters in the twin (a
+bf16 merge would round small deltas away), so it computes what the actor does. The training engine itself is
+not touched, so the actor goes back to training exactly as it was.
 Measured on CPU, the hooks (not the gathers) are what make ZeRO-3 generation slow; the twin avoids them.
-Cost: one extra full copy of the actor's weights on each rank while it exists.
+Cost: one extra full copy of the actor's weights on each rank while it exists (bench/twin_memory.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,13 +138,46 @@ def generate_answers(model, fmt: PromptFormat, prompts: list[str], max_new_token
     return answers
 
 
-def build_twin(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A plain HF model (peft-wrapped like `module` when it has LoRA) with `module`'s config and tensor dtypes.
+def layer_of(name: str) -> str:
+    """The unit a parameter is gathered with: its name up to the first numeric part (one decoder layer of a
+    ModuleList, adapters included), else its module's name."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1])
 
-    The twin computes what the actor engine computes: LoRA stays a separate adapter path. Merging the adapters
-    into bf16 weights (W + s * B @ A, rounded to bf16) would drop every delta below half a bf16 step of W
-    (about 1e-4 for weights of size 0.02), so rollouts and --logprobs_from_generation would come from an
-    older policy than the one trained. Dropout off, KV cache on; building does not consume the sampling RNG.
+
+def layer_groups(named: Iterable[tuple[str, torch.Tensor]]) -> list[list[tuple[str, torch.Tensor]]]:
+    """Consecutive (name, tensor) pairs grouped by `layer_of`, in the given (module) order."""
+    return [list(group) for _, group in itertools.groupby(named, key=lambda item: layer_of(item[0]))]
+
+
+def gather_units(named: Iterable[tuple[str, torch.nn.Parameter]]) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """`layer_groups` of the parameters, a group that fetches fewer than two tensors (`dist.needs_gather`) merged
+    into the next (the last into the one before): DeepSpeed 0.19 gathers a lone parameter through a path that
+    allocates it twice, even on one rank (measured: +216 MiB for SmolLM2-135M's fp32 embedding, 0 with a layer)."""
+    units: list[list[tuple[str, torch.nn.Parameter]]] = []
+    pending: list[tuple[str, torch.nn.Parameter]] = []
+    for group in layer_groups(named):
+        pending += group
+        if sum(dist.needs_gather(p) for _, p in pending) != 1:
+            units.append(pending)
+            pending = []
+    while pending and units and sum(dist.needs_gather(p) for _, p in pending) == 1:
+        pending = units.pop() + pending
+    return units + ([pending] if pending else [])
+
+
+def build_twin(module: torch.nn.Module) -> torch.nn.Module:
+    """A plain HF model (peft-wrapped like `module` when it has LoRA) with `module`'s config, on the meta device.
+
+    It holds no memory and is not randomly initialised: `refresh_twin` materialises each tensor from the actor's
+    own, with the actor's dtype per tensor (adapters, fp32-kept layers) and on its device. The twin computes what
+    the actor engine computes: LoRA stays a separate adapter path. Merging the adapters into bf16 weights
+    (W + s * B @ A, rounded to bf16) would drop every delta below half a bf16 step of W (about 1e-4 for weights of
+    size 0.02), so rollouts and --logprobs_from_generation would come from an older policy than the one trained.
+    Dropout off, KV cache on; building does not consume the sampling RNG.
     """
     base = module.get_base_model() if hasattr(module, "peft_config") else module
     config = base.config.__class__.from_dict(base.config.to_dict())
@@ -149,22 +185,63 @@ def build_twin(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch
     for key in ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout"):
         if hasattr(config, key):
             setattr(config, key, 0.0)
-    first = next(iter(state.values()))
-    with torch.random.fork_rng(devices=[]):  # building must not shift the sampling RNG
-        twin = type(base)._from_config(config, dtype=first.dtype)
+    dtype = next(module.parameters()).dtype  # a ZeRO-3 partitioned parameter knows its dtype too
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # building must not shift the sampling RNG
+        twin = type(base)._from_config(config, dtype=dtype)
         twin.generation_config = base.generation_config
         if hasattr(module, "peft_config"):
             from peft import get_peft_model
 
             twin = get_peft_model(twin, copy.deepcopy(module.peft_config["default"]), autocast_adapter_dtype=False)
-    twin = twin.to(first.device)
-    for name, param in twin.named_parameters():  # same dtype per tensor as the actor (adapters, fp32-kept layers)
-        if name in state and param.dtype != state[name].dtype:
-            param.data = param.data.to(state[name].dtype)
-    # Its weights keep requires_grad=True (it only ever runs under no_grad): on CPU, PyTorch 2.13's bf16
-    # decode-shaped matmuls run 1.3-1.6x slower with frozen weights (measured, BENCHMARKS.md).
-    twin.requires_grad_(True)
     return twin.eval()
+
+
+def _materialise(twin: torch.nn.Module, meta: torch.Tensor, source: torch.Tensor) -> None:
+    """Put a copy of `source` everywhere `twin` holds the meta tensor `meta` (tied weights stay one tensor)."""
+    if isinstance(meta, torch.nn.Parameter):
+        # Its weights keep requires_grad=True (it only ever runs under no_grad): on CPU, PyTorch 2.13's bf16
+        # decode-shaped matmuls run 1.3-1.6x slower with frozen weights (measured, BENCHMARKS.md).
+        real: torch.Tensor = torch.nn.Parameter(source.detach().clone(), requires_grad=True)
+        slot = "_parameters"
+    else:
+        real, slot = source.detach().clone(), "_buffers"
+    for mod in twin.modules():
+        table = getattr(mod, slot)
+        for key, value in table.items():
+            if value is meta:
+                table[key] = real
+
+
+@torch.no_grad()
+def refresh_twin(twin: torch.nn.Module, module: torch.nn.Module) -> None:
+    """Copy `module`'s current weights into `twin` one layer at a time: under ZeRO-3 each layer is gathered alone
+    (a collective: every rank calls this) and released before the next, so the transient cost is one layer, not a
+    model; the twin's meta tensors are materialised from the actor's on the first call."""
+    params = dict(twin.named_parameters(remove_duplicate=False))
+    for group in gather_units(module.named_parameters()):
+        with dist.gathered(p for _, p in group):
+            for name, param in group:
+                target = params.get(name)
+                if target is None:  # the twin has no such weight: nothing to copy it into (as load_state_dict)
+                    continue
+                if target.is_meta:
+                    _materialise(twin, target, param.data)
+                    params = dict(twin.named_parameters(remove_duplicate=False))
+                else:
+                    target.copy_(param.data)
+    buffers = dict(twin.named_buffers(remove_duplicate=False))
+    for name, buf in module.named_buffers():  # never partitioned; non-persistent ones (rotary inv_freq) too
+        target = buffers.get(name)
+        if target is None:
+            continue
+        if target.is_meta:
+            _materialise(twin, target, buf)
+            buffers = dict(twin.named_buffers(remove_duplicate=False))
+        else:
+            target.copy_(buf)
+    missing = [n for n, t in itertools.chain(twin.named_parameters(), twin.named_buffers()) if t.is_meta]
+    if missing:
+        raise RuntimeError(f"hybrid generation: actor weights missing in twin: {missing[:5]}")
 
 
 class Generator:
@@ -176,18 +253,12 @@ class Generator:
         self.twin: torch.nn.Module | None = None
 
     def _refresh_twin(self) -> torch.nn.Module:
-        """Copy the actor's current weights (gathered; LoRA adapters as adapters, unmerged) into the hook-free twin."""
+        """Copy the actor's current weights (gathered layer by layer; LoRA adapters as adapters, unmerged) into the
+        hook-free twin, built on the meta device the first time."""
         module = unwrap(self.actor)
-        with dist.gathered(module.parameters()), torch.no_grad():  # every ZeRO-3 parameter whole, at once
-            state = {n: p.data for n, p in module.named_parameters()}
-            state.update({n: b for n, b in module.named_buffers()})
-            if self.twin is None:
-                self.twin = build_twin(module, state)
-            missing, _ = self.twin.load_state_dict(state, strict=False)
-            tied = set(getattr(self.twin, "_tied_weights_keys", None) or [])
-            real_missing = [k for k in missing if k.removeprefix("base_model.model.") not in tied and "lm_head" not in k]
-            if real_missing:
-                raise RuntimeError(f"hybrid generation: actor weights missing in twin: {real_missing[:5]}")
+        if self.twin is None:
+            self.twin = build_twin(module)
+        refresh_twin(self.twin, module)
         return self.twin
 
     @torch.no_grad()
