@@ -36,12 +36,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions as written, and every flag's default after its help: "(default: X)".
 
     Left out where it says nothing or would mislead: switches (store_true: off unless given), defaults of None
-    (the help says what happens then) and help that already states its default.
+    or "" (the help says what happens then) and help that already states its default.
     """
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or "(default" in text or action.default in (None, argparse.SUPPRESS) \
+        if "%(default)" in text or "(default" in text or action.default in (None, "", argparse.SUPPRESS) \
                 or isinstance(action.default, bool) or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
