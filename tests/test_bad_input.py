@@ -195,10 +195,10 @@ CASES: dict[str, tuple[list[str], dict[str, str], list[str], int]] = {
     # e2e: a step's bad flag fails that step (its log names the flag); the pipeline stops with status 1
     "e2e_step1_bad_learning_rate": ([str(E2E), "--step", "1", "--output-dir", "{w}/e2e_step1_bad_learning_rate"],
                                     {EX.format(1): "--learning_rate nan --data_output_path {data}"},
-                                    ["Step 1 failed", "error line: error: --learning_rate must be"], 1),
+                                    ["Step 1 failed", "error line: error: --learning_rate must be"], 2),
     "e2e_step2_bad_dropout": ([str(E2E), "--step", "2", "--output-dir", "{w}/e2e_step2_bad_dropout"],
                               {EX.format(2): "--dropout 2 --data_output_path {data}"},
-                              ["Step 2 failed", "error line: error: --dropout must be"], 1),
+                              ["Step 2 failed", "error line: error: --dropout must be"], 2),
     "e2e_step3_without_its_models": ([str(E2E), "--step", "3", "--output-dir", "{w}/e2e_step3_without_its_models"],
                                      {}, ["Step 1 model has not been trained", "actor-models"], 1),
 }

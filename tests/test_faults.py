@@ -298,3 +298,49 @@ def test_accumulation_that_exceeds_the_run_is_refused_and_a_remainder_is_said():
                                            "window; their gradients are not applied (1 optimizer step)")
     assert check_accumulation(4, 2, 4) is None and check_accumulation(5, 1, 1) is None
     assert check_accumulation(0, 1, 4) is None  # no data: said elsewhere
+
+
+def test_a_step_holds_its_output_for_the_whole_run(tmp_path, monkeypatch):
+    """sft_main takes the lock before its run object is built and gives it back at the end, also on errors; a
+    second run into the folder meanwhile is refused; a killed save's parked files are back before the run."""
+    import dschat.trainers.sft as sft
+    from dschat.cli import steps
+    from dschat.runtime import lock
+    from dschat.runtime.errors import FlagError
+
+    monkeypatch.delenv("RANK", raising=False)
+    out = tmp_path / "out"
+    write(out, NEW)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write(tmp_path / f".out.tmp-{dead.pid}-x", {**OLD, "notes.json": "mine"})
+    argv = ["--output_dir", str(out), "--data_output_path", str(tmp_path / "cache")]
+    seen: dict[str, object] = {}
+
+    class FakeRun:
+        def __init__(self, args):
+            self.args = args
+            seen["built"] = (lock.holder(out) or {}).get("pid"), (out / "notes.json").exists()
+
+        def evaluate(self, when: str) -> None:
+            with pytest.raises(FlagError, match=f"--output_dir {out} is in use by another run \\(pid {os.getpid()}"):
+                steps.sft_main(argv)
+
+        def train(self) -> None:
+            if seen.get("fail"):
+                raise RuntimeError("boom")
+
+        def save(self) -> None:
+            pass
+
+        def summary(self) -> str:
+            return "done"
+
+    monkeypatch.setattr(sft, "SFTRun", FakeRun)
+    steps.sft_main(argv)
+    assert seen["built"] == (os.getpid(), True)
+    assert lock.holder(out) is None and not lock.lock_path(out).exists()
+    seen["fail"] = True
+    with pytest.raises(RuntimeError):
+        steps.sft_main(argv)
+    assert not lock.lock_path(out).exists()

@@ -21,6 +21,7 @@ from dschat.cli.args import (
 )
 from dschat.cli.entry import parse_step_args, require_output_dir, run_step
 from dschat.cli.examples import print_examples
+from dschat.cli.outdir import claim_output_dir
 from dschat.cli.rlhf_args import add_ppo_args, check_rlhf_args, set_step3_help
 from dschat.runtime.errors import FlagError
 
@@ -204,7 +205,8 @@ def sft_main(argv: list[str] | None = None) -> None:
         print_examples(args, 1, args.model_name_or_path)
         return
     require_output_dir(args)
-    run_step(SFTRun(args))
+    with claim_output_dir(args):  # one run per folder; a killed save's files put back first
+        run_step(SFTRun(args))
 
 
 def rm_main(argv: list[str] | None = None) -> None:
@@ -216,7 +218,8 @@ def rm_main(argv: list[str] | None = None) -> None:
         print_examples(args, 2, args.model_name_or_path)
         return
     require_output_dir(args)
-    run_step(RewardRun(args))
+    with claim_output_dir(args):  # one run per folder; a killed save's files put back first
+        run_step(RewardRun(args))
 
 
 def dpo_main(argv: list[str] | None = None) -> None:
@@ -228,7 +231,8 @@ def dpo_main(argv: list[str] | None = None) -> None:
         print_examples(args, 2, args.model_name_or_path)
         return
     require_output_dir(args)
-    run_step(DPORun(args))
+    with claim_output_dir(args):  # one run per folder; a killed save's files put back first
+        run_step(DPORun(args))
 
 
 def ppo_main(argv: list[str] | None = None) -> None:
@@ -240,4 +244,5 @@ def ppo_main(argv: list[str] | None = None) -> None:
         print_examples(args, 3, args.actor_model_name_or_path)
         return
     require_output_dir(args)
-    run_step(RLHFRun(args), "start (SFT)")
+    with claim_output_dir(args):  # one run per folder; a killed save's files put back first
+        run_step(RLHFRun(args), "start (SFT)")
