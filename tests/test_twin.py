@@ -63,6 +63,8 @@ def zero3_engine(stage: int = 3, dtype: str = "fp32", lora_b: float | None = Non
         model = apply_lora(model, 4, "layers.", False)
         g = torch.Generator().manual_seed(3)
         for name, param in model.named_parameters():
+            if "lora_" in name:  # peft makes them fp32 under ZeRO-3 (a bf16 engine refuses mixed dtypes)
+                param.data = param.data.to(torch_dtype(dtype))
             if "lora_B" in name:
                 with dist.gathered([param], modifier_rank=0), torch.no_grad():
                     param.copy_(torch.randn(param.shape, generator=g) * lora_b)
