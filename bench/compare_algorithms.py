@@ -151,7 +151,9 @@ def main() -> None:
     saved = work / "compare.json"
     result = json.loads(saved.read_text()) if saved.exists() else {"runs": {}}
     result["sft_judge"] = sft_judge
-    result["runs"].update(rows)
+    for algo, runs in rows.items():  # a rerun of some seeds replaces those seeds' runs only
+        kept = [r for r in result["runs"].get(algo, []) if r["seed"] not in args.seeds]
+        result["runs"][algo] = rows[algo] = sorted(kept + runs, key=lambda r: r["seed"])
     saved.write_text(json.dumps(result, indent=1))
 
     def span(values: list[float], fmt: str) -> str:

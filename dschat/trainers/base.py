@@ -1,9 +1,11 @@
-"""The run set-up that steps 1 and 2 (and DPO) share: one trained model on one phase's data.
+"""The skeleton every step's run shares (`Run`: process set-up, tokenizer and prompt format, cached phase data,
+the evaluation history and its logging, the "nothing trained" rule, the saved metrics), and the run of steps 1
+and 2 (and DPO) on it: one trained model on one phase's data (`OneModelRun`).
 
-A subclass says which phase and collator it uses, how to build its model and what its loss is; this class
-does the rest: process set-up, tokenizer, cached phase data, loaders, DeepSpeed config and engine (LoRA
-included), progress bar, the shared epoch loop and the saved metrics. The argparse Namespace stops here:
-below this, functions get what they need by name.
+A OneModelRun subclass says which phase and collator it uses, how to build its model and what its loss is; the
+class does the rest: loaders, DeepSpeed config and engine (LoRA included), progress bar, the shared epoch loop
+(trainers/loop.py, which also owns resume and checkpoints for every step). Step 3 (trainers/ppo_run.RLHFRun) is
+the other Run. The argparse Namespace stops here: below this, functions get what they need by name.
 """
 
 from __future__ import annotations
@@ -40,26 +42,63 @@ def loop_settings(args: argparse.Namespace) -> LoopSettings:
                         print_loss=getattr(args, "print_loss", False))
 
 
-class OneModelRun:
-    """Tokenizer, phase data, loaders, one DeepSpeed engine and its training loop."""
+class Run:
+    """What every step's run shares: set-up, tokenizer and format, phase data, evaluation history, saved metrics."""
 
-    phase: int = 1
     name: str = "step"
-    shown: tuple[str, ...] = ("loss",)
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, model_path: str, padding_side: str = "right"):
         self.args, self.start = args, time.time()
         self.dtype = setup(args.dtype, args.seed)
         self.dev = device()
-        self.tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+        self.tokenizer = load_tokenizer(model_path, args.trust_remote_code, padding_side=padding_side)
         self.fmt = PromptFormat.create(self.tokenizer, args.prompt_format)
         carry_template(self.tokenizer, self.fmt.kind)  # the saved model carries the format it was trained in
-        self.data_settings = DataSettings(
+        self.history: list[dict[str, Any]] = []
+        self.logger: Logger | None = None  # made by the subclass once it knows how many steps the run has
+
+    def load_data(self, settings: DataSettings) -> dict[str, Any]:
+        """This step's phase data ({"train", "eval"} datasets) from the tokenising cache."""
+        self.data_settings = settings
+        return load_phase_data(settings, self.tokenizer, self.args.data_output_path)
+
+    def global_step(self) -> int:
+        """The step an evaluation is logged at."""
+        raise NotImplementedError
+
+    def record(self, metrics: dict[str, Any], when: str) -> dict[str, Any]:
+        """Append an evaluation to the history, log its numbers to TensorBoard and as one line."""
+        metrics["when"] = when
+        self.history.append(metrics)
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        self.logger.scalars(self.global_step(), {f"eval/{k}": v for k, v in numbers.items()})
+        self.logger.write(f"[eval {when}] " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
+        return metrics
+
+    def require_trained(self, trained: bool, why: str) -> None:
+        """NothingTrainedError (nothing is saved) when the run applied no update; `why` says what it tried."""
+        if not trained:
+            raise NothingTrainedError(f"{self.name}: no update was applied ({why}); nothing was trained, so nothing "
+                                      f"is saved")
+
+    def run_metrics(self, step: int, **extra: Any) -> dict[str, Any]:
+        """The dschat_metrics.json of a saved model: the step, every evaluation, `extra`, the wall time."""
+        return {"step": step, "evals": self.history, **extra, "wall_time_s": time.time() - self.start}
+
+
+class OneModelRun(Run):
+    """Tokenizer, phase data, loaders, one DeepSpeed engine and its training loop."""
+
+    phase: int = 1
+    shown: tuple[str, ...] = ("loss",)
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args, args.model_name_or_path)
+        data = self.load_data(DataSettings(
             data_path=tuple(args.data_path), data_split=args.data_split, phase=self.phase, seed=args.seed,
             sft_only_data_path=tuple(getattr(args, "sft_only_data_path", ()) if self.phase == 1 else ()),
             max_seq_len=args.max_seq_len, train_on_prompt=getattr(args, "train_on_prompt", False),
-            last_turn_only=getattr(args, "last_turn_only", False), prompt_format=self.fmt.kind)
-        data = load_phase_data(self.data_settings, self.tokenizer, args.data_output_path)
+            last_turn_only=getattr(args, "last_turn_only", False), prompt_format=self.fmt.kind))
         self.collator = self.make_collator()
         self.train_loader = make_loader(data["train"], self.collator, args.per_device_train_batch_size, True,
                                         args.seed, group_by_length=args.group_by_length)
@@ -82,7 +121,6 @@ class OneModelRun:
         # Held-out builtin prompts whose greedy answers the judge scores (steps with --num_judge_prompts).
         n_judge = getattr(args, "num_judge_prompts", 0)
         self.prompts = heldout_prompts(n=n_judge) if self.data_settings.uses_builtin and n_judge else []
-        self.history: list[dict[str, Any]] = []
         self.result: dict[str, Any] = {}
 
     # --- what a step fills in -------------------------------------------------------------------------------
@@ -111,14 +149,9 @@ class OneModelRun:
         return self.name
 
     # --- shared ---------------------------------------------------------------------------------------------
-    def record(self, metrics: dict[str, Any], when: str) -> dict[str, Any]:
-        """Append an evaluation to the history, log its numbers to TensorBoard and as one line."""
-        metrics["when"] = when
-        self.history.append(metrics)
-        numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
-        self.logger.scalars(self.engine.global_steps, {f"eval/{k}": v for k, v in numbers.items()})
-        self.logger.write(f"[eval {when}] " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
-        return metrics
+    def global_step(self) -> int:
+        """The engine's optimizer steps."""
+        return self.engine.global_steps
 
     def judge(self) -> dict[str, float]:
         """{"judge": mean judge score of greedy answers to the held-out prompts} ({} off the builtin task)."""
@@ -135,14 +168,12 @@ class OneModelRun:
         self.result = train_epochs(self.engine, self.train_loader, self.loss, self.evaluate, self.loop,
                                    self.logger, self.dev, shown=self.shown, history=self.history)
         self.logger.close()
-        if self.result["applied_micro_batches"] == 0 and self.engine.global_steps == 0:
-            raise NothingTrainedError(f"{self.name}: no update was applied (--num_train_epochs {self.args.num_train_epochs}, "
-                            f"{self.result['skipped_updates']} skipped as non-finite); nothing was trained, so "
-                            f"nothing is saved")
+        self.require_trained(self.result["applied_micro_batches"] > 0 or self.engine.global_steps > 0,
+                             f"--num_train_epochs {self.args.num_train_epochs}, {self.result['skipped_updates']} "
+                             f"skipped as non-finite")
 
     def save_model(self, step: int, extra_json: dict[str, Any] | None = None) -> None:
         """The trained model as a plain HF directory in --output_dir with its metrics (and `extra_json`)."""
         if self.args.output_dir:
-            metrics = {"step": step, "evals": self.history, **self.result, "wall_time_s": time.time() - self.start}
             save_hf_model(self.engine, self.tokenizer, self.args.output_dir,
-                          {"dschat_metrics.json": metrics} | (extra_json or {}))
+                          {"dschat_metrics.json": self.run_metrics(step, **self.result)} | (extra_json or {}))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,11 +62,38 @@ class NanGuard:
         return False
 
 
-def resume_key(loop: LoopSettings, loader: DataLoader) -> dict[str, Any]:
-    """Settings that must not change between a run and its resumption (they fix the data position)."""
-    return {"world_size": dist.world_size(), "per_device_train_batch_size": loop.per_device_train_batch_size,
-            "gradient_accumulation_steps": loop.gradient_accumulation_steps, "seed": loop.seed,
-            "batches_per_epoch": len(loader), "group_by_length": isinstance(loader.sampler, LengthGroupedSampler)}
+def resume_key(loader: DataLoader, **settings: Any) -> dict[str, Any]:
+    """Settings that must not change between a run and its resumption: those that fix the data position (ranks,
+    seed, batches per epoch, length grouping) and the step's own `settings` (batch sizes, accumulation)."""
+    return {"world_size": dist.world_size(), **settings, "batches_per_epoch": len(loader),
+            "group_by_length": isinstance(loader.sampler, LengthGroupedSampler)}
+
+
+def resume(output_dir: str | None, engines: dict[str, Any], key: dict[str, Any], history: list[dict[str, Any]],
+           extras: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore the newest checkpoint of `output_dir` into `engines` (and `extras`) after checking `key`; the
+    first run's evaluations replace `history` in place (so a resumed run's summary still starts from the model
+    the first run started from). Returns the saved state: "epoch" and "batch" say where training goes on."""
+    state = checkpoint.resume_state(output_dir, engines, key, extras)
+    history[:] = state.get("history", history)
+    return state
+
+
+def save_checkpoint(output_dir: str, engines: dict[str, Any], position: dict[str, Any], key: dict[str, Any],
+                    history: list[dict[str, Any]], extras: dict[str, Any] | None = None) -> None:
+    """A resumable checkpoint: `position` ("epoch", "batch" trained so far in it, "step" and the step's own
+    counters), the resume key and the evaluation history beside the engines' state."""
+    checkpoint.save(output_dir, engines, {**position, "resume_key": key, "history": history}, extras)
+
+
+def untrained_batches(loader: DataLoader, epoch: int, state: dict[str, Any]) -> Iterator[tuple[int, Any]]:
+    """(index, batch) of one epoch of `loader` (its sampler set to `epoch`), without the batches a resumed run
+    trained before its checkpoint."""
+    loader.sampler.set_epoch(epoch)
+    for i, batch in enumerate(loader):
+        if epoch == state["epoch"] and i < state["batch"]:
+            continue
+        yield i, batch
 
 
 def train_epochs(engine, loader, loss_fn: Callable[[Any, dict], tuple[torch.Tensor, dict[str, float]]],
@@ -80,21 +107,18 @@ def train_epochs(engine, loader, loss_fn: Callable[[Any, dict], tuple[torch.Tens
     """
     history = [] if history is None else history
     guard = NanGuard(loop.max_bad_steps)
-    key = resume_key(loop, loader)
+    key = resume_key(loader, per_device_train_batch_size=loop.per_device_train_batch_size,
+                     gradient_accumulation_steps=loop.gradient_accumulation_steps, seed=loop.seed)
     nan_at = {int(x) for x in os.environ.get(NAN_ENV, "").split(",") if x.strip()}
     kill_after = int(os.environ.get(KILL_ENV, 0))
     state = {"epoch": 0, "batch": 0}
     if loop.resume:
-        state = checkpoint.resume_state(loop.output_dir, {"train": engine}, key)
-        history[:] = state.get("history", history)
+        state = resume(loop.output_dir, {"train": engine}, key, history)
     step, micro, applied = engine.global_steps, 0, 0
     if step:
         logger.bar.update(step)
     for epoch in range(state["epoch"], loop.num_train_epochs):
-        loader.sampler.set_epoch(epoch)
-        for i, batch in enumerate(loader):
-            if epoch == state["epoch"] and i < state["batch"]:
-                continue  # resumed run: these batches were trained before the checkpoint
+        for i, batch in untrained_batches(loader, epoch, state):
             loss, scalars = loss_fn(engine, to_device(batch, dev))
             micro += 1
             if micro in nan_at:
@@ -116,9 +140,8 @@ def train_epochs(engine, loader, loss_fn: Callable[[Any, dict], tuple[torch.Tens
             if loop.eval_interval and step % loop.eval_interval == 0:
                 evaluate(f"step {step}")
             if loop.save_interval and loop.output_dir and step % loop.save_interval == 0:
-                checkpoint.save(loop.output_dir, {"train": engine},
-                                {"epoch": epoch, "batch": i + 1, "step": step, "resume_key": key,
-                                 "history": history})
+                save_checkpoint(loop.output_dir, {"train": engine}, {"epoch": epoch, "batch": i + 1, "step": step},
+                                key, history)
             if step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
         evaluate(f"epoch {epoch + 1}")

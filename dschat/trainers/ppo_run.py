@@ -18,19 +18,18 @@ from dschat.algos.kl import exact_kl
 from dschat.data.builtin_task import heldout_chosen_judge, heldout_prompts, judge
 from dschat.data.collators import PromptCollator
 from dschat.data.loaders import make_loader
-from dschat.data.phases import DataSettings, load_phase_data
-from dschat.data.prompts import PromptFormat, carry_template
+from dschat.data.phases import DataSettings
 from dschat.data.ptx import unsupervised_loader
 from dschat.models.export import DONE_MARKER, atomic_dir, save_hf_model
 from dschat.models.forward import answer_logits
 from dschat.models.heads import has_dropout
-from dschat.models.loading import load_tokenizer
 from dschat.rewards.combine import pass_at_k, pass_ks, resolve_spec
-from dschat.runtime import checkpoint, dist
-from dschat.runtime.engine import device, setup, to_device
-from dschat.runtime.errors import FlagError, NothingTrainedError
+from dschat.runtime import dist
+from dschat.runtime.engine import to_device
+from dschat.runtime.errors import FlagError
 from dschat.runtime.logger import Logger
-from dschat.trainers.loop import NanGuard
+from dschat.trainers.base import Run
+from dschat.trainers.loop import NanGuard, resume, resume_key, save_checkpoint, untrained_batches
 from dschat.trainers.ppo import PPOSettings, PPOTrainer, merge_experiences, select_rows
 from dschat.trainers.rlhf_engine import RLHFEngine
 from dschat.trainers.rollout import Generator, decode_answers, encode_prompts, generate_rollout
@@ -38,20 +37,16 @@ from dschat.trainers.rollout import Generator, decode_answers, encode_prompts, g
 BEST_DIR = "best_actor"  # --save_best_by keeps the best evaluated actor here until the run ends
 
 
-class RLHFRun:
+class RLHFRun(Run):
     """One PPO run: prompts, engines, rewards, trainer, evaluation history."""
 
+    name = "step 3"
+
     def __init__(self, args: argparse.Namespace):
-        self.args, self.start = args, time.time()
-        self.dtype = setup(args.dtype, args.seed)
-        self.dev = device()
-        self.tokenizer = load_tokenizer(args.actor_model_name_or_path, args.trust_remote_code, padding_side="left")
-        self.fmt = PromptFormat.create(self.tokenizer, args.prompt_format)
-        carry_template(self.tokenizer, self.fmt.kind)  # the saved actor carries the format it was trained in
-        self.data_settings = DataSettings(data_path=tuple(args.data_path), data_split=args.data_split, phase=3,
-                                          seed=args.seed, max_prompt_len=args.max_prompt_seq_len,
-                                          prompt_format=self.fmt.kind)
-        data = load_phase_data(self.data_settings, self.tokenizer, args.data_output_path)
+        super().__init__(args, args.actor_model_name_or_path, padding_side="left")
+        data = self.load_data(DataSettings(data_path=tuple(args.data_path), data_split=args.data_split, phase=3,
+                                           seed=args.seed, max_prompt_len=args.max_prompt_seq_len,
+                                           prompt_format=self.fmt.kind))
         self.prompt_loader = make_loader(data["train"], PromptCollator(self.tokenizer.pad_token_id),
                                          args.per_device_generation_batch_size, True, args.seed,
                                          group_by_length=args.group_by_length)
@@ -95,7 +90,6 @@ class RLHFRun:
         tb = f"{args.tensorboard_path}/step3_tensorboard" if args.enable_tensorboard else None
         steps = min(cycles, args.test_stop_step) if args.enable_test_mode else cycles  # where the run will stop
         self.logger = Logger(steps, "step3 PPO", tb)
-        self.history: list[dict[str, Any]] = []
         self.guard = NanGuard(args.max_bad_steps)
         self.step = 0
         self.updates = 0  # actor updates applied (a run that applies none saves nothing)
@@ -178,7 +172,7 @@ class RLHFRun:
         total = dict(zip(keys, dist.all_reduce_sum(torch.tensor([sums[k] for k in keys],
                                                                 dtype=torch.float64)).tolist()))
         rows_seen = max(total["rows"], 1.0)
-        metrics: dict[str, Any] = {"when": when, "reward_score": total["reward_score"] / rows_seen,
+        metrics: dict[str, Any] = {"reward_score": total["reward_score"] / rows_seen,
                                    "kl": total["kl"] / rows_seen, "answer_len": total["answer_len"] / rows_seen}
         for name in self.rewards.names:
             if total[f"count/{name}"]:
@@ -191,15 +185,16 @@ class RLHFRun:
         if self.builtin:
             metrics["judge"] = total["judge"] / rows_seen
         metrics["answers"] = [list(x) for x in examples[:3]]  # rank 0's first prompts, the same at every eval
-        self.history.append(metrics)
-        numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
-        self.logger.scalars(self.step, {f"eval/{k}": v for k, v in numbers.items()})
         for prompt, answer in examples[:2]:
             self.logger.write(f"  {prompt!r} -> {answer!r}")
-        self.logger.write(f"[eval {when}] " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
+        self.record(metrics, when)
         if self.step > 0:
             self._keep_if_best(metrics)
         return metrics
+
+    def global_step(self) -> int:
+        """PPO steps (rollouts trained on) so far."""
+        return self.step
 
     def _keep_if_best(self, metrics: dict[str, Any]) -> None:
         """--save_best_by: save the actor of a trained state whose held-out metric beats every earlier one."""
@@ -235,16 +230,12 @@ class RLHFRun:
         """Epochs of: generate --generation_batches rollouts (with --dynamic_sampling: batches until every rank holds
         a full batch of groups whose rewards differ, at most --max_gen_batches), then --ppo_epochs of PPO updates."""
         a = self.args
-        # Settings that fix the data position; a resumed run must use the same ones.
-        key = {"world_size": dist.world_size(), "per_device_generation_batch_size": a.per_device_generation_batch_size,
-               "generation_batches": a.generation_batches, "seed": a.seed, "batches_per_epoch": self.batches_per_epoch,
-               "group_by_length": a.group_by_length}
+        key = resume_key(self.prompt_loader, per_device_generation_batch_size=a.per_device_generation_batch_size,
+                         generation_batches=a.generation_batches, seed=a.seed)
         state = {"epoch": 0, "batch": 0}
         if a.resume:
-            state = checkpoint.resume_state(a.output_dir, self.engine.trained_engines(), key,
-                                            self.engine.checkpoint_extras())
-            # The first run's evaluations (its "start (SFT)" one included) replace the resumed model's.
-            self.history[:] = state.get("history", self.history)
+            state = resume(a.output_dir, self.engine.trained_engines(), key, self.history,
+                           self.engine.checkpoint_extras())
             self.best = state.get("best", self.best)
             if "kl_ctl" in state:
                 self.trainer.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -256,13 +247,10 @@ class RLHFRun:
                 self._next_ptx()
         stop = False
         for epoch in range(state["epoch"], a.num_train_epochs):
-            self.prompt_loader.sampler.set_epoch(epoch)
             buffer: list[dict[str, Any]] = []
             if self.sampler is not None:
                 self.sampler.reset()  # a part-filled batch at an epoch's end is dropped, as a short buffer is
-            for i, batch in enumerate(self.prompt_loader):
-                if epoch == state["epoch"] and i < state["batch"]:
-                    continue
+            for i, batch in untrained_batches(self.prompt_loader, epoch, state):
                 batch = to_device(batch, self.dev)
                 exp = self.trainer.generate_experience(batch["prompt"], batch["prompt_att_mask"],
                                                        batch["prompt_text"], batch["fields"])
@@ -290,12 +278,11 @@ class RLHFRun:
                 if a.eval_interval and self.step % a.eval_interval == 0:  # before the checkpoint, which keeps it
                     self.evaluate(f"step {self.step}")
                 if a.save_interval and a.output_dir and self.step % a.save_interval == 0:
-                    checkpoint.save(a.output_dir, self.engine.trained_engines(),
+                    save_checkpoint(a.output_dir, self.engine.trained_engines(),
                                     {"epoch": epoch, "batch": i + 1, "step": self.step, "updates": self.updates,
-                                     "kl_ctl": self.trainer.kl_ctl.state_dict(), "resume_key": key,
-                                     "entropy_coef": self.trainer.entropy_coef, "rollouts": self.rollouts,
-                                     "history": self.history, "ptx_drawn": self.ptx_drawn, "best": self.best},
-                                    self.engine.checkpoint_extras())
+                                     "kl_ctl": self.trainer.kl_ctl.state_dict(), "entropy_coef": self.trainer.entropy_coef,
+                                     "rollouts": self.rollouts, "ptx_drawn": self.ptx_drawn, "best": self.best},
+                                    key, self.history, self.engine.checkpoint_extras())
                 if a.enable_test_mode and self.step >= a.test_stop_step:
                     stop = True
                     break
@@ -362,17 +349,15 @@ class RLHFRun:
     def save(self) -> None:
         """critic, actor_ema and (last, with the metrics) actor as plain HF directories, LoRA merged."""
         a = self.args
-        if self.updates == 0 and self.step == 0:
-            raise NothingTrainedError(f"step 3: no PPO update was applied ({self.guard.total} skipped as non-finite); nothing "
-                            f"was trained, so nothing is saved")
+        self.require_trained(self.updates > 0 or self.step > 0, f"{self.guard.total} skipped as non-finite")
         if not a.output_dir:
             return
-        metrics = {"step": 3, "evals": self.history, "wall_time_s": time.time() - self.start,
-                   "skipped_updates": self.guard.total, "advantage_estimator": a.advantage_estimator,
-                   "policy_loss": a.policy_loss, "loss_agg_mode": a.loss_agg_mode, "final_entropy": self.last_entropy,
-                   "rollouts": self.rollouts * dist.world_size(),  # every rank generates as many
-                   "critic": self.engine.critic is not None, "ppo_steps": self.step, "ppo_updates": self.updates,
-                   "actor_optimizer_steps": self.engine.actor.global_steps, "ptx_batches": self.ptx_drawn}
+        metrics = self.run_metrics(
+            3, skipped_updates=self.guard.total, advantage_estimator=a.advantage_estimator, policy_loss=a.policy_loss,
+            loss_agg_mode=a.loss_agg_mode, final_entropy=self.last_entropy,
+            rollouts=self.rollouts * dist.world_size(),  # every rank generates as many
+            critic=self.engine.critic is not None, ppo_steps=self.step, ppo_updates=self.updates,
+            actor_optimizer_steps=self.engine.actor.global_steps, ptx_batches=self.ptx_drawn)
         if self.engine.ema is not None:
             metrics["ema_updates"] = self.engine.ema.updates
         if self.builtin:
