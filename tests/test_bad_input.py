@@ -103,6 +103,11 @@ CASES: dict[str, tuple[list[str], dict[str, str], list[str], int]] = {
     "s1_resume_and_overwrite_checkpoints": ([*S1, "--output_dir", "{interrupted}", "--resume",
                                              "--overwrite_checkpoints"], {}, ["--resume", "--overwrite_checkpoints"],
                                             2),
+    # an accumulation window longer than the run: no optimizer step would be applied (issue 30 item 4)
+    "s1_accumulation_longer_than_the_run": ([*S1, "--gradient_accumulation_steps", "100000", *OUT], {},
+                                            ["--gradient_accumulation_steps 100000", "no optimizer step"], 2),
+    "s3_accumulation_longer_than_the_run": ([*S3, "--gradient_accumulation_steps", "100000", *OUT], {},
+                                            ["--gradient_accumulation_steps 100000", "no optimizer step"], 2),
     # 5. flags checked when parsed
     "s1_learning_rate_0": ([*S1, "--learning_rate", "0", *KEEP], {}, ["--learning_rate", "> 0"], 2),
     "s1_learning_rate_nan": ([*S1, "--learning_rate", "nan", *KEEP], {}, ["--learning_rate"], 2),

@@ -24,8 +24,9 @@ from dschat.models.export import save_hf_model
 from dschat.models.loading import load_tokenizer
 from dschat.models.lora import apply_lora
 from dschat.runtime import dist
+from dschat.runtime.accumulation import check_accumulation
 from dschat.runtime.ds_config import get_train_ds_config
-from dschat.runtime.engine import build_engine, device, setup, torch_dtype
+from dschat.runtime.engine import build_engine, device, setup, torch_dtype, warmup_steps
 from dschat.runtime.errors import NothingTrainedError
 from dschat.runtime.logger import Logger
 from dschat.trainers.evaluation import judge_eval
@@ -102,20 +103,27 @@ class OneModelRun(Run):
         self.collator = self.make_collator()
         self.train_loader = make_loader(data["train"], self.collator, args.per_device_train_batch_size, True,
                                         args.seed, group_by_length=args.group_by_length)
+        note = check_accumulation(len(self.train_loader), args.num_train_epochs, args.gradient_accumulation_steps)
+        if note:
+            dist.print_rank0(note)
         self.eval_loader = make_loader(data["eval"], self.collator, args.per_device_eval_batch_size, False,
                                        args.seed)
         tb = args.tensorboard_path if args.enable_tensorboard else None
         ds_config = get_train_ds_config(stage=args.zero_stage, dtype=self.dtype,
                                         micro_batch=args.per_device_train_batch_size, world_size=dist.world_size(),
                                         grad_accum=args.gradient_accumulation_steps, offload=args.offload,
-                                        tensorboard_path=tb, tb_name=f"{self.name}_model")
+                                        tensorboard_path=tb, tb_name=f"{self.name}_model",
+                                        gradient_clipping=args.max_grad_norm)
         model = self.build_model(ds_config, torch_dtype(self.dtype))
         if args.lora_dim > 0:
             model = apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora,
-                               keep_trainable=self.keep_trainable(model))
+                               keep_trainable=self.keep_trainable(model), alpha=args.lora_alpha,
+                               target_modules=args.lora_target_modules)
         self.total_steps = args.num_train_epochs * steps_per_epoch(self.train_loader, args.gradient_accumulation_steps)
         self.engine = build_engine(model, ds_config, args.learning_rate, args.weight_decay, args.lora_learning_rate,
-                                   args.lr_scheduler_type, args.num_warmup_steps, self.total_steps)
+                                   args.lr_scheduler_type,
+                                   warmup_steps(args.num_warmup_steps, args.warmup_ratio, self.total_steps),
+                                   self.total_steps)
         self.logger = Logger(self.total_steps, self.description(), f"{tb}/{self.name}_tensorboard" if tb else None)
         self.loop = loop_settings(args)
         # Held-out builtin prompts whose greedy answers the judge scores (steps with --num_judge_prompts).

@@ -25,6 +25,7 @@ from dschat.models.forward import answer_logits
 from dschat.models.heads import has_dropout
 from dschat.rewards.combine import pass_at_k, pass_ks, resolve_spec
 from dschat.runtime import dist
+from dschat.runtime.accumulation import check_accumulation
 from dschat.runtime.engine import to_device
 from dschat.runtime.errors import FlagError
 from dschat.runtime.logger import Logger
@@ -62,10 +63,13 @@ class RLHFRun(Run):
         rows_per_rollout = args.per_device_generation_batch_size * args.generation_batches * args.n_samples_per_prompt
         cycles = args.num_train_epochs * (self.batches_per_epoch // args.generation_batches)  # a short buffer is dropped
         # The schedule's length: the optimizer steps the run will really take (see count_optimizer_steps).
-        total = max(1, count_optimizer_steps(len(self.prompt_loader.sampler), args.per_device_generation_batch_size,
-                                             args.generation_batches, args.n_samples_per_prompt,
-                                             args.per_device_training_batch_size, args.ppo_epochs,
-                                             args.num_train_epochs, args.gradient_accumulation_steps))
+        per_epoch = count_optimizer_steps(len(self.prompt_loader.sampler), args.per_device_generation_batch_size,
+                                          args.generation_batches, args.n_samples_per_prompt,
+                                          args.per_device_training_batch_size, args.ppo_epochs, 1, 1)  # micro-batches
+        note = check_accumulation(per_epoch, args.num_train_epochs, args.gradient_accumulation_steps)
+        if note:
+            dist.print_rank0(note)
+        total = max(1, per_epoch * args.num_train_epochs // args.gradient_accumulation_steps)
         estimator = get_estimator(args.advantage_estimator)
         reward_specs = [resolve_spec(v) for v in args.reward_fn]  # user functions load (and fail) before the models
         self.engine = RLHFEngine(args, self.tokenizer, self.dtype, total, with_critic=estimator.needs_critic,
