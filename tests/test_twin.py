@@ -63,8 +63,7 @@ def zero3_engine(stage: int = 3, dtype: str = "fp32", lora_b: float | None = Non
         model = apply_lora(model, 4, "layers.", False)
         g = torch.Generator().manual_seed(3)
         for name, param in model.named_parameters():
-            if "lora_" in name:  # peft makes them fp32 under ZeRO-3 (a bf16 engine refuses mixed dtypes)
-                param.data = param.data.to(torch_dtype(dtype))
+            assert param.dtype == torch_dtype(dtype), name  # adapters in the engine's dtype (ZeRO-3 needs one)
             if "lora_B" in name:
                 with dist.gathered([param], modifier_rank=0), torch.no_grad():
                     param.copy_(torch.randn(param.shape, generator=g) * lora_b)
@@ -134,14 +133,14 @@ def _parity_worker(rank: int, port: int, out_dir: str) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     dist.init_distributed()
-    engine, tok = zero3_engine(dtype="bf16")
+    engine, tok = zero3_engine(dtype="bf16", lora_b=1e-2)  # LoRA too: bf16 adapters under ZeRO-3
     torch.save(twin_versus_engine(engine, tok), f"{out_dir}/rank{rank}.pt")
     dist.barrier()
 
 
 def test_twin_equals_the_engine_on_two_zero3_ranks_in_bf16(tmp_path):
-    """Two gloo ranks, each holding half of every weight: the layer-by-layer refresh gives each rank a whole twin
-    whose bf16 logits are the ZeRO-3 engine's."""
+    """Two gloo ranks, each holding half of every weight (LoRA adapters included): the layer-by-layer refresh gives
+    each rank a whole twin whose bf16 logits are the ZeRO-3 engine's."""
     import torch.multiprocessing as mp
 
     mp.spawn(_parity_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)

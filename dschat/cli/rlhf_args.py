@@ -26,7 +26,8 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
                         "the tiny builtin critic needs more. Refused with a critic-free --advantage_estimator.")
     he = p.add_argument_group("generation")
     he.add_argument("--enable_hybrid_engine", action="store_true",
-                    help="Generate with a hook-free twin of the actor (gathered once per rollout, LoRA merged).")
+                    help="Generate with a hook-free twin of the actor, refreshed once per rollout one layer at a "
+                         "time (each ZeRO-3 layer gathered alone; LoRA adapters kept unmerged).")
     he.add_argument("--unpin_actor_parameters", action="store_true",
                     help="Accepted for DeepSpeed-Chat compatibility; no effect.")
     he.add_argument("--release_inference_cache", action="store_true",

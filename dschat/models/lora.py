@@ -45,7 +45,9 @@ def apply_lora(model: torch.nn.Module, dim: int, module_name: str, only_optimize
         raise FlagError(f"{what} matches no Linear layer of {type(model).__name__}")
     config = LoraConfig(r=dim, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
                         modules_to_save=list(keep_trainable) or None)
-    model = get_peft_model(model, config)
+    # Adapters in the base weights' dtype: peft would upcast them to fp32 beside bf16/fp16 weights, which a ZeRO-3
+    # engine refuses (one dtype per partitioned group); DeepSpeed's optimizer keeps fp32 master copies anyway.
+    model = get_peft_model(model, config, autocast_adapter_dtype=False)
     if not only_optimize_lora:  # DeepSpeed-Chat trains the base weights too unless told otherwise
         for name, param in model.named_parameters():
             if "lora_" not in name:
