@@ -8,11 +8,13 @@ the environment: DSCHAT_TEST_SLOW_SAVE (save.py), DSCHAT_TEST_KILL_AFTER_STEP an
 
 from __future__ import annotations
 
+import argparse
 import ast
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -305,7 +307,8 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, data_dir, z
 def test_resume_refuses_other_settings_and_rank_counts(tmp_path):
     folder = tmp_path / "checkpoints" / "step5"
     folder.mkdir(parents=True)
-    (folder / "state.json").write_text(json.dumps({"step": 5, "world_size": 2, "rng": [{}, {}]}))
+    (folder / "state.json").write_text(json.dumps({"epoch": 0, "batch": 5, "step": 5, "world_size": 2,
+                                                   "rng": [{}, {}]}))
     assert checkpoint.latest(str(tmp_path)) == folder
     with pytest.raises(checkpoint.CheckpointError, match="2 rank"):
         checkpoint.load(folder, {})
@@ -315,6 +318,67 @@ def test_resume_refuses_other_settings_and_rank_counts(tmp_path):
         checkpoint.check_compatible(state, {"per_device_train_batch_size": 4, "seed": 1})
     (tmp_path / "checkpoints" / "step9").mkdir()  # a checkpoint killed while being written: no state.json
     assert checkpoint.latest(str(tmp_path)) == folder
+
+
+@pytest.mark.parametrize("state, field", [({"epoch": 0, "batch": 1, "step": 1}, "'rng' missing"),
+                                          ({"batch": 1, "step": 1, "rng": [{}]}, "'epoch' missing"),
+                                          ({"epoch": 0, "batch": "x", "step": 1, "rng": [{}]}, "'batch' is 'x'"),
+                                          ({"epoch": 0, "batch": 1, "step": 1, "rng": "abc"}, "'rng' is not a list"),
+                                          ([1, 2], "a JSON list")])
+def test_resume_refuses_a_corrupt_state_json_in_one_line(tmp_path, state, field):
+    """A missing or corrupt state.json field is one CheckpointError line naming the file and field (was KeyError)."""
+    folder = tmp_path / "checkpoints" / "step1"
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(json.dumps(state))
+    for call in (lambda: checkpoint.check_resume(str(tmp_path), {}), lambda: checkpoint.load(folder, {}),
+                 lambda: checkpoint.resume_state(str(tmp_path), {}, {})):
+        with pytest.raises(checkpoint.CheckpointError) as err:
+            call()
+        assert "state.json" in str(err.value) and field in str(err.value) and "\n" not in str(err.value)
+
+
+def test_resume_key_covers_data_lora_and_estimator(tmp_path):
+    """Another --data_path or --data_split, LoRA added, another advantage estimator: refused before any model is
+    built; the same data named another way (relative path, builtin alias) is not."""
+    from dschat.data.phases import DataSettings
+    from dschat.trainers.base import data_key, lora_key
+
+    def key(split="2,4,4", path=("dschat/builtin",), lora=0, estimator="gae"):
+        settings = DataSettings(data_path=path, data_split=split, phase=3, seed=1)
+        return data_key(settings) | lora_key(argparse.Namespace(actor_lora_dim=lora, actor_lora_module_name="layers.",
+                                                                actor_lora_target_modules=None), "actor_") \
+            | {"advantage_estimator": estimator}
+
+    (tmp_path / "rows.jsonl").write_text("{}\n")
+    folder = tmp_path / "checkpoints" / "step1"
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(json.dumps({"epoch": 0, "batch": 1, "step": 1, "rng": [{}],
+                                                   "resume_key": key(path=(str(tmp_path / "rows.jsonl"),))}))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        checkpoint.check_resume(str(tmp_path), key(path=("rows.jsonl",)))  # the same file, relative
+        for changed, text in ((key(path=("rows.jsonl",), split="1,0,0"), "data_split: checkpoint '2,4,4', now '1,0,0'"),
+                              (key(), "data_path"), (key(path=("rows.jsonl",), lora=8), "actor_lora_dim: checkpoint 0"),
+                              (key(path=("rows.jsonl",), estimator="rloo"), "advantage_estimator: checkpoint 'gae'")):
+            with pytest.raises(checkpoint.CheckpointError, match=re.escape(text)):
+                checkpoint.check_resume(str(tmp_path), changed)
+    finally:
+        os.chdir(cwd)
+    assert key(path=("builtin",)) == key()
+
+
+def test_resume_names_lora_added_instead_of_a_state_dict_traceback(tmp_path):
+    class Engine:
+        checkpoint_engine = argparse.Namespace(load=None)
+
+        def load_checkpoint(self, path, tag):
+            raise RuntimeError('Error(s) in loading state_dict for PeftModelForCausalLM:\n\tMissing key(s) in '
+                               'state_dict: "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"')
+
+    with pytest.raises(checkpoint.CheckpointError, match="LoRA adapters .* differ") as err:
+        checkpoint._load_engine(tmp_path, "train", Engine())
+    assert "\n" not in str(err.value)
 
 
 def test_safe_loader_allows_deepspeed_types_only_where_needed(tmp_path):

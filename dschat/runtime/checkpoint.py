@@ -69,8 +69,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def check_compatible(state: dict[str, Any], expected: dict[str, Any], folder: Path | str = "") -> None:
-    """Raise CheckpointError when settings saved in `state["resume_key"]` differ from `expected`."""
+    """Raise CheckpointError when settings saved in `state["resume_key"]` differ from `expected` (compared as JSON:
+    tuples are lists there); a setting an older checkpoint did not record is not compared."""
     saved = state.get("resume_key", {})
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{folder}/state.json: field 'resume_key' is corrupt (a {type(saved).__name__}, not an "
+                              f"object); start a new --output_dir or --overwrite_checkpoints")
+    expected = json.loads(json.dumps(expected))
     diff = [f"{k}: checkpoint {saved[k]!r}, now {v!r}" for k, v in expected.items() if k in saved and saved[k] != v]
     if diff:
         raise CheckpointError(f"--resume: checkpoint {folder} was written with other settings ({'; '.join(diff)}); "
@@ -118,22 +123,74 @@ def latest(output_dir: str) -> Path | None:
     return done[-1] if done else None
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """The checkpoint's state.json, checked: readable JSON object with the position counters and one RNG state per
+    rank; a missing or corrupt field is one CheckpointError line naming the file and the field."""
+    path = folder / "state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read: {err}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: corrupt: a JSON {type(state).__name__}, not an object")
+    problems = [f"'{k}' {'missing' if k not in state else f'is {state[k]!r}, not a count'}"
+                for k in ("epoch", "batch", "step") if not _is_count(state.get(k))]
+    rng = state.get("rng")
+    if not isinstance(rng, list) or not rng or not all(isinstance(r, dict) for r in rng):
+        problems.append("'rng' missing" if rng is None else "'rng' is not a list of per-rank RNG states")
+    elif "world_size" in state and state["world_size"] != len(rng):
+        problems.append(f"'rng' holds {len(rng)} rank(s) but 'world_size' is {state['world_size']!r}")
+    if problems:
+        raise CheckpointError(f"{path}: corrupt checkpoint state ({'; '.join(problems)}); --resume cannot continue "
+                              f"from it: start over with --overwrite_checkpoints or a new --output_dir")
+    return state
+
+
+def check_resume(output_dir: str | None, expected: dict[str, Any]) -> Path | None:
+    """Before any engine is built: the checkpoint --resume would load (None: there is none), its state.json read
+    and checked and its settings compared with `expected`; a CheckpointError otherwise."""
+    if not output_dir:
+        raise CheckpointError("--resume needs --output_dir (checkpoints live in <output_dir>/checkpoints)")
+    folder = latest(output_dir)
+    if folder is not None:
+        check_compatible(read_state(folder), expected, folder)
+    return folder
+
+
+def _load_engine(folder: Path, name: str, engine) -> None:
+    """engine.load_checkpoint of `folder/name`, its model-shape errors (LoRA added or dropped, another model) as one
+    CheckpointError line."""
+    _use_safe_loader(engine)
+    try:
+        path, _ = engine.load_checkpoint(str(folder / name), tag="state")
+    except RuntimeError as err:
+        if "state_dict" not in str(err):
+            raise
+        text = str(err)
+        first = " ".join(text.split())[:300]
+        lora = "LoRA adapters (lora_A/lora_B weights) differ between the checkpoint and this run (--lora_dim " \
+               "added, dropped or changed); " if "lora_" in text else ""
+        raise CheckpointError(f"--resume: checkpoint {folder / name} holds another model than this run builds: "
+                              f"{lora}{first}; resume with the flags it was written with or start a new "
+                              f"--output_dir") from err
+    if path is None:
+        raise CheckpointError(f"checkpoint {folder / name} could not be loaded")
+
+
 def load(folder: Path, engines: dict[str, Any], extras: dict[str, Any] | None = None) -> dict[str, Any]:
     """Restore `engines`, then `extras` (load_state_dict of this rank's tensors), and this rank's RNG from `folder`;
     returns the saved state."""
-    try:
-        state = json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{folder}/state.json: cannot read: {err}") from err
+    state = read_state(folder)
     saved_world = state.get("world_size", len(state["rng"]))
     if saved_world != dist.world_size():
         raise CheckpointError(f"--resume: checkpoint {folder} was written by {saved_world} rank(s), this run has "
                               f"{dist.world_size()}; resume with the same number of ranks")
     for name, engine in engines.items():
-        _use_safe_loader(engine)
-        path, _ = engine.load_checkpoint(str(folder / name), tag="state")
-        if path is None:
-            raise CheckpointError(f"checkpoint {folder / name} could not be loaded")
+        _load_engine(folder, name, engine)
     for name, obj in (extras or {}).items():
         from safetensors.torch import load_file
 
@@ -146,7 +203,11 @@ def load(folder: Path, engines: dict[str, Any], extras: dict[str, Any] | None = 
             obj.load_state_dict(load_file(str(path)))
         except ValueError as err:
             raise CheckpointError(f"{path}: {err}") from err
-    _set_rng_state(state["rng"][dist.rank()])
+    try:
+        _set_rng_state(state["rng"][dist.rank()])
+    except (KeyError, TypeError, ValueError, SyntaxError) as err:
+        raise CheckpointError(f"{folder}/state.json: corrupt RNG state of rank {dist.rank()} "
+                              f"({type(err).__name__}: {err}); start over with --overwrite_checkpoints") from err
     return state
 
 
@@ -158,15 +219,10 @@ def resume_state(output_dir: str | None, engines: dict[str, Any], expected: dict
     """
     if not output_dir:
         raise CheckpointError("--resume needs --output_dir (checkpoints live in <output_dir>/checkpoints)")
-    folder = latest(output_dir)
+    # Compare settings before loading engines: a mismatch must not leave half-restored engines behind.
+    folder = check_resume(output_dir, expected)
     if folder is None:
         dist.print_rank0(f"--resume: no checkpoint in {output_dir}/checkpoints; starting from scratch")
         return {"epoch": 0, "batch": 0, "step": 0}
-    # Compare settings before loading engines: a mismatch must not leave half-restored engines behind.
-    try:
-        saved = json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{folder}/state.json: cannot read: {err}") from err
-    check_compatible(saved, expected, folder)
     dist.print_rank0(f"resuming from {folder}")
     return load(folder, engines, extras)

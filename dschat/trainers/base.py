@@ -11,6 +11,7 @@ the other Run. The argparse Namespace stops here: below this, functions get what
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from dschat.data.builtin_task import heldout_prompts
 from dschat.data.loaders import make_loader, steps_per_epoch
-from dschat.data.phases import DataSettings, load_phase_data
+from dschat.data.phases import BUILTIN_NAMES, DataSettings, load_phase_data
 from dschat.data.prompts import PromptFormat, carry_template
 from dschat.models.export import save_hf_model
 from dschat.models.loading import load_tokenizer
@@ -30,17 +31,37 @@ from dschat.runtime.engine import build_engine, device, setup, torch_dtype, warm
 from dschat.runtime.errors import NothingTrainedError
 from dschat.runtime.logger import Logger
 from dschat.trainers.evaluation import judge_eval
-from dschat.trainers.loop import LoopSettings, train_epochs
+from dschat.trainers.loop import LoopSettings, check_resume, loop_key, train_epochs
 
 
-def loop_settings(args: argparse.Namespace) -> LoopSettings:
-    """The shared loop's settings from a step's flags."""
+def data_key(settings: DataSettings) -> dict[str, Any]:
+    """The data part of a resume key: sources (local paths absolute, the builtin task by one name), split, lengths
+    and format; not the seed and phase, which the loop's key and the step fix."""
+    def where(path: str) -> str:
+        return "dschat/builtin" if path in BUILTIN_NAMES else os.path.abspath(path) if os.path.exists(path) else path
+
+    key = settings.key()
+    return {k: v for k, v in key.items() if k not in ("seed", "phase")} | {
+        "data_path": [where(p) for p in settings.data_path],
+        "sft_only_data_path": [where(p) for p in settings.sft_only_data_path]}
+
+
+def lora_key(args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+    """The LoRA part of a resume key: adapters added, dropped or reshaped change the checkpoint's weights."""
+    dim = getattr(args, f"{prefix}lora_dim", 0)
+    return {f"{prefix}lora_dim": dim} | ({f"{prefix}lora_module_name": getattr(args, f"{prefix}lora_module_name", ""),
+                                           f"{prefix}lora_target_modules": getattr(args, f"{prefix}lora_target_modules",
+                                                                                   None)} if dim > 0 else {})
+
+
+def loop_settings(args: argparse.Namespace, run_key: dict[str, Any] | None = None) -> LoopSettings:
+    """The shared loop's settings from a step's flags (`run_key`: what the run trains, for --resume's check)."""
     return LoopSettings(num_train_epochs=args.num_train_epochs,
                         per_device_train_batch_size=args.per_device_train_batch_size,
                         gradient_accumulation_steps=args.gradient_accumulation_steps, seed=args.seed,
                         max_bad_steps=args.max_bad_steps, eval_interval=args.eval_interval,
                         save_interval=args.save_interval, output_dir=args.output_dir, resume=args.resume,
-                        print_loss=getattr(args, "print_loss", False))
+                        print_loss=getattr(args, "print_loss", False), run_key=run_key or {})
 
 
 class Run:
@@ -108,6 +129,10 @@ class OneModelRun(Run):
             dist.print_rank0(note)
         self.eval_loader = make_loader(data["eval"], self.collator, args.per_device_eval_batch_size, False,
                                        args.seed)
+        self.loop = loop_settings(args, data_key(self.data_settings) | lora_key(args)
+                                  | {"only_optimize_lora": bool(args.lora_dim and args.only_optimize_lora)})
+        if args.resume:  # a corrupt checkpoint or one of another run is refused before any model is built
+            check_resume(args.output_dir, loop_key(self.train_loader, self.loop))
         tb = args.tensorboard_path if args.enable_tensorboard else None
         ds_config = get_train_ds_config(stage=args.zero_stage, dtype=self.dtype,
                                         micro_batch=args.per_device_train_batch_size, world_size=dist.world_size(),
@@ -125,7 +150,6 @@ class OneModelRun(Run):
                                    warmup_steps(args.num_warmup_steps, args.warmup_ratio, self.total_steps),
                                    self.total_steps)
         self.logger = Logger(self.total_steps, self.description(), f"{tb}/{self.name}_tensorboard" if tb else None)
-        self.loop = loop_settings(args)
         # Held-out builtin prompts whose greedy answers the judge scores (steps with --num_judge_prompts).
         n_judge = getattr(args, "num_judge_prompts", 0)
         self.prompts = heldout_prompts(n=n_judge) if self.data_settings.uses_builtin and n_judge else []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ class LoopSettings:
     output_dir: str | None = None
     resume: bool = False
     print_loss: bool = False
+    run_key: dict[str, Any] = field(default_factory=dict, hash=False)  # what the run trains (resume_key's settings)
 
 
 class NanGuard:
@@ -67,6 +68,17 @@ def resume_key(loader: DataLoader, **settings: Any) -> dict[str, Any]:
     seed, batches per epoch, length grouping) and the step's own `settings` (batch sizes, accumulation)."""
     return {"world_size": dist.world_size(), **settings, "batches_per_epoch": len(loader),
             "group_by_length": isinstance(loader.sampler, LengthGroupedSampler)}
+
+
+def loop_key(loader: DataLoader, loop: LoopSettings) -> dict[str, Any]:
+    """The resume key of the shared loop: the data position's settings and `loop.run_key` (data, LoRA)."""
+    return resume_key(loader, per_device_train_batch_size=loop.per_device_train_batch_size,
+                      gradient_accumulation_steps=loop.gradient_accumulation_steps, seed=loop.seed, **loop.run_key)
+
+
+def check_resume(output_dir: str | None, key: dict[str, Any]) -> None:
+    """With --resume, before any engine is built: refuse a corrupt checkpoint or one another run wrote."""
+    checkpoint.check_resume(output_dir, key)
 
 
 def resume(output_dir: str | None, engines: dict[str, Any], key: dict[str, Any], history: list[dict[str, Any]],
@@ -107,8 +119,7 @@ def train_epochs(engine, loader, loss_fn: Callable[[Any, dict], tuple[torch.Tens
     """
     history = [] if history is None else history
     guard = NanGuard(loop.max_bad_steps)
-    key = resume_key(loader, per_device_train_batch_size=loop.per_device_train_batch_size,
-                     gradient_accumulation_steps=loop.gradient_accumulation_steps, seed=loop.seed)
+    key = loop_key(loader, loop)
     nan_at = {int(x) for x in os.environ.get(NAN_ENV, "").split(",") if x.strip()}
     kill_after = int(os.environ.get(KILL_ENV, 0))
     state = {"epoch": 0, "batch": 0}

@@ -29,8 +29,15 @@ from dschat.runtime.accumulation import check_accumulation
 from dschat.runtime.engine import to_device
 from dschat.runtime.errors import FlagError
 from dschat.runtime.logger import Logger
-from dschat.trainers.base import Run
-from dschat.trainers.loop import NanGuard, resume, resume_key, save_checkpoint, untrained_batches
+from dschat.trainers.base import Run, data_key, lora_key
+from dschat.trainers.loop import (
+    NanGuard,
+    check_resume,
+    resume,
+    resume_key,
+    save_checkpoint,
+    untrained_batches,
+)
 from dschat.trainers.ppo import PPOSettings, PPOTrainer, merge_experiences, select_rows
 from dschat.trainers.rlhf_engine import RLHFEngine
 from dschat.trainers.rollout import Generator, decode_answers, encode_prompts, generate_rollout
@@ -60,6 +67,8 @@ class RLHFRun(Run):
         self.ptx_drawn = 0  # PTX batches used so far (restored on resume, so no text is used twice)
         self._ptx: Iterator | None = None
         self.batches_per_epoch = len(self.prompt_loader)
+        if args.resume:  # a corrupt checkpoint or one of another run is refused before any model is built
+            check_resume(args.output_dir, self.resume_key())
         rows_per_rollout = args.per_device_generation_batch_size * args.generation_batches * args.n_samples_per_prompt
         cycles = args.num_train_epochs * (self.batches_per_epoch // args.generation_batches)  # a short buffer is dropped
         # The schedule's length: the optimizer steps the run will really take (see count_optimizer_steps).
@@ -100,6 +109,15 @@ class RLHFRun(Run):
         self.rollouts = 0  # answers this rank generated for training (dynamic sampling's dropped ones included)
         self.last_entropy: float | None = None  # the last step's mean token entropy over all ranks
         self.best: dict[str, Any] | None = None  # --save_best_by: the best evaluation of a trained state so far
+
+    def resume_key(self) -> dict[str, Any]:
+        """What a resumed run must share with its checkpoint: the data position's settings, the data, LoRA and the
+        advantage estimator (another one trains another set of models: gae's critic, rloo's none)."""
+        a = self.args
+        return resume_key(self.prompt_loader, per_device_generation_batch_size=a.per_device_generation_batch_size,
+                          generation_batches=a.generation_batches, seed=a.seed, **data_key(self.data_settings),
+                          **lora_key(a, "actor_"), **lora_key(a, "critic_"),
+                          only_optimize_lora=bool(a.only_optimize_lora), advantage_estimator=a.advantage_estimator)
 
     def _can_reuse_critic_forward(self, rows_per_rollout: int) -> bool:
         """Whether the critic's experience forward can serve as its update forward: each rollout batch is
@@ -234,8 +252,7 @@ class RLHFRun(Run):
         """Epochs of: generate --generation_batches rollouts (with --dynamic_sampling: batches until every rank holds
         a full batch of groups whose rewards differ, at most --max_gen_batches), then --ppo_epochs of PPO updates."""
         a = self.args
-        key = resume_key(self.prompt_loader, per_device_generation_batch_size=a.per_device_generation_batch_size,
-                         generation_batches=a.generation_batches, seed=a.seed)
+        key = self.resume_key()
         state = {"epoch": 0, "batch": 0}
         if a.resume:
             state = resume(a.output_dir, self.engine.trained_engines(), key, self.history,
