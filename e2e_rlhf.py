@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dschat.cli import config, e2e  # noqa: E402
+from dschat.cli import config, e2e, report  # noqa: E402
 from dschat.runtime.errors import FlagError  # noqa: E402
 
 EPILOG = f"""\
@@ -220,7 +220,7 @@ def run_steps(args: argparse.Namespace, dirs: dict[int, Path], scripts: dict[int
 
 def finish(args: argparse.Namespace, out: Path, dirs: dict[int, Path], results: dict[int, dict],
            total: float, status: int) -> None:
-    """Print the table, TensorBoard folders and chat command; write <out>/summary.json."""
+    """Print the table, TensorBoard folders and chat command; write <out>/summary.json and <out>/report.html."""
     if results:
         print("\n" + e2e.summary_table(results, args.pipeline))
     print(f"Total wall time: {e2e.fmt_time(total)}")
@@ -245,6 +245,7 @@ def finish(args: argparse.Namespace, out: Path, dirs: dict[int, Path], results: 
                "tensorboard_dirs": [str(p) for p in tb]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"Summary: {out / 'summary.json'}", flush=True)
+    print(f"Report (table, plots, answers): {report.write_report(out, pipe, dirs, summary)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

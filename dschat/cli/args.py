@@ -18,6 +18,7 @@ from dschat.models.export import check_output_dir, nearest_existing
 from dschat.models.lora import LORA_ALPHA
 from dschat.runtime import checkpoint
 from dschat.runtime.errors import DschatError, FlagError
+from dschat.runtime.logger import REPORTERS, resolve_report_to
 
 SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
 
@@ -125,7 +126,13 @@ def add_run_args(p: argparse.ArgumentParser, tb_default: str) -> None:
     p.add_argument("--compute_fp32_loss", action="store_true",
                    help="With bf16/fp16: compute step 1's loss and step 3's log-probs from fp32 logits "
                         "(DeepSpeed-Chat's meaning; fp32 runs always do, step 2 always scores in fp32).")
-    p.add_argument("--enable_tensorboard", action="store_true", help="Write TensorBoard logs to --tensorboard_path.")
+    p.add_argument("--report_to", nargs="+", choices=list(REPORTERS), default=None, metavar="{tensorboard,wandb,none}",
+                   help="Where the training scalars go besides <output_dir>/metrics.jsonl (always written) and the "
+                        "PNG plots: tensorboard (<output_dir>/<step>_tensorboard), wandb (WANDB_MODE=offline needs "
+                        "no network), none. Default: tensorboard where it is installed.")
+    p.add_argument("--enable_tensorboard", action="store_true",
+                   help="DeepSpeed-Chat's switch: --report_to tensorboard, logged under --tensorboard_path (with "
+                        "DeepSpeed's own TensorBoard logs).")
     p.add_argument("--tensorboard_path", type=str, default=tb_default,
                    help="TensorBoard log folder (with --enable_tensorboard).")
     p.add_argument("--add_eot_token", action="store_true",
@@ -163,6 +170,8 @@ def check_common_args(args: argparse.Namespace, model_dirs: tuple[str, ...] = ("
         raise FlagError(f"--max_bad_steps must be at least 1 (got {args.max_bad_steps})")
     check_numbers(args)
     check_data_flags(args)
+    if hasattr(args, "report_to"):
+        args.report_to = resolve_report_to(args.report_to, getattr(args, "enable_tensorboard", False))
     if getattr(args, "print_examples", 0) < 0:
         raise FlagError(f"--print_examples must be 0 (off) or positive (got {args.print_examples})")
     if not getattr(args, "output_dir", None):

@@ -96,7 +96,21 @@ def run_step(run: Any, start: str = "start") -> None:
     flags = RECORDED.get(id(run.args))
     if flags is not None and dist.is_rank0() and getattr(run.args, "output_dir", None):
         write_args(flags, run.args.output_dir)  # beside the model: `--config <output_dir>/dschat_args.json` repeats it
+    if dist.is_rank0() and getattr(run.args, "output_dir", None):
+        draw_plots(run.args.output_dir, getattr(run, "name", ""))
     dist.print_rank0(run.summary())
+
+
+def draw_plots(output_dir: str, title: str = "") -> Path | None:
+    """<output_dir>/training_curves.png from its metrics.jsonl; a drawing failure is a note, never a failed run."""
+    from dschat.runtime.logger import METRICS_FILE
+    from dschat.runtime.plots import plot_metrics
+
+    try:
+        return plot_metrics(Path(output_dir) / METRICS_FILE, title=title)
+    except Exception as err:  # the model is saved by now: a plot must not turn that into a failure
+        print(f"note: no training plots in {output_dir} ({type(err).__name__}: {one_line(str(err))})", flush=True)
+        return None
 
 
 USER_ERRORS = (DschatError,)

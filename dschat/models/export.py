@@ -301,7 +301,8 @@ def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: str, extra_json: d
     plain HF directory, atomically.
 
     Every rank must call this (ZeRO-3 gathers are collective); only rank 0 writes. `extra_json` maps file
-    names to JSON content stored beside the model. A completion marker is written last. The tokenizer is saved
+    names to JSON content (a str is written as text: the README.md model card) stored beside the model. A
+    completion marker is written last. The tokenizer is saved
     with the chat template of the format the model was trained in (DeepSpeed-Chat's when it has none).
     """
     module = unwrap(model)
@@ -322,7 +323,7 @@ def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: str, extra_json: d
             if not getattr(tokenizer, "chat_template", None):  # a model trained in DeepSpeed-Chat's text format
                 carry_template(tokenizer, "dschat")
             tokenizer.save_pretrained(tmp)
-            for name, content in (extra_json or {}).items():
-                (tmp / name).write_text(json.dumps(content, indent=1))
+            for name, content in (extra_json or {}).items():  # text as it is (README.md), anything else as JSON
+                (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
             (tmp / DONE_MARKER).write_text(json.dumps({"complete": True}))
     dist.barrier()

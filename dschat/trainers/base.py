@@ -21,6 +21,7 @@ from dschat.data.builtin_task import heldout_prompts
 from dschat.data.loaders import make_loader, steps_per_epoch
 from dschat.data.phases import BUILTIN_NAMES, DataSettings, load_phase_data
 from dschat.data.prompts import PromptFormat, carry_template
+from dschat.models.card import model_card
 from dschat.models.export import save_hf_model
 from dschat.models.loading import load_tokenizer
 from dschat.models.lora import apply_lora
@@ -29,7 +30,7 @@ from dschat.runtime.accumulation import check_accumulation
 from dschat.runtime.ds_config import get_train_ds_config
 from dschat.runtime.engine import build_engine, device, setup, torch_dtype, warmup_steps
 from dschat.runtime.errors import NothingTrainedError
-from dschat.runtime.logger import Logger
+from dschat.runtime.logger import METRICS_FILE, Logger
 from dschat.trainers.evaluation import judge_eval
 from dschat.trainers.loop import LoopSettings, check_resume, loop_key, train_epochs
 
@@ -97,6 +98,22 @@ class Run:
         self.logger.write(f"[eval {when}] " + ", ".join(f"{k} {v:.4f}" for k, v in numbers.items()))
         return metrics
 
+    def make_logger(self, total: int, desc: str, tb_name: str) -> Logger:
+        """The run's Logger: <output_dir>/metrics.jsonl always (a --resume appends), TensorBoard and wandb as
+        --report_to says (TensorBoard in --tensorboard_path/<tb_name> with --enable_tensorboard, else in
+        <output_dir>/<tb_name>; wandb's files in <output_dir>/wandb)."""
+        a, out = self.args, self.args.output_dir
+        report = getattr(a, "report_to", None) or []
+        tb_root = a.tensorboard_path if a.enable_tensorboard else out
+        config = {k: v for k, v in vars(a).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+        return Logger(total, desc, f"{tb_root}/{tb_name}" if "tensorboard" in report and tb_root else None,
+                      metrics_path=f"{out}/{METRICS_FILE}" if out else None, append=bool(a.resume),
+                      wandb_dir=f"{out}/wandb" if "wandb" in report and out else None, wandb_config=config)
+
+    def card(self, metrics: dict[str, Any] | None, folder: str, role: str = "", seq_cls: bool = False) -> str:
+        """The model card (README.md) of a model this run saves in `folder`."""
+        return model_card(self.name, vars(self.args), metrics, role=role, seq_cls=seq_cls, folder=folder)
+
     def require_trained(self, trained: bool, why: str) -> None:
         """NothingTrainedError (nothing is saved) when the run applied no update; `why` says what it tried."""
         if not trained:
@@ -149,7 +166,7 @@ class OneModelRun(Run):
                                    args.lr_scheduler_type,
                                    warmup_steps(args.num_warmup_steps, args.warmup_ratio, self.total_steps),
                                    self.total_steps)
-        self.logger = Logger(self.total_steps, self.description(), f"{tb}/{self.name}_tensorboard" if tb else None)
+        self.logger = self.make_logger(self.total_steps, self.description(), f"{self.name}_tensorboard")
         # Held-out builtin prompts whose greedy answers the judge scores (steps with --num_judge_prompts).
         n_judge = getattr(args, "num_judge_prompts", 0)
         self.prompts = heldout_prompts(n=n_judge) if self.data_settings.uses_builtin and n_judge else []
@@ -193,7 +210,7 @@ class OneModelRun(Run):
         result = judge_eval(self.engine.module, self.fmt, self.prompts, self.args.max_new_tokens, self.dev, synced)
         for prompt, answer in result["examples"][:2]:
             self.logger.write(f"  {prompt!r} -> {answer!r}")
-        return {"judge": result["judge"]}
+        return {"judge": result["judge"], "answers": [list(x) for x in result["examples"][:3]]}
 
     def train(self) -> None:
         """All epochs, with the periodic evaluations and checkpoints the flags ask for."""
@@ -207,5 +224,7 @@ class OneModelRun(Run):
     def save_model(self, step: int, extra_json: dict[str, Any] | None = None) -> None:
         """The trained model as a plain HF directory in --output_dir with its metrics (and `extra_json`)."""
         if self.args.output_dir:
+            metrics = self.run_metrics(step, **self.result)
+            card = self.card(metrics, self.args.output_dir, seq_cls=self.name == "step2")
             save_hf_model(self.engine, self.tokenizer, self.args.output_dir,
-                          {"dschat_metrics.json": self.run_metrics(step, **self.result)} | (extra_json or {}))
+                          {"dschat_metrics.json": metrics, "README.md": card} | (extra_json or {}))

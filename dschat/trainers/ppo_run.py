@@ -28,7 +28,6 @@ from dschat.runtime import dist
 from dschat.runtime.accumulation import check_accumulation
 from dschat.runtime.engine import to_device
 from dschat.runtime.errors import FlagError
-from dschat.runtime.logger import Logger
 from dschat.trainers.base import Run, data_key, lora_key
 from dschat.trainers.loop import (
     NanGuard,
@@ -100,9 +99,8 @@ class RLHFRun(Run):
             held = data["eval"].select(range(min(args.num_judge_prompts, len(data["eval"]))))
             self.eval_rows = [{"prompt": r["prompt"], "fields": json.loads(r.get("fields") or "{}")} for r in held]
         self.prompts = [r["prompt"] for r in self.eval_rows]
-        tb = f"{args.tensorboard_path}/step3_tensorboard" if args.enable_tensorboard else None
         steps = min(cycles, args.test_stop_step) if args.enable_test_mode else cycles  # where the run will stop
-        self.logger = Logger(steps, "step3 PPO", tb)
+        self.logger = self.make_logger(steps, "step3 PPO", "step3_tensorboard")
         self.guard = NanGuard(args.max_bad_steps)
         self.step = 0
         self.updates = 0  # actor updates applied (a run that applies none saves nothing)
@@ -387,17 +385,21 @@ class RLHFRun(Run):
         if self.best is not None:
             metrics["saved"] = self.best | {"final_state": not best_earlier}
         # The actor's completion marker is written last: it is the one e2e takes as "step 3 done".
+        out = a.output_dir
         if self.engine.critic is not None:
-            save_hf_model(self.engine.critic, self.tokenizer, f"{a.output_dir}/critic")
+            save_hf_model(self.engine.critic, self.tokenizer, f"{out}/critic",
+                          {"README.md": self.card(None, f"{out}/critic", "the critic (value model)", seq_cls=True)})
         if self.engine.ema is not None:  # the actor with its trainable weights swapped for the EMA's, saved
             with self.engine.ema.swapped_in():
-                save_hf_model(self.engine.actor, self.tokenizer, f"{a.output_dir}/actor_ema")
+                save_hf_model(self.engine.actor, self.tokenizer, f"{out}/actor_ema",
+                              {"README.md": self.card(metrics, f"{out}/actor_ema", "EMA of the actor's weights")})
+        card = {"README.md": self.card(metrics, f"{out}/actor")}
         if best_earlier:  # --save_best_by: the best evaluated state, not the last one
-            promote_dir(f"{a.output_dir}/{BEST_DIR}", f"{a.output_dir}/actor", {"dschat_metrics.json": metrics})
+            promote_dir(f"{a.output_dir}/{BEST_DIR}", f"{a.output_dir}/actor", {"dschat_metrics.json": metrics} | card)
             dist.print_rank0(f"--save_best_by {a.save_best_by}: saved the actor of {self.best['when']} "
                              f"({self.best['value']:.4f}), not the last state ({self.history[-1][a.save_best_by]:.4f})")
         else:
-            save_hf_model(self.engine.actor, self.tokenizer, f"{a.output_dir}/actor", {"dschat_metrics.json": metrics})
+            save_hf_model(self.engine.actor, self.tokenizer, f"{a.output_dir}/actor", {"dschat_metrics.json": metrics} | card)
         if dist.is_rank0():
             shutil.rmtree(f"{a.output_dir}/{BEST_DIR}", ignore_errors=True)
 
@@ -430,8 +432,8 @@ def promote_dir(src: str, out_dir: str, extra_json: dict[str, Any]) -> None:
             for f in Path(src).iterdir():
                 if f.name != DONE_MARKER and f.is_file():
                     shutil.copy2(f, tmp / f.name)
-            for name, content in extra_json.items():
-                (tmp / name).write_text(json.dumps(content, indent=1))
+            for name, content in extra_json.items():  # text as it is (README.md), anything else as JSON
+                (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
             (tmp / DONE_MARKER).write_text(json.dumps({"complete": True}))
     dist.barrier()
 
