@@ -71,6 +71,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ChatError(f"--top_p must be in (0, 1] (got {args.top_p})")
     if args.top_k < 0:
         raise ChatError(f"--top_k must be 0 (off) or positive (got {args.top_k})")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise ChatError(f"--seed must be in [0, 2**32 - 1] (got {args.seed})")
 
 
 def resolve_model_path(path: str | None) -> str:
@@ -336,12 +338,21 @@ class Generator:
 
 # ------------------------------------------------------------------------------------------------ session
 def read_message(prompt: str = "Human: ") -> str | None:
-    """The user's next line, or None at end of input (Ctrl-D) or Ctrl-C."""
+    """The user's next line, or None at end of input (Ctrl-D) or Ctrl-C; bytes that are not UTF-8 are a ChatError."""
     try:
-        return input(prompt)
+        line = input(prompt)
+        line.encode("utf-8")  # a C locale reads undecodable bytes as surrogates (errors="surrogateescape")
+        return line
     except (EOFError, KeyboardInterrupt):
         print()
         return None
+    except (UnicodeDecodeError, UnicodeEncodeError) as err:
+        print()
+        bad = err.object[err.start:err.start + 4]
+        if isinstance(bad, str):
+            bad = bad.encode("utf-8", "surrogateescape")
+        raise ChatError(f"standard input is not utf-8 text ({err.reason}: {bad!r}); chat.py reads UTF-8: set "
+                        f"the terminal's encoding or convert the file (e.g. iconv -t utf-8)") from err
 
 
 def chat_loop(generator: Generator, out: TextIO = sys.stdout, system: str | None = None) -> None:
@@ -408,5 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"Chatting with {path} on {device} ({args.dtype}). "
           "Type 'clear' to reset the history, 'quit' or 'exit' (or Ctrl-D) to leave.")
-    chat_loop(generator, system=args.system)
+    try:
+        chat_loop(generator, system=args.system)
+    except ChatError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -46,6 +46,7 @@ S3 = [str(STEP3), "--actor_model_name_or_path", "{sft}", "--critic_model_name_or
 RW = [str(RW_EVAL), "--num_examples", "1"]
 CH = [str(CHAT), "--prompt", "hi", "--max_new_tokens", "4"]
 EX = "DSCHAT_E2E_EXTRA_ARGS_STEP{}"
+STDIN = "DSCHAT_TEST_STDIN"  # the driver gives the case this file as its standard input
 OUT = ["--output_dir", "{out}"]  # a fresh path: it must not exist after the case
 KEEP = ["--output_dir", "{existing}"]  # an earlier run's output: it must stay byte-identical
 
@@ -167,6 +168,10 @@ CASES: dict[str, tuple[list[str], dict[str, str], list[str], int]] = {
     "chat_temperature_0": ([*CH, "--path", "{sft}", "--do_sample", "--temperature", "0"], {}, ["--temperature"], 2),
     "chat_top_p_0": ([*CH, "--path", "{sft}", "--do_sample", "--top_p", "0"], {}, ["--top_p"], 2),
     "chat_max_new_tokens_0": ([*CH, "--path", "{sft}", "--max_new_tokens", "0"], {}, ["--max_new_tokens"], 2),
+    "s1_seed_negative": ([*S1, "--seed", "-1", *KEEP], {}, ["--seed", "[0, 2**32 - 1]", "-1"], 2),
+    "chat_seed_negative": ([*CH, "--path", "{sft}", "--seed", "-1"], {}, ["--seed", "-1"], 2),
+    "chat_stdin_not_utf8": ([str(CHAT), "--path", "{sft}", "--max_new_tokens", "2"], {STDIN: "{latin1}"},
+                            ["standard input is not utf-8", "\\xe9"], 2),
     "chat_unknown_device": ([*CH, "--path", "{sft}", "--device", "banana"], {}, ["--device banana"], 2),
     # 6. corrupt files are named
     "s1_truncated_weights": ([*S1, "--model_name_or_path", "{sft_trunc}", *KEEP], {},
@@ -255,6 +260,8 @@ for name, (argv, extra_env) in cases.items():
         code = 1
         try:
             os.environ.update(extra_env)
+            if "DSCHAT_TEST_STDIN" in extra_env:
+                os.dup2(os.open(extra_env["DSCHAT_TEST_STDIN"], os.O_RDONLY), 0)
             fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
@@ -376,6 +383,8 @@ def world(tmp_path_factory, tiny_reward_model) -> Iterator[dict[str, Any]]:
     (paths["resumable"] / "checkpoints" / "step3" / "state.json").write_text(json.dumps(
         {"epoch": 0, "batch": 3, "step": 3, "world_size": 1, "rng": [{}], "resume_key": key}))
     (paths["resumable"] / "checkpoints" / "latest").write_text("step3")
+    paths["latin1"] = w / "latin1.txt"
+    paths["latin1"].write_bytes("caf\u00e9 au lait?\n".encode("latin-1"))
     paths["file"] = w / "a_file"
     paths["file"].write_text("not a folder\n")
     paths["rows"] = w / "rows.jsonl"

@@ -217,6 +217,9 @@ def check_numbers(args: argparse.Namespace) -> None:
     for name in AT_LEAST_ONE:
         if getattr(args, name, 1) < 1:
             raise FlagError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    seed = getattr(args, "seed", 0)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise FlagError(f"--seed must be in [0, 2**32 - 1] (got {seed})")
     if getattr(args, "num_warmup_steps", 0) < 0:
         raise FlagError(f"--num_warmup_steps must be 0 or positive (got {args.num_warmup_steps})")
     ratio = getattr(args, "warmup_ratio", None)
