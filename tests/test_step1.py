@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -28,6 +30,15 @@ def test_one_rank_lowers_eval_loss_and_saves_plain_hf(tmp_path):
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))
     assert (out / "dschat_complete.json").exists()
     _loads_and_generates(out)
+    # Runs you can see (issue 29): metrics.jsonl, the plot and TensorBoard (on by default) survive the atomic save;
+    # the model card names the base model and the held-out metrics.
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["kind"] == "train"]
+    assert [x["step"] for x in train] == list(range(1, len(train) + 1)) and all("loss" in x and "lr" in x for x in train)
+    assert [x["step"] for x in lines if x["kind"] == "eval"] == [0, train[-1]["step"]]
+    assert (out / "training_curves.png").stat().st_size > 10_000 and list(out.glob("step1_tensorboard/events.*"))
+    card = (out / "README.md").read_text()
+    assert all(k in card for k in ("builtin", "supervised fine-tuning", "| perplexity |", "| judge |", "--seed"))
     # prompt_eval compares the base model with the result on held-out prompts, judge scores included.
     proc = run([PROMPT_EVAL, "--model_name_or_path_finetune", out, "--num_prompts", "2", "--max_new_tokens", "8"])
     assert proc.stdout.count("==========baseline:") == 2 and proc.stdout.count("==========finetune:") == 2

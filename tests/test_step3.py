@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -71,6 +73,16 @@ def test_lora_ema_ptx_offload(tmp_path, quick):
     AutoModelForSequenceClassification.from_pretrained(out / "critic")
     m = metrics(out / "actor")
     assert len(m["evals"]) == 2 and "judge" in m["evals"][0]
+    # Runs you can see (issue 29): step 3's curves in <output_dir>/metrics.jsonl and its plot; a card in every model.
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["kind"] == "train"]
+    assert [x["step"] for x in train] == [1, 2] and [x["step"] for x in lines if x["kind"] == "eval"] == [0, 2]
+    assert all(k in train[0] for k in ("reward_score", "kl", "entropy", "answer_len", "gen_tokens_per_s", "time_s"))
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    cards = {d: (out / d / "README.md").read_text() for d in ("actor", "critic", "actor_ema")}
+    assert "| reward_score |" in cards["actor"] and "| judge |" in cards["actor"] and "gae" in cards["actor"]
+    assert "critic" in cards["critic"] and "AutoModelForSequenceClassification" in cards["critic"]
+    assert "EMA" in cards["actor_ema"]
 
 
 def test_accumulation_generation_batches_ppo_epochs_ptx_and_test_mode_counts(tmp_path, quick):

@@ -22,12 +22,14 @@ KEY_FLAGS = ("learning_rate", "actor_learning_rate", "critic_learning_rate", "nu
              "actor_lora_alpha", "only_optimize_lora", "zero_stage", "actor_zero_stage", "dtype", "prompt_format",
              "seed")
 LICENCES = {"smollm2": "Apache-2.0 (SmolLM2, HuggingFaceTB)", "dschat/builtin": "the dschat package's own tiny model",
-            "builtin": "the dschat package's own tiny model"}
+            "builtin": "the dschat package's own tiny model", "tiny-llama": "the dschat package's own tiny model"}
 
 
-def base_model(flags: dict[str, Any]) -> str:
-    """The model the run started from (--model_name_or_path or --actor_model_name_or_path)."""
-    return str(flags.get("model_name_or_path") or flags.get("actor_model_name_or_path") or "unknown")
+def base_model(flags: dict[str, Any], seq_cls: bool = False) -> str:
+    """The model the run started from (--model_name_or_path, --actor_model_name_or_path, or for a sequence
+    classifier of step 3 (the critic) --critic_model_name_or_path)."""
+    critic = flags.get("critic_model_name_or_path") if seq_cls else None
+    return str(critic or flags.get("model_name_or_path") or flags.get("actor_model_name_or_path") or "unknown")
 
 
 def licence(base: str) -> str | None:
@@ -74,7 +76,7 @@ def model_card(step: str, flags: dict[str, Any], metrics: dict[str, Any] | None 
     """README.md text of a saved model: base model and licence, algorithm, data, key flags, held-out metrics
     (first and last evaluation), how to load and chat with it, date and dschat version."""
     metrics = metrics or {}
-    base = base_model(flags)
+    base = base_model(flags, seq_cls)
     lic = licence(base)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     name = folder.rstrip("/").split("/")[-1] if folder else "model"
@@ -85,8 +87,10 @@ def model_card(step: str, flags: dict[str, Any], metrics: dict[str, Any] | None 
              f"- **Data**: {_fmt(flags.get('data_path', []))} (split {flags.get('data_split', '-')}"
              + (f"; {metrics['eval_pairs']} held-out pairs" if "eval_pairs" in metrics else "") + ")",
              "", "## Key flags", "", "| flag | value |", "|---|---|"]
+    lora = any(flags.get(k) for k in ("lora_dim", "actor_lora_dim", "critic_lora_dim"))
     lines += [f"| --{k} | {_fmt(flags[k])} |" for k in KEY_FLAGS
-              if flags.get(k) not in (None, "", [], ()) and not (k.endswith("lora_dim") and not flags[k])]
+              if flags.get(k) is not None and flags[k] is not False and flags[k] not in ("", [], ())
+              and (lora or "lora" not in k)]
     lines += ["", "All flags: `dschat_args.json` (in the step's output folder); repeat the run with "
               "`--config dschat_args.json`.", ""]
     rows = eval_rows(metrics)
