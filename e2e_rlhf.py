@@ -22,8 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dschat.cli import config, e2e, report  # noqa: E402
-from dschat.runtime.errors import FlagError  # noqa: E402
+try:
+    from dschat.cli import config, e2e, report  # noqa: E402
+    from dschat.runtime.errors import FlagError  # noqa: E402
+except KeyboardInterrupt:  # Ctrl-C while the libraries load: one line and 130, as at any later moment
+    print("error: interrupted (Ctrl-C) while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 EPILOG = f"""\
 models:
@@ -105,6 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--reward-weights needs --reward-fn")
     if args.reward_weights and len(args.reward_weights) != len(args.reward_fn):
         p.error(f"--reward-weights has {len(args.reward_weights)} values for {len(args.reward_fn)} --reward-fn entries")
+    try:
+        e2e.check_flags(args.num_gpus, args.data_split, args.data_path, args.reward_weights, args.output_dir)
+    except FlagError as err:
+        p.error(str(err))
     args.pipeline = e2e.pipeline_for(args.algo, args.reward_fn)
     pipe = args.pipeline
     if args.step is None:

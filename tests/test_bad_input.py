@@ -219,6 +219,14 @@ CASES: dict[str, tuple[list[str], dict[str, str], list[str], int]] = {
     "e2e_step2_bad_dropout": ([str(E2E), "--step", "2", "--output-dir", "{w}/e2e_step2_bad_dropout"],
                               {EX.format(2): "--dropout 2 --data_output_path {data}"},
                               ["Step 2 failed", "error line: error: --dropout must be"], 2),
+    # e2e checks its own flags before it starts work (issue 30 item 9)
+    "e2e_num_gpus_negative": ([str(E2E), "--num-gpus", "-1", "--output-dir", "{w}/e2e_num_gpus_negative"], {},
+                              ["--num-gpus must be at least 1", "-1"], 2),
+    "e2e_data_split_two_parts": ([str(E2E), "--data-split", "1,2", "--output-dir", "{w}/e2e_data_split_two_parts"],
+                                 {}, ["--data-split '1,2'"], 2),
+    "e2e_data_file_missing": ([str(E2E), "--data-path", "{w}/nope.jsonl", "--output-dir", "{w}/e2e_data_file_missing"],
+                              {}, ["--data-path {w}/nope.jsonl: no such file"], 2),
+    "e2e_output_dir_under_a_file": ([str(E2E), "--output-dir", "{file}/out"], {}, ["--output-dir", "is a file"], 2),
     "e2e_step3_without_its_models": ([str(E2E), "--step", "3", "--output-dir", "{w}/e2e_step3_without_its_models"],
                                      {}, ["Step 1 model has not been trained", "actor-models"], 1),
 }

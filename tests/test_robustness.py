@@ -703,3 +703,28 @@ def test_trust_remote_code_is_off_by_default():
     spec.loader.exec_module(step1)
     assert step1.parse_args([]).trust_remote_code is False
     assert load_step3_parse_args()([]).trust_remote_code is False
+
+
+def test_ctrl_c_while_a_step_imports_is_one_line(tmp_path):
+    """Ctrl-C in a step's first seconds, while torch and the rest load (issue 30 item 9): exit 130 with one
+    `error: interrupted` line, no traceback, nothing written."""
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", str(STEP1), "--model_name_or_path", "builtin",
+                             "--output_dir", str(tmp_path / "out")], cwd=REPO, env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sent = False
+    try:
+        for line in proc.stderr:  # -X importtime: one line as each module finishes loading
+            if line.split("|")[-1].strip() == "torch":  # torch is in; dschat's own modules are still loading
+                proc.send_signal(signal.SIGINT)
+                sent = True
+                break
+        err = proc.stderr.read() if sent else ""
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sent
+    lines = [ln for ln in err.splitlines() if not ln.startswith("import time:")]
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and lines and lines[-1].startswith("error: interrupted"), lines[-20:]
+    assert not (tmp_path / "out").exists()

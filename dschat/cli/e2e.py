@@ -7,6 +7,7 @@ Kept free of torch/deepspeed imports so `e2e_rlhf.py --help` and the skip logic 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dschat.runtime import lock
+from dschat.runtime.errors import FlagError
 
 REPO = Path(__file__).resolve().parents[2]
 DONE_MARKER = "dschat_complete.json"  # == dschat.models.export.DONE_MARKER (tests/test_e2e.py checks)
@@ -92,6 +94,40 @@ class ModelSpec:
     size: str  # "1.3b", "7b", ... ("" for builtin/other)
     name: str  # folder name under <out>/{actor,reward,step3}-models
     path: str  # what a generic script trains from
+
+
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".csv", ".parquet", ".arrow", ".txt")
+
+
+def check_flags(num_gpus: int | None, data_split: str | None, data_path: list[str] | None,
+                reward_weights: list[float] | None, output_dir: str) -> None:
+    """e2e's own flags before any work starts (FlagError naming the flag): a positive rank count, a --data-split of
+    three finite non-negative shares with a positive sum, local data files that exist, finite reward weights and
+    an --output-dir that can be a folder."""
+    if num_gpus is not None and num_gpus < 1:
+        raise FlagError(f"--num-gpus must be at least 1 (got {num_gpus})")
+    if data_split is not None:
+        try:
+            parts = [float(x) for x in data_split.split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) != 3 or not all(math.isfinite(x) and x >= 0 for x in parts) or sum(parts) <= 0:
+            raise FlagError(f"--data-split '{data_split}': expected three finite non-negative numbers with a positive "
+                            f"sum, like 2,4,4")
+    for entry in data_path or []:
+        if entry.lower().endswith(DATA_FILE_SUFFIXES) and not os.path.exists(entry):
+            raise FlagError(f"--data-path {entry}: no such file")
+    for w in reward_weights or []:
+        if not math.isfinite(w):
+            raise FlagError(f"--reward-weights must be finite numbers (got {w})")
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise FlagError(f"--output-dir {output_dir}: not a folder")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FlagError(f"--output-dir {output_dir}: {parent} is a file")
+            break
 
 
 def sanitize(name: str) -> str:

@@ -17,12 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
 
-from dschat.cli.entry import run_main  # noqa: E402
-from dschat.data.prompts import PromptFormat  # noqa: E402
-from dschat.models.loading import load_model, load_tokenizer, model_config  # noqa: E402
-from dschat.runtime.errors import FlagError, ModelPathError  # noqa: E402
+    from dschat.cli.entry import run_main  # noqa: E402
+    from dschat.data.prompts import PromptFormat  # noqa: E402
+    from dschat.models.loading import load_model, load_tokenizer, model_config  # noqa: E402
+    from dschat.runtime.errors import FlagError, ModelPathError  # noqa: E402
+except KeyboardInterrupt:  # Ctrl-C while the libraries load: one line and 130, as at any later moment
+    print("error: interrupted (Ctrl-C) while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

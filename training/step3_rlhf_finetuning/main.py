@@ -10,9 +10,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from dschat.cli.entry import run_main  # noqa: E402
-from dschat.cli.steps import parse_ppo_args as parse_args  # noqa: E402, F401
-from dschat.cli.steps import ppo_main as main  # noqa: E402
+try:
+    from dschat.cli.entry import run_main  # noqa: E402
+    from dschat.cli.steps import parse_ppo_args as parse_args  # noqa: E402, F401
+    from dschat.cli.steps import ppo_main as main  # noqa: E402
+except KeyboardInterrupt:  # Ctrl-C while the libraries load: one line and 130, as at any later moment
+    print("error: interrupted (Ctrl-C) while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 if __name__ == "__main__":
     run_main(main)
