@@ -267,12 +267,15 @@ def test_rule_based_reward_fn_runs_step1_then_step3_without_a_reward_model(tmp_p
     args = e2e_rlhf.parse_args(["--reward-fn", "reward_model", "overlong"])
     assert args.pipeline.name == "ppo" and args.step == [1, 2, 3]
     assert e2e_rlhf.step_flags(args, 3) == ["--reward_fn", "reward_model", "overlong"]
-    args = e2e_rlhf.parse_args(["--data-path", "a.jsonl", "b.jsonl", "--data-split", "1,1,8", "--reward-fn", "accuracy"])
-    assert e2e_rlhf.step_flags(args, 1) == ["--data_path", "a.jsonl", "b.jsonl", "--data_split", "1,1,8"]
+    args = e2e_rlhf.parse_args(["--data-path", "org/a", "org/b", "--data-split", "1,1,8", "--reward-fn", "accuracy"])
+    assert e2e_rlhf.step_flags(args, 1) == ["--data_path", "org/a", "org/b", "--data_split", "1,1,8"]
     assert e2e_rlhf.step_flags(args, 3)[-2:] == ["--reward_fn", "accuracy"]
     for bad, message in ((["--reward-fn", "accuracy", "--step", "2"], "trains no reward model"),
                          (["--algo", "dpo", "--reward-fn", "accuracy"], "--algo dpo has no step 3"),
-                         (["--reward-weights", "1"], "needs --reward-fn")):
+                         (["--reward-weights", "1"], "needs --reward-fn"),
+                         (["--num-gpus", "0"], "--num-gpus must be at least 1"),
+                         (["--data-split", "1,inf,1"], "--data-split '1,inf,1'"),
+                         (["--data-path", "missing.jsonl"], "--data-path missing.jsonl: no such file")):
         with pytest.raises(SystemExit) as stop:
             e2e_rlhf.parse_args(bad)
         assert stop.value.code == 2 and message in capsys.readouterr().err
