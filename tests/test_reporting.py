@@ -121,3 +121,43 @@ def test_report_html_from_fake_step_folders(tmp_path):
         assert text in page, text
     assert page.count("data:image/png") == 1 and page.count("(no plot") == 2
     assert build_report(tmp_path, e2e.PIPELINES["dpo"], {1: dirs[1], 2: tmp_path / "none"}).count("<tr>") >= 3
+
+
+def test_save_writes_the_card_and_keeps_a_users_own_readme(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from dschat.models.builtin import BUILTIN_MODEL_DIR
+    from dschat.models.export import CARD_ASIDE, save_hf_model
+
+    tok = AutoTokenizer.from_pretrained(BUILTIN_MODEL_DIR)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=16,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    card = model_card("step1", {"model_name_or_path": "builtin"}, {"evals": [{"perplexity": 3.0}]})
+    out = tmp_path / "m"
+    save_hf_model(model, tok, str(out), {"README.md": card, "dschat_metrics.json": {"evals": []}})
+    assert (out / "README.md").read_text() == card and not (out / CARD_ASIDE).exists()
+    save_hf_model(model, tok, str(out), {"README.md": card + "again"})  # an earlier card is replaced
+    assert (out / "README.md").read_text().endswith("again")
+    (out / "README.md").write_text("# my notes\n")  # the user's own README is never replaced
+    save_hf_model(model, tok, str(out), {"README.md": card})
+    assert (out / "README.md").read_text() == "# my notes\n" and (out / CARD_ASIDE).read_text() == card
+
+
+def test_wandb_gets_the_same_scalars(tmp_path, monkeypatch):
+    """--report_to wandb: init in <output_dir>/wandb (WANDB_MODE=offline works without a network), every logged
+    scalar with its step, finish at close (a stand-in module: wandb is optional and not installed in CI)."""
+    import types
+
+    calls: list[tuple[str, object]] = []
+    run = types.SimpleNamespace(log=lambda d: calls.append(("log", d)), finish=lambda: calls.append(("finish", None)))
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or run
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert resolve_report_to(["wandb", "tensorboard"]) == ["wandb", "tensorboard"]
+    log = Logger(2, "step1", wandb_dir=str(tmp_path / "wandb"), wandb_config={"seed": 1})
+    log.step(1, {"train/loss": 2.0})
+    log.scalars(1, {"eval/perplexity": 7.0})
+    log.close()
+    assert calls[0][0] == "init" and calls[0][1]["dir"] == str(tmp_path / "wandb") and calls[0][1]["config"] == {"seed": 1}
+    assert calls[1:] == [("log", {"train/loss": 2.0, "global_step": 1}), ("log", {"eval/perplexity": 7.0, "global_step": 1}),
+                         ("finish", None)]

@@ -280,7 +280,8 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, data_dir, z
     killed = start_step1([*flags, "--output_dir", str(resumed)], data_dir, tmp_path / "killed.log",
                          DSCHAT_TEST_KILL_AFTER_STEP="5")
     assert killed.wait(300) == -signal.SIGKILL
-    assert sorted(p.name for p in resumed.iterdir()) == ["checkpoints"]  # no model yet, only the checkpoint
+    # no model yet: the checkpoint and what the run logged (metrics.jsonl, TensorBoard) up to the kill
+    assert sorted(p.name for p in resumed.iterdir()) == ["checkpoints", "metrics.jsonl", "step1_tensorboard"]
     assert (resumed / "checkpoints" / "latest").read_text() == "step5"
     assert run_step1([*flags, "--output_dir", str(resumed), "--resume"], data_dir, tmp_path / "resume.log") == 0
     assert ref.wait(300) == 0, (tmp_path / "full.log").read_text()[-3000:]
@@ -456,7 +457,8 @@ def test_nan_losses_are_skipped_then_the_run_stops_cleanly(tmp_path, data_dir):
     assert error_lines(text) == [text.strip().splitlines()[-1]]
     assert "3 updates in a row had a NaN/inf loss" in error_lines(text)[0]
     assert "1 in a row, 1 in all" in text and "2 in a row, 3 in all" in text  # skipped and counted
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # no final model, no temp folder
+    # no final model, no temp folder: the checkpoint and the logged steps
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "step1_tensorboard"]
     assert (out / "checkpoints" / "latest").read_text() == "step4"
     state = json.loads((out / "checkpoints" / "step4" / "state.json").read_text())
     assert (state["step"], state["batch"]) == (4, 5)  # micro-batch 3 was skipped, so step 4 ends at batch 5

@@ -6,6 +6,7 @@ import datetime
 from typing import Any
 
 import dschat
+from dschat.models.export import CARD_MARK
 
 # What each step's run trained (Run.name -> words), and which transformers class loads its folder.
 ALGORITHMS = {"step1": "Step 1: supervised fine-tuning (SFT) on prompt + chosen answer",
@@ -80,7 +81,7 @@ def model_card(step: str, flags: dict[str, Any], metrics: dict[str, Any] | None 
     lic = licence(base)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     name = folder.rstrip("/").split("/")[-1] if folder else "model"
-    lines = [f"# {name}", "",
+    lines = [CARD_MARK, f"# {name}", "",
              f"Trained with dschat {dschat.__version__} on {now}.", "",
              f"- **Base model**: {base}" + (f" (licence: {lic})" if lic else ""),
              f"- **Algorithm**: {algorithm(step, flags, role)}",

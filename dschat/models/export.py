@@ -57,6 +57,21 @@ MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.m
                "adapter_*", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*",
                "preprocessor_config.json", "processor_config.json", "*.model", "*.tiktoken", "vocab.*",
                "merges.txt", DONE_MARKER, "dschat_metrics.json", "reward_stats.json", SAVE_MARKER)
+CARD_MARK = "<!-- dschat model card -->"  # first line of the README.md every save writes (models/card.py)
+CARD_ASIDE = "README.dschat.md"  # where the card goes when the output folder holds a README.md of the user's
+
+
+def is_card(path: Path) -> bool:
+    """Whether `path` is absent or a model card an earlier save wrote (so a new save may replace it)."""
+    try:
+        with open(path) as f:
+            return f.readline().strip() == CARD_MARK
+    except FileNotFoundError:
+        return True
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.gguf", "adapter_*")
 
 
@@ -324,6 +339,8 @@ def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: str, extra_json: d
                 carry_template(tokenizer, "dschat")
             tokenizer.save_pretrained(tmp)
             for name, content in (extra_json or {}).items():  # text as it is (README.md), anything else as JSON
+                if name == "README.md" and not is_card(Path(out_dir) / name):  # a user's own README stays
+                    name = CARD_ASIDE
                 (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
             (tmp / DONE_MARKER).write_text(json.dumps({"complete": True}))
     dist.barrier()
