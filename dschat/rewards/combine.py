@@ -125,15 +125,18 @@ class RewardSet:
                                   "completion_ids": batch.completion_ids}
         if spec.needs_tokens:
             kwargs |= {"seq": batch.seq, "attention_mask": batch.attention_mask}
-        kwargs = accepted_kwargs(fn, kwargs)
         try:
-            inspect.signature(fn).bind(**kwargs)
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # builtins and some callables have none: nothing to check
+            signature = None
+        kwargs = accepted_kwargs(signature, kwargs)
+        try:
+            if signature is not None:
+                signature.bind(**kwargs)
         except TypeError as err:
             raise FlagError(f"reward function {spec.name!r} cannot be called with the rows' columns "
                             f"({', '.join(sorted(batch.columns())) or 'none'}) and prompts/completions/"
                             f"completion_ids: {err}") from err
-        except ValueError:  # no signature to check
-            pass
         try:
             values = fn(**kwargs)
         except DschatError:

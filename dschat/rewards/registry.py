@@ -95,13 +95,13 @@ def load_user_function(spec: str) -> RewardFn:
     return fn
 
 
-def accepted_kwargs(fn: RewardFn, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments `fn` accepts (all of them when it takes **kwargs), as TRL's calling convention
-    passes every column; a required parameter missing from `kwargs` is left for the call to report."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # builtins and some callables have no signature: pass everything
+def accepted_kwargs(signature: inspect.Signature | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments a function of this `signature` accepts (all of them when it takes **kwargs, or has
+    no signature), as TRL's calling convention passes every column; a required parameter missing from `kwargs` is
+    left for the call to report."""
+    if signature is None:  # builtins and some callables have no signature: pass everything
         return kwargs
+    params = signature.parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return kwargs
     return {k: v for k, v in kwargs.items() if k in params}
