@@ -208,6 +208,9 @@ def test_finished_steps_are_skipped(tmp_path, monkeypatch, capsys):
     assert summary["steps"]["1"]["metrics"]["evals"][-1]["perplexity"] == 3.5
     assert "perplexity" in text and "900" in text and "3.5" in text
     assert f"python chat.py --path {out / 'actor-models/builtin'}" in text
+    page = (out / "report.html").read_text()  # the same table as a page (the fake steps drew no plots)
+    assert f"Report (table, plots, answers): {out / 'report.html'}" in text
+    assert all(x in page for x in ("perplexity", "900", "3.5", "Reward model", "(no plot")), page
 
     runner.calls.clear()  # everything done: nothing runs; --force re-runs
     assert e2e_rlhf.main(["--step", "1", "2", "--output-dir", str(out)]) == 0
@@ -418,4 +421,5 @@ def test_kill_during_step2_then_resume(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"]["1"]["status"] == "skipped" and summary["steps"]["2"]["status"] == "ran"
     assert summary["steps"]["2"]["metrics"]["evals"], summary
+    assert (out / "report.html").read_text().count("data:image/png") == 2  # both steps' training curves
     print(f"killed {killed_at:.0f}s after start; resumed run done at {total:.0f}s")
