@@ -199,6 +199,36 @@ def test_all_rows_dropped_for_length_says_how_many(tmp_path, tokenizer):
     assert not any((tmp_path / "cache").iterdir())
 
 
+def test_tie_pairs_are_dropped_and_counted(tmp_path, tokenizer, capsys):
+    """Pairs whose chosen equals rejected, as written or only after truncation, are dropped with a count in the
+    log; rows dropped for length are counted there too (issue 30 items 7, 8)."""
+    long_tail = "word " * 80
+    rows = [{"prompt": "hi", "chosen": " same", "rejected": " same"}] * 5 \
+        + [{"prompt": "hi", "chosen": " a" + long_tail, "rejected": " a" + long_tail + " x"}] * 5 \
+        + [{"prompt": "hi", "chosen": " a", "rejected": " b"}] * 10 + [{"prompt": long_tail, "chosen": " a",
+                                                                      "rejected": " b"}] * 2
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    data = load_phase_data(settings([str(f)], phase=2, data_split="0,1,0"), tokenizer, str(tmp_path / "cache"))
+    train = data["stats"]["train"]
+    assert train["dropped_ties"] + len(data["train"]) + train["dropped_for_length"] == train["rows"]
+    assert all(r["chosen_ids"] != r["rejected_ids"] for r in data["train"])
+    assert train["dropped_ties"] >= 8 and train["dropped_for_length"] >= 1  # ~10 ties and ~2 long of 22 rows x 0.9
+    log = capsys.readouterr().out
+    assert f"{train['dropped_ties']} tie pairs dropped (chosen == rejected)" in log
+    assert f"{train['dropped_for_length']} dropped for length (--max_seq_len=64)" in log
+    again = load_phase_data(settings([str(f)], phase=2, data_split="0,1,0"), tokenizer, str(tmp_path / "cache"))
+    assert again["folder"] == data["folder"] and "tie pairs dropped" in capsys.readouterr().out  # cache hit too
+
+
+def test_all_tie_pairs_are_an_error(tmp_path, tokenizer):
+    f = tmp_path / "ties.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": "hi", "chosen": " same", "rejected": " same"}) for _ in range(10)))
+    with pytest.raises(DatasetError, match=r"no usable train pairs for phase 2: all 9 have chosen == rejected"):
+        load_phase_data(settings([str(f)], phase=2, data_split="0,1,0"), tokenizer, str(tmp_path / "cache"))
+    assert not any((tmp_path / "cache").iterdir())
+
+
 def test_single_response_data_rejected_for_reward_phase(tmp_path, tokenizer):
     f = tmp_path / "sft.json.gz"
     with gzip.open(f, "wt") as fh:

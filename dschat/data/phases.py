@@ -25,7 +25,7 @@ from dschat.data.sources import Row, load_raw
 from dschat.runtime import dist
 from dschat.runtime.errors import DatasetError
 
-CACHE_VERSION = 4  # 4: phase-3 prompts as JSON (text or messages), conversational rows
+CACHE_VERSION = 5  # 4: phase-3 prompts as JSON (text or messages), conversational rows; 5: tie pairs dropped
 SPLITS = ("train", "eval")
 BUILTIN_NAMES = ("dschat/builtin", "builtin")
 
@@ -238,11 +238,20 @@ def _build(folder: Path, settings: DataSettings, tokenizer) -> None:
                                     settings.train_on_prompt, settings.last_turn_only)
                        for r in rows[split]]
             kept = [e for e in encoded if e is not None]
+            ties = 0
+            if settings.phase == 2:  # a pair whose answers are the same tokens (after truncation) teaches nothing
+                untied = [e for e in kept if e["chosen_ids"] != e["rejected_ids"]]
+                ties, kept = len(kept) - len(untied), untied
+                if ties and not kept:
+                    raise DatasetError(f"{', '.join(settings.data_path)}: no usable {split} pairs for phase 2: all "
+                                       f"{ties} have chosen == rejected (identical tokens after truncation to "
+                                       f"--max_seq_len={settings.max_seq_len}); a reward model or DPO would train "
+                                       f"on nothing (loss ln 2 = 0.6931 throughout)")
             if not rows[split] and split == "train":
                 raise DatasetError(f"{', '.join(settings.data_path) or '(no --data_path)'}: phase "
                                    f"{settings.phase} gets no training rows: its --data_split share "
                                    f"({settings.data_split}) is 0 or the datasets are empty")
-            if not kept and rows[split]:
+            if not kept and rows[split] and not ties:
                 phase3 = settings.phase == 3
                 limit = "--max_prompt_seq_len" if phase3 else "--max_seq_len"
                 value = settings.max_prompt_len if phase3 else settings.max_seq_len
@@ -250,7 +259,8 @@ def _build(folder: Path, settings: DataSettings, tokenizer) -> None:
                                    f"{settings.phase}: {len(rows[split])} rows, all dropped for length "
                                    f"({limit}={value})")
             Dataset.from_list(kept).save_to_disk(str(tmp / split))
-            stats[split] = {"rows": len(rows[split]), "dropped_for_length": len(encoded) - len(kept)}
+            stats[split] = {"rows": len(rows[split]), "dropped_for_length": sum(e is None for e in encoded),
+                            "dropped_ties": ties}
         (tmp / "settings.json").write_text(json.dumps({"settings": settings.key(), "stats": stats}, indent=1))
         try:
             os.replace(tmp, folder)
@@ -279,11 +289,27 @@ def load_phase_data(settings: DataSettings, tokenizer, output_path: str) -> dict
     if errors:
         raise DatasetError(errors[0])
     info = json.loads((folder / "settings.json").read_text())
+    note = dropped_note(settings, info["stats"])
+    if note:
+        dist.print_rank0(note)
     # Phase 3 stores each prompt as JSON (text or messages); reading a row gives it back as "prompt".
     data = {split: load_from_disk(str(folder / split)) for split in SPLITS}
     if settings.phase == 3:
         data = {split: ds.with_transform(decode_prompts) for split, ds in data.items()}
     return data | {"stats": info["stats"], "folder": str(folder)}
+
+
+def dropped_note(settings: DataSettings, stats: dict[str, dict[str, int]]) -> str | None:
+    """The log line of a phase's rows dropped for length and tie pairs dropped, per split (None: none dropped)."""
+    limit = f"--max_prompt_seq_len={settings.max_prompt_len}" if settings.phase == 3 \
+        else f"--max_seq_len={settings.max_seq_len}"
+    parts = []
+    for split, s in stats.items():
+        what = [f"{s['dropped_for_length']} dropped for length ({limit})"] if s.get("dropped_for_length") else []
+        what += [f"{s['dropped_ties']} tie pairs dropped (chosen == rejected)"] if s.get("dropped_ties") else []
+        if what:
+            parts.append(f"{split}: {s['rows']} rows, {', '.join(what)}")
+    return f"phase {settings.phase} data: {'; '.join(parts)}" if parts else None
 
 
 def decode_prompts(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
