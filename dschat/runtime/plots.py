@@ -93,6 +93,9 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path | None = None, t
                 ax.plot(xs, ys, linewidth=1.2, label=f"train {key}")
             else:
                 ax.plot(xs, ys, "o--", markersize=6, linewidth=0.8, label=f"held-out {key}")
+        values = [v for kind, key in keys for v in series(lines, kind, key)[1]]
+        if values and min(values) > 0 and max(values) / min(values) > 20:  # perplexity from an untrained model
+            ax.set_yscale("log")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
