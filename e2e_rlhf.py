@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.reward_weights and len(args.reward_weights) != len(args.reward_fn):
         p.error(f"--reward-weights has {len(args.reward_weights)} values for {len(args.reward_fn)} --reward-fn entries")
     try:
-        e2e.check_flags(args.num_gpus, args.data_split, args.data_path, args.reward_weights, args.output_dir)
+        e2e.check_flags(args.num_gpus, args.data_split, args.data_path, args.reward_weights)
     except FlagError as err:
         p.error(str(err))
     args.pipeline = e2e.pipeline_for(args.algo, args.reward_fn)
@@ -197,7 +197,10 @@ def run_steps(args: argparse.Namespace, dirs: dict[int, Path], scripts: dict[int
                              "wall_time_s": metrics.get("wall_time_s")}
             continue
         script, model_args = scripts[step]
-        cmd = e2e.step_command(step, script, model_args, dirs, zero_stages, step_flags(args, step))
+        again, note = e2e.resume_flags(step, dirs[step])  # an interrupted step's checkpoint: continue from it
+        cmd = e2e.step_command(step, script, model_args, dirs, zero_stages, step_flags(args, step) + again)
+        if note:
+            print(note, flush=True)
         busy = e2e.in_use(step, dirs[step])
         if busy:  # before its markers and log are touched: the run holding it may still be writing them
             print(f"error: {busy}", file=sys.stderr, flush=True)
@@ -292,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         status = run_steps(args, dirs, scripts, results)
     except (KeyboardInterrupt, SystemExit) as stop:
         current = next((s for s in sorted(set(args.step)) if not e2e.is_done(s, dirs[s])), current)
-        print(f"\nInterrupted during step {current}; run the same command again to resume there.",
+        found = e2e.checkpoint_of(dirs[current]) if current in dirs else None
+        where = f"from its checkpoint {found}" if found else \
+            "from its start: it saved no checkpoint (a step saves them with --save_interval N)"
+        print(f"\nInterrupted during step {current}; run the same command again to resume there, {where}.",
               file=sys.stderr, flush=True)
         return stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 130
     finish(args, out, dirs, results, time.time() - start, status)

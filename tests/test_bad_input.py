@@ -226,7 +226,6 @@ CASES: dict[str, tuple[list[str], dict[str, str], list[str], int]] = {
                                  {}, ["--data-split '1,2'"], 2),
     "e2e_data_file_missing": ([str(E2E), "--data-path", "{w}/nope.jsonl", "--output-dir", "{w}/e2e_data_file_missing"],
                               {}, ["--data-path {w}/nope.jsonl: no such file"], 2),
-    "e2e_output_dir_under_a_file": ([str(E2E), "--output-dir", "{file}/out"], {}, ["--output-dir", "is a file"], 2),
     "e2e_step3_without_its_models": ([str(E2E), "--step", "3", "--output-dir", "{w}/e2e_step3_without_its_models"],
                                      {}, ["Step 1 model has not been trained", "actor-models"], 1),
 }

@@ -92,6 +92,19 @@ def test_args_round_trip_for_every_step(tmp_path):
         assert {**vars(second), "config": None} == vars(first), name
 
 
+def test_warmup_longer_than_the_run_warns_with_both_numbers(capsys):
+    """--num_warmup_steps beyond the run's optimizer steps: a warning naming both, once (issue 30 item 8)."""
+    from dschat.runtime.engine import warmup_steps
+
+    assert warmup_steps(500, None, 40) == 500 and warmup_steps(500, None, 40) == 500  # actor and critic
+    out = capsys.readouterr().out
+    assert out.count("warning: --num_warmup_steps 500 is beyond the run's 40 optimizer steps") == 1
+    assert "ends at 8% of the peak" in out
+    warmup_steps(40, None, 40)
+    warmup_steps(0, 0.5, 40)
+    assert capsys.readouterr().out == ""
+
+
 def test_warmup_ratio_and_num_warmup_steps_exclude_each_other():
     from dschat.runtime.engine import warmup_steps
 

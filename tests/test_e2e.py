@@ -192,6 +192,36 @@ class FakeRunner:
         return self.status, 1.5
 
 
+def test_a_rerun_resumes_an_interrupted_step_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """"Run the same command again to resume there" is true (issue 30 item 8): an unfinished step with a
+    checkpoint gets --resume, --force over a finished one --overwrite_checkpoints, and the interrupt message
+    says which (or that the step saved none and starts over)."""
+    runner = FakeRunner()
+    monkeypatch.setattr(e2e, "run_with_progress", runner)
+    out = tmp_path / "out"
+    sft = out / "actor-models/builtin"
+    (sft / "checkpoints/step7").mkdir(parents=True)
+    (sft / "checkpoints/step7/state.json").write_text("{}")
+    (sft / "checkpoints/step9").mkdir()  # a checkpoint killed while being written: no state.json
+    assert e2e.checkpoint_of(sft) == "step7"
+    assert e2e_rlhf.main(["--step", "1", "--output-dir", str(out)]) == 0
+    assert runner.calls[-1][-1] == "--resume"
+    assert f"Step 1 resumes from its checkpoint step7 in {sft}/checkpoints" in capsys.readouterr().out
+    assert e2e_rlhf.main(["--step", "1", "--force", "--output-dir", str(out)]) == 0
+    assert runner.calls[-1][-1] == "--overwrite_checkpoints"
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(e2e, "run_with_progress", interrupted)
+    assert e2e_rlhf.main(["--step", "2", "--output-dir", str(out)]) == 130
+    assert "resume there, from its start: it saved no checkpoint" in capsys.readouterr().err
+    (out / "reward-models/builtin/checkpoints/step3").mkdir(parents=True)
+    (out / "reward-models/builtin/checkpoints/step3/state.json").write_text("{}")
+    assert e2e_rlhf.main(["--step", "2", "--output-dir", str(out)]) == 130
+    assert "resume there, from its checkpoint step3" in capsys.readouterr().err
+
+
 def test_finished_steps_are_skipped(tmp_path, monkeypatch, capsys):
     runner = FakeRunner()
     monkeypatch.setattr(e2e, "run_with_progress", runner)

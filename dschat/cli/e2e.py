@@ -100,10 +100,10 @@ DATA_FILE_SUFFIXES = (".json", ".jsonl", ".gz", ".csv", ".parquet", ".arrow", ".
 
 
 def check_flags(num_gpus: int | None, data_split: str | None, data_path: list[str] | None,
-                reward_weights: list[float] | None, output_dir: str) -> None:
+                reward_weights: list[float] | None) -> None:
     """e2e's own flags before any work starts (FlagError naming the flag): a positive rank count, a --data-split of
-    three finite non-negative shares with a positive sum, local data files that exist, finite reward weights and
-    an --output-dir that can be a folder."""
+    three finite non-negative shares with a positive sum, local data files that exist, finite reward weights (main()
+    checks --output-dir can be made before any step runs)."""
     if num_gpus is not None and num_gpus < 1:
         raise FlagError(f"--num-gpus must be at least 1 (got {num_gpus})")
     if data_split is not None:
@@ -120,14 +120,6 @@ def check_flags(num_gpus: int | None, data_split: str | None, data_path: list[st
     for w in reward_weights or []:
         if not math.isfinite(w):
             raise FlagError(f"--reward-weights must be finite numbers (got {w})")
-    path = Path(output_dir).expanduser()
-    if path.exists() and not path.is_dir():
-        raise FlagError(f"--output-dir {output_dir}: not a folder")
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise FlagError(f"--output-dir {output_dir}: {parent} is a file")
-            break
 
 
 def sanitize(name: str) -> str:
@@ -268,6 +260,28 @@ def in_use(step: int, out_dir: Path) -> str | None:
         return None
     return (f"Step {step}'s output {out_dir} is in use by another run (pid {owner.get('pid', '?')} on "
             f"{owner.get('host', '?')}); wait for it to end or stop it, then run the same command again")
+
+
+def checkpoint_of(out_dir: Path) -> str | None:
+    """The newest complete resumable checkpoint a step left in its output folder ("step65"; as
+    runtime/checkpoint.latest sees it, without torch), or None."""
+    root = Path(out_dir) / "checkpoints"
+    named = (root / "latest").read_text().strip() if (root / "latest").is_file() else ""
+    if named and (root / named / "state.json").is_file():
+        return named
+    done = [p.name for p in root.glob("step*") if p.name[4:].isdigit() and (p / "state.json").is_file()]
+    return max(done, key=lambda n: int(n[4:])) if done else None
+
+
+def resume_flags(step: int, out_dir: Path) -> tuple[list[str], str | None]:
+    """What a step (re)run gets over a checkpoint in its output: --resume when the step is unfinished (a rerun of
+    an interrupted e2e continues there), --overwrite_checkpoints when --force reruns a finished one; and a note."""
+    found = checkpoint_of(out_dir)
+    if found is None:
+        return [], None
+    if is_done(step, out_dir):
+        return ["--overwrite_checkpoints"], f"Step {step}: --force starts it over; its checkpoint {found} is deleted"
+    return ["--resume"], f"Step {step} resumes from its checkpoint {found} in {out_dir}/checkpoints"
 
 
 def failed_log(out_dir: Path) -> Path:

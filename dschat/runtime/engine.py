@@ -61,12 +61,20 @@ def make_adamw(params: list[dict], lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), fused=fusable or None)
 
 
+_WARNED_WARMUP: set[tuple[int, int]] = set()  # (warmup, total) pairs already warned about in this process
+
+
 def warmup_steps(num_warmup_steps: int, warmup_ratio: float | None, total_steps: int) -> int:
     """The learning-rate warmup in optimizer steps: ceil(--warmup_ratio x total steps) when a ratio is given,
-    else --num_warmup_steps."""
-    if warmup_ratio is None:
-        return num_warmup_steps
-    return math.ceil(warmup_ratio * total_steps)
+    else --num_warmup_steps (a warning, once, when that is longer than the run: the rate would never peak)."""
+    if warmup_ratio is not None:
+        return math.ceil(warmup_ratio * total_steps)
+    if num_warmup_steps > total_steps and (num_warmup_steps, total_steps) not in _WARNED_WARMUP:
+        _WARNED_WARMUP.add((num_warmup_steps, total_steps))
+        dist.print_rank0(f"warning: --num_warmup_steps {num_warmup_steps} is beyond the run's {total_steps} optimizer "
+                         f"steps: the learning rate never leaves warm-up (a linear warm-up ends at "
+                         f"{total_steps / num_warmup_steps:.0%} of the peak); give fewer or --warmup_ratio")
+    return num_warmup_steps
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float, lora_lr: float,
