@@ -186,6 +186,35 @@ def test_malformed_dataset_fails_with_location_and_leaves_no_cache(tmp_path, tok
     assert not cache.exists() or not any(cache.iterdir())
 
 
+PAIR = {"prompt": "Human: hi Assistant:", "chosen": " hello", "rejected": " go"}
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("bom.jsonl", b"\xef\xbb\xbf" + (json.dumps(PAIR) + "\n").encode() * 3, 3),  # a UTF-8 BOM is read past
+    ("pretty.jsonl", json.dumps([PAIR] * 4, indent=2).encode(), 4),  # a pretty-printed list, whatever the suffix
+    ("oneline.jsonl", json.dumps([PAIR] * 2).encode(), 2),
+    ("wrapped.json", json.dumps({"data": [PAIR] * 5, "version": 1}, indent=1).encode(),
+     r"wrapped\.json: valid JSON, but one object \(keys \['data', 'version'\]\), not rows.*'data' key holds a list "
+     r"of 5 objects"),
+    ("wrapped1.jsonl", json.dumps({"rows": [PAIR]}).encode(), r"valid JSON, but one object.*'rows' key"),
+    ("scalar.json", b"42\n", r"scalar\.json: valid JSON, but a int, not rows"),
+    ("objects.jsonl", json.dumps(PAIR, indent=2).encode() * 2,
+     r"objects\.jsonl:1: invalid JSON: .*one complete JSON object per line"),
+])
+def test_json_shapes_are_read_or_named_for_what_they_are(tmp_path, name, content, expected):
+    """Valid JSON of an unsupported shape is not called "invalid JSON"; a BOM and a pretty-printed list are read
+    (issue 30 item 12)."""
+    f = tmp_path / name
+    f.write_bytes(content)
+    if isinstance(expected, int):
+        rows = read_json_rows(str(f))
+        assert len(rows) == expected and rows[0]["chosen"] == " hello" and rows[0]["prompt"] == PAIR["prompt"]
+    else:
+        with pytest.raises(DatasetError, match=expected) as err:
+            read_json_rows(str(f))
+        assert "invalid JSON" not in str(err.value) or name == "objects.jsonl"
+
+
 def test_unknown_dataset_name(tmp_path, tokenizer):
     with pytest.raises(DatasetError, match="unknown dataset 'nope/nothing'"):
         load_phase_data(settings(["nope/nothing"]), tokenizer, str(tmp_path))

@@ -208,11 +208,37 @@ def _text(row: dict, field: str, where: str) -> str:
     return value
 
 
+def _whole_json(text: str) -> Any:
+    """The text parsed as one JSON value, or None when it is not one (JSON Lines, or broken)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _unsupported_shape(path: str, value: Any) -> DatasetError:
+    """The error of a file that is valid JSON but not rows: a single object (maybe wrapping a list), a scalar."""
+    if isinstance(value, dict):
+        inner = next((k for k, v in value.items() if isinstance(v, list) and v and isinstance(v[0], dict)), None)
+        hint = f"; its '{inner}' key holds a list of {len(value[inner])} objects: save that list alone" if inner else ""
+        return DatasetError(f"{path}: valid JSON, but one object (keys {sorted(value)[:8]}), not rows: expected a list "
+                            f"of row objects [{{...}}, ...] (.json) or one object per line (.jsonl){hint}")
+    return DatasetError(f"{path}: valid JSON, but a {type(value).__name__}, not rows: expected a list of row objects "
+                        f"(.json) or one object per line (.jsonl)")
+
+
+def _rows_of_list(path: str, records: list) -> list[Row]:
+    """Rows of a JSON list of records (None ones dropped)."""
+    rows = [normalize_row(r, f"{path}: item {i}") for i, r in enumerate(records)]
+    return [r for r in rows if r is not None]
+
+
 def read_json_rows(path: str) -> list[Row]:
-    """Rows of a .json (list of objects) or .jsonl file, optionally gzipped, validated line by line."""
+    """Rows of a .json (list of objects) or .jsonl file, optionally gzipped, validated line by line; a UTF-8 BOM is
+    read past, and a pretty-printed list is read whatever the suffix says."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8-sig") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: cannot read: {err}") from err
@@ -224,16 +250,27 @@ def read_json_rows(path: str) -> list[Row]:
             records = json.loads(text)
         except json.JSONDecodeError as err:
             raise DatasetError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
-        rows = [normalize_row(r, f"{path}: item {i}") for i, r in enumerate(records)]
-        return [r for r in rows if r is not None]
+        if not isinstance(records, list):
+            raise _unsupported_shape(path, records)
+        return _rows_of_list(path, records)
     rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    for lineno, line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DatasetError(f"{path}:{lineno}: invalid JSON: {err.msg}") from err
+            whole = _whole_json(text)
+            if isinstance(whole, list):  # a pretty-printed list (in a .jsonl, or a .json starting otherwise)
+                return _rows_of_list(path, whole)
+            if whole is not None:
+                raise _unsupported_shape(path, whole) from err
+            raise DatasetError(f"{path}:{lineno}: invalid JSON: {err.msg} (a .jsonl file holds one complete JSON "
+                               f"object per line)") from err
+        if len(lines) == 1 and isinstance(record, list):
+            return _rows_of_list(path, record)  # a list on one line
+        if len(lines) == 1 and (not isinstance(record, dict) or (not set(record) & set(ROW_KEYS) and any(
+                isinstance(v, list) and v and isinstance(v[0], dict) for v in record.values()))):
+            raise _unsupported_shape(path, record)  # a scalar, or an object wrapping the rows
         row = normalize_row(record, f"{path}:{lineno}")
         if row is not None:
             rows.append(row)
