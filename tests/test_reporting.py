@@ -84,8 +84,8 @@ def test_model_card_names_base_algorithm_flags_and_metrics():
     metrics = {"evals": [{"when": "start (SFT)", "reward_score": 0.2, "kl": 0.0, "reward/accuracy": 0.25,
                           "answers": [["q", "a"]]},
                          {"when": "epoch 1", "reward_score": 0.6, "kl": 0.3, "reward/accuracy": 0.5}]}
-    card = model_card("step 3", flags, metrics, folder="/x/step3-models/smollm2/actor")
-    for text in ("# actor", "smollm2-135m", "Apache-2.0", "grpo", "accuracy", "| --actor_learning_rate | 1e-05 |",
+    card = model_card("step 3", flags, metrics, folder="/x/step3-models/smollm2/actor", counts={"train": 40, "eval": 8})
+    for text in ("# actor", "dschat/builtin (split 2,4,4; 40 train rows; 8 eval rows)", "smollm2-135m", "Apache-2.0", "grpo", "accuracy", "| --actor_learning_rate | 1e-05 |",
                  "| reward_score | 0.2 | 0.6 |", "| kl | 0 | 0.3 |", "| reward/accuracy | 0.25 | 0.5 |",
                  "start (SFT)", "epoch 1", "AutoModelForCausalLM", "chat.py --path", "dschat 0."):
         assert text in card, text

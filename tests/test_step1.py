@@ -38,7 +38,8 @@ def test_one_rank_lowers_eval_loss_and_saves_plain_hf(tmp_path):
     assert [x["step"] for x in lines if x["kind"] == "eval"] == [0, train[-1]["step"]]
     assert (out / "training_curves.png").stat().st_size > 10_000 and list(out.glob("step1_tensorboard/events.*"))
     card = (out / "README.md").read_text()
-    assert all(k in card for k in ("builtin", "supervised fine-tuning", "| perplexity |", "| judge |", "--seed"))
+    assert all(k in card for k in ("builtin", "supervised fine-tuning", "| perplexity |", "| judge |", "--seed",
+                                   " train rows; "))
     # prompt_eval compares the base model with the result on held-out prompts, judge scores included.
     proc = run([PROMPT_EVAL, "--model_name_or_path_finetune", out, "--num_prompts", "2", "--max_new_tokens", "8"])
     assert proc.stdout.count("==========baseline:") == 2 and proc.stdout.count("==========finetune:") == 2

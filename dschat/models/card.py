@@ -73,9 +73,10 @@ def eval_rows(metrics: dict[str, Any]) -> list[tuple[str, Any, Any]]:
 
 
 def model_card(step: str, flags: dict[str, Any], metrics: dict[str, Any] | None = None, role: str = "",
-               seq_cls: bool = False, folder: str = "") -> str:
-    """README.md text of a saved model: base model and licence, algorithm, data, key flags, held-out metrics
-    (first and last evaluation), how to load and chat with it, date and dschat version."""
+               seq_cls: bool = False, folder: str = "", counts: dict[str, int] | None = None) -> str:
+    """README.md text of a saved model: base model and licence, algorithm, data (paths, split, `counts` of rows
+    per split), key flags, held-out metrics (first and last evaluation), how to load and chat with it, date and
+    dschat version."""
     metrics = metrics or {}
     base = base_model(flags, seq_cls)
     lic = licence(base)
@@ -86,7 +87,7 @@ def model_card(step: str, flags: dict[str, Any], metrics: dict[str, Any] | None 
              f"- **Base model**: {base}" + (f" (licence: {lic})" if lic else ""),
              f"- **Algorithm**: {algorithm(step, flags, role)}",
              f"- **Data**: {_fmt(flags.get('data_path', []))} (split {flags.get('data_split', '-')}"
-             + (f"; {metrics['eval_pairs']} held-out pairs" if "eval_pairs" in metrics else "") + ")",
+             + "".join(f"; {n} {split} rows" for split, n in (counts or {}).items()) + ")",
              "", "## Key flags", "", "| flag | value |", "|---|---|"]
     lora = any(flags.get(k) for k in ("lora_dim", "actor_lora_dim", "critic_lora_dim"))
     lines += [f"| --{k} | {_fmt(flags[k])} |" for k in KEY_FLAGS

@@ -83,7 +83,9 @@ class Run:
     def load_data(self, settings: DataSettings) -> dict[str, Any]:
         """This step's phase data ({"train", "eval"} datasets) from the tokenising cache."""
         self.data_settings = settings
-        return load_phase_data(settings, self.tokenizer, self.args.data_output_path)
+        data = load_phase_data(settings, self.tokenizer, self.args.data_output_path)
+        self.data_counts = {split: len(data[split]) for split in ("train", "eval") if split in data}  # all ranks
+        return data
 
     def global_step(self) -> int:
         """The step an evaluation is logged at."""
@@ -112,7 +114,8 @@ class Run:
 
     def card(self, metrics: dict[str, Any] | None, folder: str, role: str = "", seq_cls: bool = False) -> str:
         """The model card (README.md) of a model this run saves in `folder`."""
-        return model_card(self.name, vars(self.args), metrics, role=role, seq_cls=seq_cls, folder=folder)
+        return model_card(self.name, vars(self.args), metrics, role=role, seq_cls=seq_cls, folder=folder,
+                          counts=getattr(self, "data_counts", None))
 
     def require_trained(self, trained: bool, why: str) -> None:
         """NothingTrainedError (nothing is saved) when the run applied no update; `why` says what it tried."""
