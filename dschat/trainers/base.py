@@ -110,7 +110,7 @@ class Run:
         config = {k: v for k, v in vars(a).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
         return Logger(total, desc, f"{tb_root}/{tb_name}" if "tensorboard" in report and tb_root else None,
                       metrics_path=f"{out}/{METRICS_FILE}" if out else None, append=bool(a.resume),
-                      wandb_dir=f"{out}/wandb" if "wandb" in report and out else None, wandb_config=config)
+                      wandb_dir=out if "wandb" in report and out else None, wandb_config=config)
 
     def card(self, metrics: dict[str, Any] | None, folder: str, role: str = "", seq_cls: bool = False) -> str:
         """The model card (README.md) of a model this run saves in `folder`."""
