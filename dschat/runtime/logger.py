@@ -70,7 +70,7 @@ class Logger:
 
             Path(wandb_dir).mkdir(parents=True, exist_ok=True)
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "dschat"), name=desc, dir=wandb_dir,
-                                    config=wandb_config or {}, reinit=True)
+                                    config=wandb_config or {})
         self.metrics_path = Path(metrics_path) if metrics_path and dist.is_rank0() else None
         self._truncate = not append  # a fresh run starts the file over; --resume appends to it
         self.start = time.time()
