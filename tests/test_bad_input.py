@@ -81,6 +81,12 @@ CASES: dict[str, tuple[list[str], dict[str, str], list[str], int]] = {
                                            ["{sft_missing}", "model.layers.0.mlp.up_proj.weight"], 2),
     "chat_weight_missing": ([*CH, "--path", "{sft_missing}"], {}, ["{sft_missing}", "up_proj"], 2),
     "s1_no_weight_files": ([*S1, "--model_name_or_path", "{sft_noweights}", *OUT], {}, ["{sft_noweights}"], 2),
+    "s1_model_without_tokenizer": ([*S1, "--model_name_or_path", "{sft_notok}", *OUT], {},
+                                   ["{sft_notok} holds no tokenizer files", "copy them"], 2),
+    "s1_lora_adapter_only": ([*S1, "--model_name_or_path", "{adapter_only}", *OUT], {},
+                             ["{adapter_only} holds a LoRA adapter only (its base: {sft})", "merge it", "pass its base"],
+                             2),
+    "chat_lora_adapter_only": ([*CH, "--path", "{adapter_only}"], {}, ["{adapter_only} holds a LoRA adapter only"], 2),
     "s1_reward_model_as_policy": ([*S1, "--model_name_or_path", "{rm}", *OUT], {},
                                   ["{rm}", "LlamaForSequenceClassification"], 2),
     "chat_reward_model": ([*CH, "--path", "{rm}"], {}, ["{rm}", "LlamaForSequenceClassification"], 2),
@@ -356,6 +362,14 @@ def world(tmp_path_factory, tiny_reward_model) -> Iterator[dict[str, Any]]:
     state = load_file(str(sft / "model.safetensors"))
     del state["model.layers.0.mlp.up_proj.weight"]
     save_file(state, str(paths["sft_missing"] / "model.safetensors"), metadata={"format": "pt"})
+    paths["sft_notok"] = copy_model(sft, w / "sft_notok")  # weights and config, no tokenizer files
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (paths["sft_notok"] / name).unlink(missing_ok=True)
+    paths["adapter_only"] = w / "adapter_only"  # what peft's save_pretrained of a LoRA model writes
+    paths["adapter_only"].mkdir()
+    (paths["adapter_only"] / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": str(sft), "r": 4}))
+    (paths["adapter_only"] / "adapter_model.safetensors").write_bytes(b"adapter weights")
     paths["sft_noweights"] = copy_model(sft, w / "sft_noweights")
     (paths["sft_noweights"] / "model.safetensors").unlink()
 

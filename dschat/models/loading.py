@@ -12,6 +12,22 @@ import torch
 from dschat.models.builtin import resolve_model_name
 from dschat.runtime.errors import DschatError, ModelPathError
 
+# Files any of which a Hugging Face tokenizer loads from (fast, SentencePiece, BPE, WordPiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "merges.txt", "tiktoken.model", "sentencepiece.bpe.model")
+
+
+def adapter_only_message(path: str) -> str:
+    """The error of a folder that holds a LoRA adapter (adapter_config.json) but no model of its own."""
+    try:
+        base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    of = f" (its base: {base})" if base else ""
+    return (f"{path} holds a LoRA adapter only{of}, not a model: merge it into its base model (peft: "
+            f"PeftModel.from_pretrained(base, '{path}').merge_and_unload().save_pretrained(out), with the base's "
+            f"tokenizer) and pass that folder, or pass its base {base or 'model'} itself")
+
 
 def split_model_path(path: str) -> tuple[str, dict[str, Any]]:
     """Resolve aliases and GGUF files: returns (directory or hub name, extra from_pretrained kwargs)."""
@@ -21,6 +37,8 @@ def split_model_path(path: str) -> tuple[str, dict[str, Any]]:
             raise ModelPathError(f"GGUF file not found: {path}")
         return str(Path(path).resolve().parent), {"gguf_file": Path(path).name}
     if os.path.isdir(path):
+        if not (Path(path) / "config.json").exists() and (Path(path) / "adapter_config.json").exists():
+            raise ModelPathError(adapter_only_message(path))
         if not (Path(path) / "config.json").exists():
             inside = [d.name for d in sorted(Path(path).iterdir()) if (d / "config.json").exists()]
             hint = f"; it holds the model folders {', '.join(inside)} (a step-3 output?): pass {Path(path) / inside[0]}" \
@@ -92,6 +110,11 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, padding_side: str
     from transformers import AutoTokenizer
 
     directory, extra = split_model_path(path)
+    if os.path.isdir(directory) and "gguf_file" not in extra and \
+            not any((Path(directory) / name).exists() for name in TOKENIZER_FILES):
+        raise ModelPathError(f"{path} holds no tokenizer files (none of tokenizer.json, tokenizer_config.json, "
+                             f"tokenizer.model, vocab.json, ...): copy them from the model it was made from (its "
+                             f"tokenizer.save_pretrained into this folder)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **extra)
     except Exception as err:  # a corrupt or mistyped file can raise anything
