@@ -105,6 +105,21 @@ def test_warmup_longer_than_the_run_warns_with_both_numbers(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_offload_on_cpu_says_it_changes_nothing(monkeypatch):
+    """--offload on a CPU run is accepted and does nothing: said in one note (issue 30 item 12)."""
+    import torch
+
+    from dschat.runtime import engine
+    from dschat.runtime.engine import offload_note
+
+    monkeypatch.setattr(engine, "device", lambda: torch.device("cpu"))
+    note = offload_note({"offload": True, "offload_reference_model": True, "offload_reward_model": False, "seed": 1})
+    assert note.startswith("note: --offload, --offload_reference_model changes nothing on this CPU run")
+    assert offload_note({"offload": False}) is None
+    monkeypatch.setattr(engine, "device", lambda: torch.device("cuda", 0))
+    assert offload_note({"offload": True}) is None
+
+
 def test_warmup_ratio_and_num_warmup_steps_exclude_each_other():
     from dschat.runtime.engine import warmup_steps
 

@@ -22,6 +22,16 @@ def device() -> torch.device:
     return torch.device("cpu") if name == "cpu" else torch.device(name, dist.local_rank())
 
 
+def offload_note(flags: dict[str, bool]) -> str | None:
+    """A note when --offload* flags are set on a CPU run: they move ZeRO state to CPU memory, where it already is,
+    so they change nothing (None otherwise)."""
+    named = sorted(f"--{k}" for k, v in flags.items() if v is True and k.startswith("offload"))
+    if not named or device().type != "cpu":
+        return None
+    return (f"note: {', '.join(named)} changes nothing on this CPU run: offloading moves ZeRO state from the GPU to "
+            f"CPU memory, where everything already is")
+
+
 def resolve_dtype(dtype: str) -> str:
     """"auto" -> bf16 on a GPU that supports it, else fp32; fp16 on CPU is an error naming --dtype."""
     on_cpu = device().type == "cpu"

@@ -28,7 +28,7 @@ from dschat.models.lora import apply_lora
 from dschat.runtime import dist
 from dschat.runtime.accumulation import check_accumulation
 from dschat.runtime.ds_config import get_train_ds_config
-from dschat.runtime.engine import build_engine, device, setup, torch_dtype, warmup_steps
+from dschat.runtime.engine import build_engine, device, offload_note, setup, torch_dtype, warmup_steps
 from dschat.runtime.errors import NothingTrainedError
 from dschat.runtime.logger import METRICS_FILE, Logger
 from dschat.trainers.evaluation import judge_eval
@@ -74,6 +74,9 @@ class Run:
         self.args, self.start = args, time.time()
         self.dtype = setup(args.dtype, args.seed)
         self.dev = device()
+        note = offload_note(vars(args))
+        if note:
+            dist.print_rank0(note)
         self.tokenizer = load_tokenizer(model_path, args.trust_remote_code, padding_side=padding_side)
         self.fmt = PromptFormat.create(self.tokenizer, args.prompt_format)
         carry_template(self.tokenizer, self.fmt.kind)  # the saved model carries the format it was trained in
