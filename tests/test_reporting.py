@@ -77,7 +77,7 @@ def test_plot_has_step3_panels_and_eval_points(tmp_path):
     assert plot_metrics(tmp_path / "empty.jsonl") is None
 
 
-def test_model_card_names_base_algorithm_flags_and_metrics():
+def test_model_card_names_base_algorithm_flags_and_metrics(tmp_path):
     flags = {"actor_model_name_or_path": "smollm2-135m", "data_path": ["dschat/builtin"], "data_split": "2,4,4",
              "advantage_estimator": "grpo", "policy_loss": "ppo", "reward_fn": ["accuracy"], "seed": 3,
              "actor_learning_rate": 1e-5, "lora_dim": 0}
@@ -90,6 +90,11 @@ def test_model_card_names_base_algorithm_flags_and_metrics():
                  "start (SFT)", "epoch 1", "AutoModelForCausalLM", "chat.py --path", "dschat 0."):
         assert text in card, text
     assert "answers" not in card and "lora_dim" not in card  # no text rows, no zero flags
+    sft = tmp_path / "sft"  # a later step names what the step-1 model it starts from was trained from
+    sft.mkdir()
+    (sft / "README.md").write_text(model_card("step1", {"model_name_or_path": "/models/SmolLM2-135M"}))
+    later = model_card("step 3", {**flags, "actor_model_name_or_path": str(sft)})
+    assert f"- **Base model**: {sft}, trained from /models/SmolLM2-135M (licence: Apache-2.0" in later
     rm = model_card("step2", {"model_name_or_path": "x", "loss": "pairwise"}, {"evals": [{"accuracy": 0.5}]},
                     seq_cls=True)
     assert "AutoModelForSequenceClassification" in rm and "| accuracy | 0.5 | 0.5 |" in rm and "chat.py" not in rm

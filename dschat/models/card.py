@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 from typing import Any
 
 import dschat
@@ -22,6 +23,7 @@ KEY_FLAGS = ("learning_rate", "actor_learning_rate", "critic_learning_rate", "nu
              "init_kl_coef", "kl_estimator", "lora_dim", "actor_lora_dim", "critic_lora_dim", "lora_alpha",
              "actor_lora_alpha", "only_optimize_lora", "zero_stage", "actor_zero_stage", "dtype", "prompt_format",
              "seed")
+BASE_LINE = "- **Base model**:"
 LICENCES = {"smollm2": "Apache-2.0 (SmolLM2, HuggingFaceTB)", "dschat/builtin": "the dschat package's own tiny model",
             "builtin": "the dschat package's own tiny model", "tiny-llama": "the dschat package's own tiny model"}
 
@@ -31,6 +33,17 @@ def base_model(flags: dict[str, Any], seq_cls: bool = False) -> str:
     classifier of step 3 (the critic) --critic_model_name_or_path)."""
     critic = flags.get("critic_model_name_or_path") if seq_cls else None
     return str(critic or flags.get("model_name_or_path") or flags.get("actor_model_name_or_path") or "unknown")
+
+
+def origin(base: str) -> str | None:
+    """The base-model line of the card in `base` when it is a model dschat trained (its own base, licence)."""
+    try:
+        lines = (Path(base) / "README.md").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not lines or lines[0].strip() != CARD_MARK:
+        return None
+    return next((line.split(BASE_LINE, 1)[1].strip() for line in lines if line.startswith(BASE_LINE)), None)
 
 
 def licence(base: str) -> str | None:
@@ -79,12 +92,13 @@ def model_card(step: str, flags: dict[str, Any], metrics: dict[str, Any] | None 
     dschat version."""
     metrics = metrics or {}
     base = base_model(flags, seq_cls)
-    lic = licence(base)
+    earlier = origin(base)  # a step's output: name what it was trained from (and that model's licence)
+    lic = None if earlier else licence(base)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     name = folder.rstrip("/").split("/")[-1] if folder else "model"
     lines = [CARD_MARK, f"# {name}", "",
              f"Trained with dschat {dschat.__version__} on {now}.", "",
-             f"- **Base model**: {base}" + (f" (licence: {lic})" if lic else ""),
+             f"{BASE_LINE} {base}" + (f" (licence: {lic})" if lic else "") + (f", trained from {earlier}" if earlier else ""),
              f"- **Algorithm**: {algorithm(step, flags, role)}",
              f"- **Data**: {_fmt(flags.get('data_path', []))} (split {flags.get('data_split', '-')}"
              + "".join(f"; {n} {split} rows" for split, n in (counts or {}).items()) + ")",
