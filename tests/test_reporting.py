@@ -40,8 +40,10 @@ def test_logger_writes_train_and_eval_lines_and_a_fresh_run_starts_over(tmp_path
     assert [(r["kind"], r["step"]) for r in rows] == [("eval", 0), ("train", 1), ("train", 2)]
     assert rows[0]["perplexity"] == 9.0 and rows[1]["loss"] == 2.5 and rows[1]["lr"] == 1e-3
     assert rows[2]["loss"] is None and all(r["time_s"] >= 0 for r in rows)  # NaN stays valid JSON
+    path.write_text(path.read_text().replace('"time_s": ', '"time_s": 100'))  # as if the run had taken 100 s
     Logger(3, "t", metrics_path=path, append=True).step(3, {"train/loss": 1.0})  # --resume appends
-    assert len(path.read_text().splitlines()) == 4
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(rows) == 4 and rows[-1]["time_s"] >= 100  # and its time goes on from the earlier lines
     Logger(3, "t", metrics_path=path).step(1, {"train/loss": 1.0})  # a new run starts the file over
     assert len(path.read_text().splitlines()) == 1
 

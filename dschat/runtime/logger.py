@@ -49,6 +49,20 @@ def resolve_report_to(report_to: list[str] | None, enable_tensorboard: bool = Fa
     return chosen
 
 
+def last_time(path: Path) -> float:
+    """The largest time_s in a metrics.jsonl (0 when there is none)."""
+    best = 0.0
+    try:
+        for raw in path.read_text().splitlines():
+            try:
+                best = max(best, float(json.loads(raw).get("time_s") or 0.0))
+            except (ValueError, AttributeError, TypeError):
+                continue
+    except OSError:
+        pass
+    return best
+
+
 class Logger:
     """Rank-0 progress bar (tqdm), metrics.jsonl lines, TensorBoard and wandb scalars; silent on other ranks."""
 
@@ -73,7 +87,8 @@ class Logger:
                                     config=wandb_config or {})
         self.metrics_path = Path(metrics_path) if metrics_path and dist.is_rank0() else None
         self._truncate = not append  # a fresh run starts the file over; --resume appends to it
-        self.start = time.time()
+        # time_s goes on from the run's earlier lines on --resume (time since the first run's start)
+        self.start = time.time() - (last_time(self.metrics_path) if append and self.metrics_path else 0.0)
 
     def step(self, step: int, scalars: dict[str, float], shown: tuple[str, ...] = ()) -> None:
         """Advance the bar one step, show `shown` scalars on it and log all of them (a "train" line)."""
