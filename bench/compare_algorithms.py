@@ -107,7 +107,18 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[1234])
     p.add_argument("--workdir", type=Path, default=ROOT / "output" / "compare")
     p.add_argument("--threads", type=int, default=2, help="OMP threads per run (the machine's cores).")
+    p.add_argument("--stop_step", type=int, default=0,
+                   help="Stop every step-3 run after this many PPO steps (--enable_test_mode --test_stop_step), "
+                        "a smaller budget that separates variants which all saturate the judge (0: the whole run).")
+    p.add_argument("--step3_flags", type=str, default="",
+                   help="More flags for every step-3 run (e.g. \"--ppo_epochs 2 --per_device_training_batch_size 4\", "
+                        "which makes the updates off-policy, where the clip ranges act).")
     args = p.parse_args()
+    extra = [*(["--enable_test_mode", "--test_stop_step", str(args.stop_step)] if args.stop_step else []),
+             *args.step3_flags.split()]
+    # runs with other budgets or flags are kept apart: their folders and compare.json keys carry a suffix
+    suffix = (f"@{args.stop_step}" if args.stop_step else "") + \
+        ("+" + "".join(c if c.isalnum() else "_" for c in args.step3_flags.strip()) if args.step3_flags.strip() else "")
     algos = args.algos or [name for name, (table, _, _) in VARIANTS.items() if table in args.tables]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -124,7 +135,7 @@ def main() -> None:
     for algo in algos:
         _, label, flags = VARIANTS[algo]
         for seed in args.seeds:
-            out = work / f"{algo}-seed{seed}"
+            out = work / f"{algo}{suffix}-seed{seed}"
             print(f"{label} seed {seed} ...", flush=True)
             if flags is None:
                 if not DPO.exists():
@@ -139,8 +150,8 @@ def main() -> None:
                 needs_rm = "--reward_fn" not in flags or "--advantage_estimator" not in flags
                 cmd = [sys.executable, str(STEP3), "--actor_model_name_or_path", str(sft),
                        *(["--critic_model_name_or_path", str(rm)] if needs_rm else []), "--enable_hybrid_engine",
-                       "--output_dir", str(out), "--seed", str(seed), *flags]
-                wall, rss = timed(cmd, work / f"logs/{algo}-{seed}.log", env)
+                       "--output_dir", str(out), "--seed", str(seed), *flags, *extra]
+                wall, rss = timed(cmd, work / f"logs/{algo}{suffix}-{seed}.log", env)
                 m = metrics(out / "actor")
                 last = m["evals"][-1]
                 row = {"judge": last["judge"], "kl": last["kl"], "answer_len": last.get("answer_len"),
@@ -152,8 +163,8 @@ def main() -> None:
     result = json.loads(saved.read_text()) if saved.exists() else {"runs": {}}
     result["sft_judge"] = sft_judge
     for algo, runs in rows.items():  # a rerun of some seeds replaces those seeds' runs only
-        kept = [r for r in result["runs"].get(algo, []) if r["seed"] not in args.seeds]
-        result["runs"][algo] = rows[algo] = sorted(kept + runs, key=lambda r: r["seed"])
+        kept = [r for r in result["runs"].get(algo + suffix, []) if r["seed"] not in args.seeds]
+        result["runs"][algo + suffix] = rows[algo] = sorted(kept + runs, key=lambda r: r["seed"])
     saved.write_text(json.dumps(result, indent=1))
 
     def span(values: list[float], fmt: str) -> str:
@@ -167,7 +178,9 @@ def main() -> None:
         runs_of = {algo: runs for algo, runs in rows.items() if VARIANTS[algo][0] == table}
         if not runs_of:
             continue
-        print(f"\nbuiltin task, {title}; 64 held-out prompts; median (min-max) over seeds {args.seeds}")
+        budget = f"; the first {args.stop_step} PPO steps" if args.stop_step else ""
+        budget += f"; step 3 with {args.step3_flags.strip()}" if args.step3_flags.strip() else ""
+        print(f"\nbuiltin task, {title}{budget}; 64 held-out prompts; median (min-max) over seeds {args.seeds}")
         print(f"{'algorithm':<27}{'judge':>20}{'vs SFT':>8}{'KL to SFT':>19}{'answer len':>19}{'entropy':>19}"
               f"{'wall s':>14}{'rollouts':>20}{'peak RSS MiB':>18}")
         print(f"{'SFT (start)':<27}{sft_judge:>20.3f}{'':>8}{'0':>19}")
