@@ -344,3 +344,92 @@ def test_a_step_holds_its_output_for_the_whole_run(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         steps.sft_main(argv)
     assert not lock.lock_path(out).exists()
+
+
+# ---- a full disk or read-only folder: one line naming the path and errno, nothing half-written (issue 30 item 10)
+
+NO_SPACE = "Error while serializing: I/O error: No space left on device (os error 28)"  # what safetensors says
+
+
+def test_full_disk_at_the_final_save_keeps_the_previous_model(tmp_path):
+    import torch
+
+    from dschat.runtime.errors import WriteError
+
+    class FillsTheDisk(torch.nn.Linear):
+        def save_pretrained(self, folder, **kwargs):
+            (Path(folder) / "model.safetensors").write_bytes(b"half a model")
+            raise Exception(NO_SPACE)
+
+    out = tmp_path / "model"
+    write(out, OLD)
+    before = tree(out)
+    with pytest.raises(WriteError, match=r"cannot save the model to .*model: No space left on device \(ENOSPC\); "
+                                         r"nothing half-written was kept; the previous model there is intact"):
+        export.save_hf_model(FillsTheDisk(2, 2), None, str(out))
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary sibling left
+
+
+def test_full_disk_at_a_checkpoint_removes_the_partial_one(tmp_path, monkeypatch):
+    """torch.save on a full disk says only "unexpected pos": the disk's free space tells ENOSPC."""
+    import collections
+    import json
+    import shutil
+
+    from dschat.runtime import checkpoint
+    from dschat.runtime.errors import WriteError
+
+    class Engine:
+        def save_checkpoint(self, path, tag, save_latest):
+            Path(path, tag).mkdir(parents=True)
+            Path(path, tag, "mp_rank_00_model_states.pt").write_bytes(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    previous = tmp_path / "checkpoints" / "step1"
+    previous.mkdir(parents=True)
+    (previous / "state.json").write_text(json.dumps({"epoch": 0, "batch": 1, "step": 1, "rng": [{}]}))
+    (tmp_path / "checkpoints" / "latest").write_text("step1")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100, 100, 0))
+    with pytest.raises(WriteError, match=r"cannot write checkpoint .*step2: No space left on device \(ENOSPC\); the "
+                                         r"partial checkpoint was removed, the previous one \(.*step1\) is intact"):
+        checkpoint.save(str(tmp_path), {"train": Engine()}, {"epoch": 0, "batch": 2, "step": 2})
+    assert not (tmp_path / "checkpoints" / "step2").exists()
+    assert checkpoint.latest(str(tmp_path)) == previous
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with free space it is not called a full disk
+        checkpoint.save(str(tmp_path), {"train": Engine()}, {"epoch": 0, "batch": 2, "step": 2})
+
+
+@pytest.mark.parametrize("fail, expected", [("save_to_disk", r"No space left on device \(ENOSPC\)"),
+                                            ("mkdtemp", r"Read-only file system \(EROFS\)")])
+def test_full_disk_or_read_only_data_cache_is_one_line(tmp_path, monkeypatch, fail, expected):
+    import errno
+
+    import datasets
+
+    from dschat.data import phases
+    from dschat.data.phases import DataSettings, load_phase_data
+    from dschat.models.loading import load_tokenizer
+    from dschat.runtime.errors import DatasetError
+
+    def full(self, folder, *a, **k):
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "data-00000-of-00001.arrow").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), k.get("dir"))
+
+    if fail == "save_to_disk":
+        monkeypatch.setattr(datasets.Dataset, "save_to_disk", full)
+    else:
+        monkeypatch.setattr(phases.tempfile, "mkdtemp", read_only)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    settings = DataSettings(data_path=("dschat/builtin",), data_split="2,4,4", phase=1, seed=1, max_seq_len=64)
+    with pytest.raises(DatasetError, match=rf"--data_output_path {cache}: cannot write the tokenised data cache "
+                                           rf"phase1_\w+ there: {expected}; nothing of it was kept"):
+        load_phase_data(settings, load_tokenizer("builtin"), str(cache))
+    assert list(cache.iterdir()) == []

@@ -23,7 +23,7 @@ import numpy as np
 from dschat.data.prompts import PromptFormat
 from dschat.data.sources import Row, load_raw
 from dschat.runtime import dist
-from dschat.runtime.errors import DatasetError
+from dschat.runtime.errors import DatasetError, describe_errno, write_errno
 
 CACHE_VERSION = 5  # 4: phase-3 prompts as JSON (text or messages), conversational rows; 5: tie pairs dropped
 SPLITS = ("train", "eval")
@@ -284,6 +284,13 @@ def load_phase_data(settings: DataSettings, tokenizer, output_path: str) -> dict
             _build(folder, settings, tokenizer)
         except DatasetError as err:
             error = str(err)
+        except Exception as err:  # a full disk, a read-only cache folder: one line, nothing of the cache kept
+            number = write_errno(err, output_path if os.path.isdir(output_path) else None)
+            if number is None:
+                raise
+            error = (f"--data_output_path {output_path}: cannot write the tokenised data cache {folder.name} there: "
+                     f"{describe_errno(number)}; nothing of it was kept (free space, or give another "
+                     f"--data_output_path)")
     # Every rank learns whether the builders succeeded, so a bad dataset stops all ranks at once.
     errors = [e for e in dist.all_gather_object(error) if e]
     if errors:

@@ -41,7 +41,7 @@ import torch
 from dschat.data.prompts import carry_template
 from dschat.models.lora import merge_lora_state_dict
 from dschat.runtime import dist
-from dschat.runtime.errors import FlagError
+from dschat.runtime.errors import FlagError, WriteError, describe_errno, write_errno
 
 DONE_MARKER = "dschat_complete.json"
 SLOW_SAVE_ENV = "DSCHAT_TEST_SLOW_SAVE"
@@ -333,14 +333,29 @@ def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: str, extra_json: d
                 dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
                 print(f"note: {out_dir}: LoRA merged in fp32, saved in {dtype}: rounding to {dtype} changed the "
                       f"adapters' update by {lost:.0%} of its norm (the part below {dtype}'s precision)", flush=True)
-        with atomic_dir(out_dir) as tmp:
-            base.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            if not getattr(tokenizer, "chat_template", None):  # a model trained in DeepSpeed-Chat's text format
-                carry_template(tokenizer, "dschat")
-            tokenizer.save_pretrained(tmp)
-            for name, content in (extra_json or {}).items():  # text as it is (README.md), anything else as JSON
-                if name == "README.md" and not is_card(Path(out_dir) / name):  # a user's own README stays
-                    name = CARD_ASIDE
-                (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
-            (tmp / DONE_MARKER).write_text(json.dumps({"complete": True}))
+        existed = is_model_dir(Path(out_dir))
+        try:
+            _write_model(base, state, tokenizer, out_dir, extra_json)
+        except Exception as err:  # a full disk, quota or read-only folder: one line; atomic_dir removed the partial
+            number = write_errno(err, str(Path(out_dir).resolve().parent) if Path(out_dir).resolve().parent.is_dir()
+                                 else None)
+            if number is None:
+                raise
+            raise WriteError(f"cannot save the model to {out_dir}: {describe_errno(number)}; nothing half-written "
+                             f"was kept" + ("; the previous model there is intact" if existed else "")) from err
     dist.barrier()
+
+
+def _write_model(base: torch.nn.Module, state: dict[str, torch.Tensor], tokenizer, out_dir: str,
+                 extra_json: dict[str, Any] | None) -> None:
+    """save_hf_model's files, written into a temporary sibling that replaces `out_dir` only when whole."""
+    with atomic_dir(out_dir) as tmp:
+        base.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        if not getattr(tokenizer, "chat_template", None):  # a model trained in DeepSpeed-Chat's text format
+            carry_template(tokenizer, "dschat")
+        tokenizer.save_pretrained(tmp)
+        for name, content in (extra_json or {}).items():  # text as it is (README.md), anything else as JSON
+            if name == "README.md" and not is_card(Path(out_dir) / name):  # a user's own README stays
+                name = CARD_ASIDE
+            (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
+        (tmp / DONE_MARKER).write_text(json.dumps({"complete": True}))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dschat.runtime import dist
-from dschat.runtime.errors import CheckpointError
+from dschat.runtime.errors import CheckpointError, WriteError, describe_errno, write_errno
 
 
 def _deepspeed_types() -> list[Any]:
@@ -90,6 +90,23 @@ def save(output_dir: str, engines: dict[str, Any], state: dict[str, Any], extras
     if dist.is_rank0() and folder.exists():
         shutil.rmtree(folder)
     dist.barrier()
+    try:
+        _write(root, folder, engines, state, extras)
+    except Exception as err:  # a full disk or quota: remove the partial checkpoint (it would keep the disk full)
+        number = write_errno(err, str(root) if root.is_dir() else None)
+        if number is None:
+            raise
+        if dist.is_rank0():
+            shutil.rmtree(folder, ignore_errors=True)
+        before = latest(output_dir)
+        raise WriteError(f"cannot write checkpoint {folder}: {describe_errno(number)}; the partial checkpoint was "
+                         f"removed" + (f", the previous one ({before}) is intact" if before else "")) from err
+    return folder
+
+
+def _write(root: Path, folder: Path, engines: dict[str, Any], state: dict[str, Any],
+           extras: dict[str, Any] | None) -> None:
+    """save()'s writes: engines, extras, then state.json and `latest` (rank 0), then older checkpoints removed."""
     for name, engine in engines.items():
         engine.save_checkpoint(str(folder / name), tag="state", save_latest=False)
     for name, obj in (extras or {}).items():
@@ -109,7 +126,6 @@ def save(output_dir: str, engines: dict[str, Any], state: dict[str, Any], extras
             if old != folder:
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
-    return folder
 
 
 def latest(output_dir: str) -> Path | None:
