@@ -307,4 +307,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # clean up the running step
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # outside a step (parsing, summarising): one line, as during one
+        print("\nerror: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
