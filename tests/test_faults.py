@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -249,6 +250,17 @@ def test_a_live_owner_refuses_a_second_run_and_a_dead_ones_lock_is_taken_over(tm
         # A pid reused by another process (another start time) is not the owner either.
         path.write_text(json.dumps({"pid": live.pid, "host": socket.gethostname(), "start": "1"}))
         lock.release(str(out), lock.acquire(str(out)))
+        # A killed owner that nobody reaped yet (a zombie: its parent died first, as e2e's trainer after kill -9)
+        # holds nothing: its lock is taken over.
+        zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+        wait_until = time.time() + 30
+        while lock._stat_fields(zombie.pid)[0] != "Z" and time.time() < wait_until:
+            time.sleep(0.05)  # exited, not waited for
+        path.write_text(json.dumps({"pid": zombie.pid, "host": socket.gethostname(),
+                                    "start": lock.process_start(zombie.pid)}))
+        assert lock.holder(out) is None
+        lock.release(str(out), lock.acquire(str(out)))
+        zombie.wait()
     finally:
         live.kill()
         live.wait()

@@ -31,24 +31,34 @@ def lock_path(out_dir: str | Path) -> Path:
     return out.parent / f".{out.name}.dschat-lock"
 
 
-def process_start(pid: int) -> str | None:
-    """The start time of process `pid` in clock ticks since boot (Linux /proc), or None where unknown."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None where unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[-1].split()[19]
+    return stat.rsplit(")", 1)[-1].split()
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (Linux /proc), or None where unknown."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields else None
 
 
 def pid_alive(pid: int, start: str | None = None) -> bool:
-    """Whether process `pid` runs (and, when `start` is given and known here, is the one started then)."""
+    """Whether process `pid` runs (and, when `start` is given and known here, is the one started then); a zombie
+    (exited, not yet reaped: a killed trainer whose parent died first can stay one) does not run."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
         pass
-    now = process_start(pid)
+    fields = _stat_fields(pid)
+    if fields and fields[0] in ("Z", "X"):
+        return False
+    now = fields[19] if fields else None
     return start is None or now is None or now == start  # a reused pid is another process
 
 
