@@ -181,14 +181,14 @@ def main() -> None:
         budget = f"; the first {args.stop_step} PPO steps" if args.stop_step else ""
         budget += f"; step 3 with {args.step3_flags.strip()}" if args.step3_flags.strip() else ""
         print(f"\nbuiltin task, {title}{budget}; 64 held-out prompts; median (min-max) over seeds {args.seeds}")
-        print(f"{'algorithm':<27}{'judge':>20}{'vs SFT':>8}{'KL to SFT':>19}{'answer len':>19}{'entropy':>19}"
-              f"{'wall s':>14}{'rollouts':>20}{'peak RSS MiB':>18}")
+        print(f"{'algorithm':<27}{'judge':>20}{'vs SFT':>8}{'KL to SFT':>19}{'answer len':>19}{'entropy':>22}"
+              f"{'wall s':>16}{'rollouts':>20}{'peak RSS MiB':>18}")
         print(f"{'SFT (start)':<27}{sft_judge:>20.3f}{'':>8}{'0':>19}")
         for algo, runs in runs_of.items():
             judges = [r["judge"] for r in runs]
             print(f"{VARIANTS[algo][1]:<27}{span(judges, '.3f'):>20}{statistics.median(judges) - sft_judge:>+8.3f}"
                   f"{span([r['kl'] for r in runs], '.2f'):>19}{span([r.get('answer_len') for r in runs], '.1f'):>19}"
-                  f"{span([r.get('entropy') for r in runs], '.3f'):>19}{span([r['wall_s'] for r in runs], '.0f'):>14}"
+                  f"{span([r.get('entropy') for r in runs], '.3f'):>22}{span([r['wall_s'] for r in runs], '.0f'):>16}"
                   f"{span([r.get('rollouts') for r in runs], '.0f'):>20}"
                   f"{span([r['peak_rss_mib'] for r in runs], '.0f'):>18}")
 
