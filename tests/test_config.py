@@ -11,6 +11,7 @@ import sys
 import zipfile
 
 import pytest
+import torch
 
 from dschat.cli import steps
 from dschat.cli.config import ARGS_FILE, HelpFormatter, write_args
@@ -162,9 +163,8 @@ def test_a_training_run_needs_output_dir():
 
 
 def test_a_run_writes_dschat_args_json_that_repeats_it(tmp_path):
-    """A tiny step-1 run writes its flags beside the model; --config of that file parses to the same flags.
-    (Same flags and seed give the same weights: the resume tests compare such runs; a second run here would
-    cost the CI budget ~13 s more.)"""
+    """A tiny step-1 run writes its flags beside the model; --config of that file parses to the same flags, and a
+    run from it (another --output_dir) trains the same weights."""
     out = tmp_path / "sft"
     run([STEP1, *TINY, "--data_output_path", tmp_path / "data", "--output_dir", out])
     recorded = json.loads((out / ARGS_FILE).read_text())
@@ -172,6 +172,12 @@ def test_a_run_writes_dschat_args_json_that_repeats_it(tmp_path):
     assert recorded["version"] and "config" not in recorded and (out / "model.safetensors").is_file()
     again = steps.parse_sft_args(["--config", str(out / ARGS_FILE)])
     assert {"version": recorded["version"], "commit": recorded["commit"], **RECORDED[id(again)]} == recorded
+    repeat = tmp_path / "repeat"
+    run([STEP1, "--config", out / ARGS_FILE, "--output_dir", repeat])
+    from safetensors.torch import load_file
+
+    first, second = load_file(out / "model.safetensors"), load_file(repeat / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_wheel_holds_the_builtin_model_and_its_command_runs(tmp_path):
