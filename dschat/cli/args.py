@@ -15,6 +15,7 @@ from pathlib import Path
 from dschat.data.phases import BUILTIN_NAMES, parse_split
 from dschat.models.builtin import BUILTIN_MODEL_DIR, resolve_model_name
 from dschat.models.export import check_output_dir, nearest_existing
+from dschat.models.gguf_export import GGUF_TYPES, export_refusal, gguf_file_name
 from dschat.models.lora import LORA_ALPHA
 from dschat.runtime import checkpoint
 from dschat.runtime.errors import DschatError, FlagError
@@ -109,6 +110,34 @@ def add_lora_args(p: argparse.ArgumentParser, prefix: str) -> None:
                    help="Learning rate of the LoRA weights (the other trained weights use the main one).")
 
 
+def add_export_args(p: argparse.ArgumentParser, folder: str = "<output_dir>") -> None:
+    """--export_gguf (steps 1, 3 and DPO: the causal LMs)."""
+    p.add_argument("--export_gguf", choices=list(GGUF_TYPES), default=None,
+                   help=f"Also write the saved model as {folder}/{gguf_file_name('<type>')} for llama.cpp and Ollama "
+                        f"(tensor names, tokenizer, chat template; norms stay f32). Llama-family models with a "
+                        f"byte-level BPE tokenizer only (builtin, SmolLM2): others are refused before training.")
+
+
+def check_export_gguf(args: argparse.Namespace) -> None:
+    """Refuse --export_gguf before training when the model it would write is no Llama (or not writable as GGUF)."""
+    gguf_type = getattr(args, "export_gguf", None)
+    if not gguf_type:
+        return
+    from dschat.models.loading import load_tokenizer, model_config
+
+    flag = "actor_model_name_or_path" if hasattr(args, "actor_model_name_or_path") else "model_name_or_path"
+    path = getattr(args, flag)
+    trust = getattr(args, "trust_remote_code", False)
+    try:
+        config = model_config(path, trust)
+        tokenizer = load_tokenizer(path, trust) if getattr(config, "model_type", None) == "llama" else None
+    except DschatError:  # a missing or broken model: the step's loader names it
+        return
+    reason = export_refusal(config, tokenizer, f"--{flag} {path}")
+    if reason:
+        raise FlagError(f"--export_gguf {gguf_type}: {reason}")
+
+
 def add_run_args(p: argparse.ArgumentParser, tb_default: str) -> None:
     """Output, seed, precision, logging, evaluation cadence, checkpoints and safety flags."""
     p.add_argument("--output_dir", type=str, default=None,
@@ -174,6 +203,7 @@ def check_common_args(args: argparse.Namespace, model_dirs: tuple[str, ...] = ("
         args.report_to = resolve_report_to(args.report_to, getattr(args, "enable_tensorboard", False))
     if getattr(args, "print_examples", 0) < 0:
         raise FlagError(f"--print_examples must be 0 (off) or positive (got {args.print_examples})")
+    check_export_gguf(args)
     if not getattr(args, "output_dir", None):
         for name in ("resume", "save_interval"):
             if getattr(args, name, None):

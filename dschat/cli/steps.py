@@ -13,6 +13,7 @@ from dschat.algos.losses import DPO_LOSS_KINDS
 from dschat.cli.args import (
     SCHEDULERS,
     add_data_args,
+    add_export_args,
     add_lora_args,
     add_model_args,
     add_optim_args,
@@ -59,6 +60,7 @@ def sft_parser() -> argparse.ArgumentParser:
     add_data_args(p, step=1)
     add_model_args(p, lr=1e-3, lr_help="Learning rate of the trained weights.")
     add_run_args(p, tb_default="step1_tensorboard")
+    add_export_args(p)
     p.add_argument("--eot_token", type=str, default="<|endoftext|>",
                    help="Accepted for compatibility; the tokenizer's own EOS ends every answer.")
     p.add_argument("--train_on_prompt", action="store_true",
@@ -109,6 +111,7 @@ def dpo_parser() -> argparse.ArgumentParser:
     add_data_args(p, step=2)
     add_model_args(p, lr=5e-4, lr_help=DPO_LR_HELP)
     add_run_args(p, tb_default="step2_dpo_tensorboard")
+    add_export_args(p)
     p.add_argument("--beta", type=float, default=0.1,
                    help="Strength of the pull towards the reference (implicit reward = beta * log-ratio).")
     p.add_argument("--loss_type", choices=list(DPO_LOSS_KINDS), default="sigmoid",
@@ -169,6 +172,7 @@ def ppo_parser() -> argparse.ArgumentParser:
         add_lora_args(p, f"{role}_")
     add_ppo_args(p)
     add_run_args(p, tb_default="step3_tensorboard")
+    add_export_args(p, "<output_dir>/actor")
     set_step3_help(p)
     return p
 

@@ -56,7 +56,8 @@ MODEL_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.m
                "*.safetensors.index.json", "*.bin.index.json", "config.json", "generation_config.json",
                "adapter_*", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*",
                "preprocessor_config.json", "processor_config.json", "*.model", "*.tiktoken", "vocab.*",
-               "merges.txt", DONE_MARKER, "dschat_metrics.json", "reward_stats.json", SAVE_MARKER)
+               "merges.txt", DONE_MARKER, "dschat_metrics.json", "reward_stats.json", SAVE_MARKER,
+               ".*.gguf.tmp-*")  # the last: a GGUF export (models/gguf_export.py) killed while writing
 CARD_MARK = "<!-- dschat model card -->"  # first line of the README.md every save writes (models/card.py)
 CARD_ASIDE = "README.dschat.md"  # where the card goes when the output folder holds a README.md of the user's
 
@@ -311,9 +312,10 @@ def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: str, extra_json: dict[str, Any] | None = None) -> None:
+def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: str, extra_json: dict[str, Any] | None = None,
+                  gguf_type: str | None = None) -> None:
     """Write `model` (engine or module; LoRA merged in fp32, saved in the training dtype) with its tokenizer as a
-    plain HF directory, atomically.
+    plain HF directory, atomically (then, with `gguf_type`, its model-<type>.gguf: export_gguf).
 
     Every rank must call this (ZeRO-3 gathers are collective); only rank 0 writes. `extra_json` maps file
     names to JSON content (a str is written as text: the README.md model card) stored beside the model. A
@@ -343,7 +345,26 @@ def save_hf_model(model: torch.nn.Module, tokenizer, out_dir: str, extra_json: d
                 raise
             raise WriteError(f"cannot save the model to {out_dir}: {describe_errno(number)}; nothing half-written "
                              f"was kept" + ("; the previous model there is intact" if existed else "")) from err
+        if gguf_type:
+            export_gguf(out_dir, gguf_type)
     dist.barrier()
+
+
+def export_gguf(out_dir: str, gguf_type: str) -> Path:
+    """Write the model saved in `out_dir` as `<out_dir>/model-<type>.gguf` (rank 0 only; a full disk is one line)."""
+    from dschat.models.gguf_export import gguf_file_name, write_gguf
+
+    target = Path(out_dir) / gguf_file_name(gguf_type)
+    try:
+        out = write_gguf(out_dir, gguf_type)
+    except Exception as err:
+        number = write_errno(err, out_dir)
+        if number is None:
+            raise
+        raise WriteError(f"cannot write {target}: {describe_errno(number)}; the model itself is saved in "
+                         f"{out_dir}") from err
+    print(f"--export_gguf {gguf_type}: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)", flush=True)
+    return out
 
 
 def _write_model(base: torch.nn.Module, state: dict[str, torch.Tensor], tokenizer, out_dir: str,

@@ -233,4 +233,5 @@ class OneModelRun(Run):
             metrics = self.run_metrics(step, **self.result)
             card = self.card(metrics, self.args.output_dir, seq_cls=self.name == "step2")
             save_hf_model(self.engine, self.tokenizer, self.args.output_dir,
-                          {"dschat_metrics.json": metrics, "README.md": card} | (extra_json or {}))
+                          {"dschat_metrics.json": metrics, "README.md": card} | (extra_json or {}),
+                          gguf_type=getattr(self.args, "export_gguf", None))

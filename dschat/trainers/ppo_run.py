@@ -20,7 +20,7 @@ from dschat.data.collators import PromptCollator
 from dschat.data.loaders import make_loader
 from dschat.data.phases import DataSettings
 from dschat.data.ptx import unsupervised_loader
-from dschat.models.export import DONE_MARKER, atomic_dir, save_hf_model
+from dschat.models.export import DONE_MARKER, atomic_dir, export_gguf, save_hf_model
 from dschat.models.forward import answer_logits
 from dschat.models.heads import has_dropout
 from dschat.rewards.combine import pass_at_k, pass_ks, resolve_spec
@@ -395,11 +395,13 @@ class RLHFRun(Run):
                               {"README.md": self.card(metrics, f"{out}/actor_ema", "EMA of the actor's weights")})
         card = {"README.md": self.card(metrics, f"{out}/actor")}
         if best_earlier:  # --save_best_by: the best evaluated state, not the last one
-            promote_dir(f"{a.output_dir}/{BEST_DIR}", f"{a.output_dir}/actor", {"dschat_metrics.json": metrics} | card)
+            promote_dir(f"{a.output_dir}/{BEST_DIR}", f"{a.output_dir}/actor", {"dschat_metrics.json": metrics} | card,
+                        gguf_type=getattr(a, "export_gguf", None))
             dist.print_rank0(f"--save_best_by {a.save_best_by}: saved the actor of {self.best['when']} "
                              f"({self.best['value']:.4f}), not the last state ({self.history[-1][a.save_best_by]:.4f})")
         else:
-            save_hf_model(self.engine.actor, self.tokenizer, f"{a.output_dir}/actor", {"dschat_metrics.json": metrics} | card)
+            save_hf_model(self.engine.actor, self.tokenizer, f"{a.output_dir}/actor", {"dschat_metrics.json": metrics} | card,
+                          gguf_type=getattr(a, "export_gguf", None))
         if dist.is_rank0():
             shutil.rmtree(f"{a.output_dir}/{BEST_DIR}", ignore_errors=True)
 
@@ -424,9 +426,9 @@ class RLHFRun(Run):
         return "\n".join(lines)
 
 
-def promote_dir(src: str, out_dir: str, extra_json: dict[str, Any]) -> None:
+def promote_dir(src: str, out_dir: str, extra_json: dict[str, Any], gguf_type: str | None = None) -> None:
     """Make a saved model folder `src` the (atomically replaced) `out_dir`, with `extra_json` files and its
-    completion marker written last (rank 0 writes; every rank waits)."""
+    completion marker written last, then its GGUF with `gguf_type` (rank 0 writes; every rank waits)."""
     if dist.is_rank0():
         with atomic_dir(out_dir) as tmp:
             for f in Path(src).iterdir():
@@ -435,6 +437,8 @@ def promote_dir(src: str, out_dir: str, extra_json: dict[str, Any]) -> None:
             for name, content in extra_json.items():  # text as it is (README.md), anything else as JSON
                 (tmp / name).write_text(content if isinstance(content, str) else json.dumps(content, indent=1))
             (tmp / DONE_MARKER).write_text(json.dumps({"complete": True}))
+        if gguf_type:
+            export_gguf(out_dir, gguf_type)
     dist.barrier()
 
 
