@@ -95,3 +95,26 @@ def test_export_gguf_flag_on_steps_1_3_and_dpo_refuses_other_families_before_tra
         with pytest.raises(FlagError, match=f"^--export_gguf f16: .*{flag} {gpt2} is model_type 'gpt2'") as err:
             parse([flag, str(gpt2), "--export_gguf", "f16", "--output_dir", str(tmp_path / "out")])
         assert "\n" not in str(err.value)
+
+
+def test_gguf_round_trip_of_grouped_query_attention_and_an_untied_head(tmp_path):
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(BUILTIN_MODEL_DIR)
+    torch.manual_seed(0)  # K is permuted per KV head (2 here, 4 query heads), as SmolLM2's 3 of 9
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False, rope_theta=50000.0, rms_norm_eps=1e-5)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "gqa")
+    tokenizer.save_pretrained(tmp_path / "gqa")
+    file = gguf_export.write_gguf(tmp_path / "gqa", "f32")
+    reader = GGUFReader(file)
+    assert "output.weight" in {t.name for t in reader.tensors}
+    assert reader.fields["llama.attention.head_count_kv"].contents() == 2
+    assert reader.fields["llama.rope.freq_base"].contents() == 50000.0
+    back, _ = loaded_back(file, tmp_path / "alone")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "gqa", dtype=torch.float32).eval()
+    ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert (back(ids).logits - reference(ids).logits).abs().max().item() < 1e-5
