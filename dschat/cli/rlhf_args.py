@@ -159,7 +159,10 @@ def add_ppo_args(p: argparse.ArgumentParser) -> None:
                          "--reward_weights. Without reward_model no reward model is loaded.")
     rw.add_argument("--reward_weights", type=float, nargs="+", default=None,
                     help="One weight per --reward_fn entry (default 1 each); the rollout's reward is the weighted "
-                         "sum of the rewards that gave a value.")
+                         "sum of the rewards that gave a value. With --advantage_estimator grpo the sum is divided "
+                         "by its group's std, so in a group where a 0/1 reward is the same for every answer a small "
+                         "shaping reward (overlong) is scaled up to +-1 whatever its weight: dr_grpo and rloo keep "
+                         "the weights' meaning.")
     rw.add_argument("--overlong_buffer_len", type=int, default=None,
                     help="The overlong reward's L_cache: answers longer than --max_answer_seq_len minus this many "
                          "tokens are penalised linearly down to -1 at --max_answer_seq_len (default: a quarter of "
