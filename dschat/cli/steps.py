@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 from dschat.algos.losses import DPO_LOSS_KINDS
 from dschat.cli.args import (
@@ -200,17 +201,24 @@ def parse_ppo_args(argv: list[str] | None = None) -> argparse.Namespace:
 PARSERS = {"sft": sft_parser, "rm": rm_parser, "dpo": dpo_parser, "ppo": ppo_parser}
 
 
+def _step_main(args: argparse.Namespace, phase: int, model_path: str, run_class: Any, start: str = "start") -> None:
+    """What every step's body does with its parsed flags: --print_examples shows the data of `phase` and stops;
+    otherwise --output_dir is required and held for the whole run of `run_class` (one run per folder; a killed
+    save's files put back first)."""
+    if args.print_examples:
+        print_examples(args, phase, model_path)
+        return
+    require_output_dir(args)
+    with claim_output_dir(args):
+        run_step(run_class(args), start)
+
+
 def sft_main(argv: list[str] | None = None) -> None:
     """Setup, train, evaluate, save (--print_examples: show the data, then stop)."""
     from dschat.trainers.sft import SFTRun
 
     args = parse_sft_args(argv)
-    if args.print_examples:
-        print_examples(args, 1, args.model_name_or_path)
-        return
-    require_output_dir(args)
-    with claim_output_dir(args):  # one run per folder; a killed save's files put back first
-        run_step(SFTRun(args))
+    _step_main(args, 1, args.model_name_or_path, SFTRun)
 
 
 def rm_main(argv: list[str] | None = None) -> None:
@@ -218,12 +226,7 @@ def rm_main(argv: list[str] | None = None) -> None:
     from dschat.trainers.reward import RewardRun
 
     args = parse_rm_args(argv)
-    if args.print_examples:
-        print_examples(args, 2, args.model_name_or_path)
-        return
-    require_output_dir(args)
-    with claim_output_dir(args):  # one run per folder; a killed save's files put back first
-        run_step(RewardRun(args))
+    _step_main(args, 2, args.model_name_or_path, RewardRun)
 
 
 def dpo_main(argv: list[str] | None = None) -> None:
@@ -231,12 +234,7 @@ def dpo_main(argv: list[str] | None = None) -> None:
     from dschat.trainers.dpo import DPORun
 
     args = parse_dpo_args(argv)
-    if args.print_examples:
-        print_examples(args, 2, args.model_name_or_path)
-        return
-    require_output_dir(args)
-    with claim_output_dir(args):  # one run per folder; a killed save's files put back first
-        run_step(DPORun(args))
+    _step_main(args, 2, args.model_name_or_path, DPORun)
 
 
 def ppo_main(argv: list[str] | None = None) -> None:
@@ -244,9 +242,4 @@ def ppo_main(argv: list[str] | None = None) -> None:
     from dschat.trainers.ppo_run import RLHFRun
 
     args = parse_ppo_args(argv)
-    if args.print_examples:
-        print_examples(args, 3, args.actor_model_name_or_path)
-        return
-    require_output_dir(args)
-    with claim_output_dir(args):  # one run per folder; a killed save's files put back first
-        run_step(RLHFRun(args), "start (SFT)")
+    _step_main(args, 3, args.actor_model_name_or_path, RLHFRun, "start (SFT)")
