@@ -131,6 +131,10 @@ def main() -> None:
     p.add_argument("--step3_flags", type=str, default="",
                    help="More flags for every step-3 run (e.g. \"--ppo_epochs 2 --per_device_training_batch_size 4\", "
                         "which makes the updates off-policy, where the clip ranges act).")
+    p.add_argument("--reuse", action="store_true",
+                   help="Keep a run that <workdir>/compare.json already holds and whose trained model is complete "
+                        "instead of training it again (a long table resumed after an interruption, or grown by "
+                        "more variants); the table then shows every run of --algos/--tables it holds.")
     args = p.parse_args()
     extra = [*(["--enable_test_mode", "--test_stop_step", str(args.stop_step)] if args.stop_step else []),
              *args.step3_flags.split()]
@@ -152,10 +156,17 @@ def main() -> None:
             timed(["bash", str(STEP2), str(rm), "0", str(sft)], work / "logs/rm.log", env)
         sft_judge = metrics(sft)["evals"][-1]["judge"]
     rows: dict[str, list[dict]] = {}
+    saved = work / "compare.json"
+    result = json.loads(saved.read_text()) if saved.exists() else {"runs": {}}
     for algo in algos:
         table, label, flags = VARIANTS[algo]
         for seed in args.seeds:
             out = work / f"{algo}{suffix}-seed{seed}"
+            done = [r for r in result["runs"].get(algo + suffix, []) if r["seed"] == seed]
+            if args.reuse and done and any((d / "dschat_complete.json").exists() for d in (out, out / "actor")):
+                print(f"{label} seed {seed}: kept from {saved}", flush=True)
+                rows.setdefault(algo, []).append(done[0])
+                continue
             print(f"{label} seed {seed} ...", flush=True)
             if table == "arith":  # the real model: no SFT or reward model of ours, the script sizes the run
                 wall, rss = timed(["bash", str(VERIFIER), "smollm2-135m", "", str(out), *flags, "--seed", str(seed),
@@ -189,8 +200,7 @@ def main() -> None:
                        "start_judge": m["evals"][0]["judge"], "chosen_judge": m.get("chosen_judge")}
             rows.setdefault(algo, []).append(row | {"seed": seed, "wall_s": wall, "peak_rss_mib": rss})
             print(f"  {'pass@1' if table == 'arith' else 'judge'} {row['judge']:.3f}, wall {wall:.0f} s, peak RSS {rss:.0f} MiB", flush=True)
-    saved = work / "compare.json"
-    result = json.loads(saved.read_text()) if saved.exists() else {"runs": {}}
+    result = json.loads(saved.read_text()) if saved.exists() else {"runs": {}}  # reread: runs took hours
     if sft_judge is not None:
         result["sft_judge"] = sft_judge
     for algo, runs in rows.items():  # a rerun of some seeds replaces those seeds' runs only
