@@ -108,6 +108,19 @@ def timed(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, float]
     return wall, int(rss_file.read_text().split()[-1]) / 1024
 
 
+def merge(saved: Path, key: str, run: dict, sft_judge: float | None) -> None:
+    """Write one finished run into compare.json at once (replacing that seed's earlier run of `key`), so that an
+    interrupted table keeps every run it finished (--reuse picks them up)."""
+    result = json.loads(saved.read_text()) if saved.exists() else {"runs": {}}
+    if sft_judge is not None:
+        result["sft_judge"] = sft_judge
+    kept = [r for r in result["runs"].get(key, []) if r["seed"] != run["seed"]]
+    result["runs"][key] = sorted([*kept, run], key=lambda r: r["seed"])
+    tmp = saved.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(saved)
+
+
 def metrics(folder: Path) -> dict:
     """The dschat_metrics.json a step wrote."""
     return json.loads((folder / "dschat_metrics.json").read_text())
@@ -200,13 +213,9 @@ def main() -> None:
                        "start_judge": m["evals"][0]["judge"], "chosen_judge": m.get("chosen_judge")}
             rows.setdefault(algo, []).append(row | {"seed": seed, "wall_s": wall, "peak_rss_mib": rss})
             print(f"  {'pass@1' if table == 'arith' else 'judge'} {row['judge']:.3f}, wall {wall:.0f} s, peak RSS {rss:.0f} MiB", flush=True)
-    result = json.loads(saved.read_text()) if saved.exists() else {"runs": {}}  # reread: runs took hours
-    if sft_judge is not None:
-        result["sft_judge"] = sft_judge
-    for algo, runs in rows.items():  # a rerun of some seeds replaces those seeds' runs only
-        kept = [r for r in result["runs"].get(algo + suffix, []) if r["seed"] not in args.seeds]
-        result["runs"][algo + suffix] = rows[algo] = sorted(kept + runs, key=lambda r: r["seed"])
-    saved.write_text(json.dumps(result, indent=1))
+            merge(saved, algo + suffix, rows[algo][-1], sft_judge)
+    for algo in rows:  # the table shows every seed compare.json holds for the variant (a rerun replaced its own)
+        rows[algo] = json.loads(saved.read_text())["runs"][algo + suffix]
 
     def span(values: list[float], fmt: str) -> str:
         values = [v for v in values if v is not None]
