@@ -39,6 +39,28 @@ def test_pack_layout_by_hand():
     assert out.tolist() == [[10, 11, 12, 13], [10, 11, 14, 0]]
 
 
+def test_padding_free_pairs_share_a_row_by_hand():
+    rows = [{"chosen_ids": [1, 2, 3, 4], "rejected_ids": [1, 2, 5], "prompt_len": 2},
+            {"chosen_ids": [6, 7], "rejected_ids": [6, 8], "prompt_len": 1}]
+    batch = RewardCollator(PAD)(rows)
+    p = pack_pairs(batch["input_ids"], batch["attention_mask"], PAD, torch.float32, padding_free=True)
+    # pair rows of 5 and 3 tokens: the second fits no row of width 5 beside the first, so two rows; add a third
+    assert p.input_ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]]
+    rows.append({"chosen_ids": [9], "rejected_ids": [10], "prompt_len": 0})
+    batch = RewardCollator(PAD)(rows)
+    p = pack_pairs(batch["input_ids"], batch["attention_mask"], PAD, torch.float32, padding_free=True)
+    assert p.input_ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 0, 0]]
+    allowed = (p.attention_mask[1, 0] == 0).int().tolist()
+    assert allowed == [[1, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0],
+                       [1, 0, 1, 0, 0],
+                       [0, 0, 0, 1, 0],
+                       [0, 0, 0, 0, 1]]  # pairs never see each other; each tail sees its prefix and itself
+    out = unpack_pairs(torch.arange(10.0).view(2, 5), p)
+    assert out.tolist() == [[0, 1, 2, 3], [5, 6, 0, 0], [8, 0, 0, 0], [0, 1, 4, 0], [5, 7, 0, 0], [9, 0, 0, 0]]
+
+
 def pairs() -> dict[str, torch.Tensor]:
     """Pairs with different prompt lengths, a truncated pair, a prefix pair and an identical pair."""
     g = torch.Generator().manual_seed(0)
@@ -69,6 +91,13 @@ def test_shared_prompt_values_equal_separate_forwards(attn):
     torch.testing.assert_close(shared[valid], separate[valid], rtol=1e-4, atol=1e-4)
     packed = pack_pairs(b["input_ids"], b["attention_mask"], PAD, torch.float32)
     assert packed.input_ids.numel() < b["input_ids"].numel()  # fewer tokens through the model
+    with torch.no_grad():
+        padding_free = heads.pair_token_values(model, b["input_ids"], b["attention_mask"], PAD, padding_free=True)
+        rows_packed = heads.token_values(model, b["input_ids"], b["attention_mask"], padding_free=True)
+    torch.testing.assert_close(padding_free[valid], separate[valid], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rows_packed[valid], separate[valid], rtol=1e-4, atol=1e-4)
+    fewer = pack_pairs(b["input_ids"], b["attention_mask"], PAD, torch.float32, padding_free=True)
+    assert fewer.input_ids.shape[0] < packed.input_ids.shape[0]  # pairs share rows: fewer positions again
 
 
 def test_pair_values_check_falls_back_or_refuses(monkeypatch, capsys):

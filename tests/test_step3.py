@@ -200,13 +200,27 @@ def test_gold_reward_model_scores_the_same_held_out_answers(tmp_path, quick, tin
 def test_reused_critic_forward_trains_as_the_recomputed_one(tmp_path, quick):
     """The default (the critic's experience forward serves its update) trains actor and critic as
     --recompute_critic_values does (DeepSpeed-Chat's separate old-value forward), up to float rounding."""
-    outs = {}
-    for name, extra in (("reuse", []), ("recompute", ["--recompute_critic_values"])):
-        outs[name] = tmp_path / name
-        run([STEP3, *quick, *extra, "--dtype", "fp32", "--output_dir", outs[name],
-             "--data_output_path", tmp_path / "data"])
-    for part in ("actor", "critic"):
-        a, b = (load_file(str(outs[n] / part / "model.safetensors")) for n in ("reuse", "recompute"))
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=f"{part} {k}")
+    outs = train_alike(tmp_path, quick, {"reuse": [], "recompute": ["--recompute_critic_values"]})
     assert metrics(outs["reuse"] / "actor")["evals"][-1]["judge"] == metrics(outs["recompute"] / "actor")["evals"][-1]["judge"]
+
+
+def test_padding_free_trains_as_the_padded_forwards(tmp_path, quick):
+    """Step 3 with a critic and a reward model, default (--padding_free) vs --no_padding_free: the same actor and
+    critic up to float rounding."""
+    train_alike(tmp_path, quick, {"packed": [], "padded": ["--no_padding_free"]})
+
+
+def train_alike(tmp_path, quick: list[str], runs: dict[str, list[str]]) -> dict[str, object]:
+    """Train step 3 (fp32) once per entry of `runs` (name: extra flags); assert equal actors and critics up to
+    float rounding; the output folders by name."""
+    outs = {name: tmp_path / name for name in runs}
+    for name, extra in runs.items():
+        run([STEP3, *quick, *extra, "--dtype", "fp32", "--output_dir", outs[name], "--data_output_path", tmp_path / "data"])
+    first, *others = outs.values()
+    for part in ("actor", "critic"):
+        a = load_file(str(first / part / "model.safetensors"))
+        for other in others:
+            b = load_file(str(other / part / "model.safetensors"))
+            for k in a:
+                torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=f"{other.name} {part} {k}")
+    return outs

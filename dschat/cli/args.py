@@ -52,6 +52,17 @@ def add_data_args(p: argparse.ArgumentParser, step: int) -> None:
                        help="Single-response datasets used only in phase 1.")
 
 
+def add_padding_free_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """--padding_free / --no_padding_free (on by default)."""
+    p.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"Run {what} padding-free: a batch's rows laid end to end in as few rows as fit (each row's "
+                        "position ids restarting at 0, no attention across rows), so no forward computes padding; "
+                        "equal to the padded forward up to float rounding. Used where the model builds its "
+                        "attention mask with transformers' create_causal_mask (Llama, Qwen, Mistral, GPT-2, OPT "
+                        "and most current families), else the padded forward runs. --no_padding_free: always the "
+                        "padded forward.")
+
+
 def add_model_args(p: argparse.ArgumentParser, lr: float, lr_help: str | None = None) -> None:
     """Model path, batch sizes, optimisation and schedule flags of steps 1 and 2."""
     p.add_argument("--model_name_or_path", type=str, default=BUILTIN_MODEL_DIR,

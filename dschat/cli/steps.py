@@ -18,6 +18,7 @@ from dschat.cli.args import (
     add_lora_args,
     add_model_args,
     add_optim_args,
+    add_padding_free_arg,
     add_run_args,
     check_common_args,
 )
@@ -61,6 +62,7 @@ def sft_parser() -> argparse.ArgumentParser:
     add_data_args(p, step=1)
     add_model_args(p, lr=1e-3, lr_help="Learning rate of the trained weights.")
     add_run_args(p, tb_default="step1_tensorboard")
+    add_padding_free_arg(p, "the training and perplexity forwards")
     add_export_args(p)
     p.add_argument("--eot_token", type=str, default="<|endoftext|>",
                    help="Accepted for compatibility; the tokenizer's own EOS ends every answer.")
@@ -79,6 +81,7 @@ def rm_parser() -> argparse.ArgumentParser:
     add_data_args(p, step=2)
     add_model_args(p, lr=1e-3, lr_help=RM_LR_HELP)
     add_run_args(p, tb_default="step2_tensorboard")
+    add_padding_free_arg(p, "the reward model's forwards (with --pair_forward shared: the shared-prompt pair rows)")
     p.add_argument("--num_padding_at_beginning", type=int, default=1,
                    help="Accepted for compatibility and ignored: sequence ends come from the attention mask, "
                         "so OPT's leading pad-id BOS needs no special case.")
@@ -112,6 +115,7 @@ def dpo_parser() -> argparse.ArgumentParser:
     add_data_args(p, step=2)
     add_model_args(p, lr=5e-4, lr_help=DPO_LR_HELP)
     add_run_args(p, tb_default="step2_dpo_tensorboard")
+    add_padding_free_arg(p, "the policy's and reference's forwards")
     add_export_args(p)
     p.add_argument("--beta", type=float, default=0.1,
                    help="Strength of the pull towards the reference (implicit reward = beta * log-ratio).")
@@ -173,6 +177,8 @@ def ppo_parser() -> argparse.ArgumentParser:
         add_lora_args(p, f"{role}_")
     add_ppo_args(p)
     add_run_args(p, tb_default="step3_tensorboard")
+    add_padding_free_arg(p, "every step-3 forward but generation (actor and reference log-probs, critic values, "
+                            "reward-model and gold scores)")
     add_export_args(p, "<output_dir>/actor")
     set_step3_help(p)
     return p

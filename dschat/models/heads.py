@@ -130,15 +130,23 @@ def head_name(model: torch.nn.Module) -> str:
     raise ValueError(f"{type(inner).__name__} has no sequence-classification head ({', '.join(HEAD_NAMES)})")
 
 
-def token_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def token_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 position_ids: torch.Tensor | None = None, padding_free: bool = False) -> torch.Tensor:
     """[B, L] scalar value of every position (the head applied to every hidden state); positions from the
-    attention mask unless `position_ids` are given (left padding does not shift them).
+    attention mask unless `position_ids` are given (left padding does not shift them). padding_free: the rows
+    run packed end to end where the model allows it (dschat.data.packing.pack_rows; 0 on padding).
 
     `model` may be the HF model, a peft PeftModel or a DeepSpeed engine around either. The model's own
     forward runs (so ZeRO-3's gather/release hooks see a normal top-level call) and a forward hook on the
     head captures its per-token output before transformers pools it down to one score per sequence.
     """
+    if padding_free and position_ids is None and attention_mask is not None:
+        from dschat.data.packing import pack_rows, unpack_rows
+        from dschat.models.forward import packable
+
+        packed = pack_rows(input_ids, attention_mask) if packable(model) else None
+        if packed is not None:
+            return unpack_rows(token_values(model, packed.input_ids, None, packed.position_ids), packed)
     head = getattr(hf_model(model), head_name(model))
     captured: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda _mod, _inp, out: captured.append(out))
@@ -154,13 +162,13 @@ def token_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
 
 
 def pair_token_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      pad_token_id: int) -> torch.Tensor:
+                      pad_token_id: int, padding_free: bool = False) -> torch.Tensor:
     """token_values of a right-padded [chosen; rejected] batch [2B, L] from one shared-prompt forward per pair
     (dschat.data.packing): the prompt runs once, not twice; values equal the separate forward's up to rounding."""
     from dschat.data.packing import pack_pairs, unpack_pairs
 
     dtype = next(hf_model(model).parameters()).dtype
-    packed = pack_pairs(input_ids, attention_mask, pad_token_id, dtype)
+    packed = pack_pairs(input_ids, attention_mask, pad_token_id, dtype, padding_free)
     values = token_values(model, packed.input_ids, packed.attention_mask, packed.position_ids)
     return unpack_pairs(values, packed)
 
@@ -170,19 +178,20 @@ class PairValues:
 
     "auto" checks the shared-prompt forward against the separate one on the first batch (no gradient, eval
     mode) and keeps it only when they agree: a model whose attention ignores custom 4-D masks falls back to
-    separate forwards with one printed line. "shared" makes a failed check an error.
+    separate forwards with one printed line. "shared" makes a failed check an error. padding_free (--padding_free):
+    the packed pair rows (or, separate, the sequences) laid end to end in as few rows as fit.
     """
 
-    def __init__(self, mode: str, pad_token_id: int):
-        self.mode, self.pad_token_id = mode, pad_token_id
+    def __init__(self, mode: str, pad_token_id: int, padding_free: bool = False):
+        self.mode, self.pad_token_id, self.padding_free = mode, pad_token_id, padding_free
 
     def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Values [2B, L] of the batch (0 or the model's raw output on padding)."""
         if self.mode in ("auto", "shared"):
             self._check(model, input_ids, attention_mask)
         if self.mode == "checked":
-            return pair_token_values(model, input_ids, attention_mask, self.pad_token_id)
-        return token_values(model, input_ids, attention_mask)
+            return pair_token_values(model, input_ids, attention_mask, self.pad_token_id, self.padding_free)
+        return token_values(model, input_ids, attention_mask, padding_free=self.padding_free)
 
     def _check(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         module = hf_model(model)
@@ -190,7 +199,8 @@ class PairValues:
         module.eval()
         try:
             with torch.no_grad():
-                shared = pair_token_values(model, input_ids, attention_mask, self.pad_token_id).float()
+                shared = pair_token_values(model, input_ids, attention_mask, self.pad_token_id,
+                                           self.padding_free).float()
                 separate = token_values(model, input_ids, attention_mask).float()
         finally:
             module.train(was_training)

@@ -18,13 +18,15 @@ class RewardModelScorer:
     """Scores whole sequences with a one-label reward model: (raw - mean) / std when normalising, then clipped."""
 
     def __init__(self, model: Any, stats: dict[str, float] | None = None, normalize: bool = True,
-                 clip: float | None = None):
+                 clip: float | None = None, padding_free: bool = False):
         self.model, self.stats, self.normalize, self.clip = model, stats or {}, normalize, clip
+        self.padding_free = padding_free
 
     @torch.no_grad()
     def scores(self, seq: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B] fp32 scores of left-padded `seq` (prompt + answer) at each row's last attended token."""
-        out = end_scores(token_values(self.model, seq, attention_mask), attention_mask).float()
+        values = token_values(self.model, seq, attention_mask, padding_free=self.padding_free)
+        out = end_scores(values, attention_mask).float()
         if self.normalize and self.stats:
             out = (out - self.stats["mean"]) / max(self.stats["std"], 1e-6)
         if self.clip is not None:
@@ -43,4 +45,5 @@ def make_reward_model(ctx: RewardContext) -> RewardFn:
     (--clip_reward_value)."""
     if ctx.reward_model is None:
         raise ValueError("reward 'reward_model' needs a reward model; the engine built none")
-    return RewardModelScorer(ctx.reward_model, ctx.reward_stats, ctx.normalize_reward, ctx.clip_reward_value)
+    return RewardModelScorer(ctx.reward_model, ctx.reward_stats, ctx.normalize_reward, ctx.clip_reward_value,
+                             ctx.padding_free)

@@ -26,6 +26,7 @@ class RewardContext:
     reward_stats: dict[str, float] = field(default_factory=dict)
     normalize_reward: bool = True
     clip_reward_value: float | None = None
+    padding_free: bool = False  # the reward model's forward packed (--padding_free)
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,10 @@ from dschat.runtime.engine import build_frozen_engine, to_device, torch_dtype
 from dschat.trainers.base import OneModelRun
 
 
-def pair_logprobs(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprobs(engine, batch: dict, padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed answer log-probs (chosen [B], rejected [B]) of a [chosen; rejected] batch, in one forward that
-    projects onto the vocabulary at the label tokens only."""
-    logits, targets, rows = label_logits(engine, batch)
+    projects onto the vocabulary at the label tokens only (padding-free if asked)."""
+    logits, targets, rows = label_logits(engine, batch, padding_free)
     return row_sums(logprobs_from_logits(logits, targets), rows, batch["labels"].shape[0]).chunk(2)
 
 
@@ -71,9 +71,9 @@ class DPORun(OneModelRun):
 
     def _pair_loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """DPO loss and stats of a [chosen; rejected] batch: the policy `engine` against the reference."""
-        policy_chosen, policy_rejected = pair_logprobs(engine, batch)
+        policy_chosen, policy_rejected = pair_logprobs(engine, batch, self.args.padding_free)
         with torch.no_grad():
-            ref_chosen, ref_rejected = pair_logprobs(self.ref, batch)
+            ref_chosen, ref_rejected = pair_logprobs(self.ref, batch, self.args.padding_free)
         return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.args.beta,
                         self.args.loss_type)
 

@@ -15,7 +15,7 @@ from dschat.trainers.rollout import generate_answers
 
 
 @torch.no_grad()
-def perplexity(engine, loader, eval_iters: int, dev: torch.device) -> dict[str, float]:
+def perplexity(engine, loader, eval_iters: int, dev: torch.device, padding_free: bool = False) -> dict[str, float]:
     """Token-weighted eval loss and perplexity over at most `eval_iters` batches, summed over ranks."""
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=dev)
@@ -23,7 +23,7 @@ def perplexity(engine, loader, eval_iters: int, dev: torch.device) -> dict[str, 
         if i >= eval_iters:
             break
         batch = to_device(batch, dev)
-        logits, targets, _ = label_logits(engine, batch)
+        logits, targets, _ = label_logits(engine, batch, padding_free)
         loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
         totals += torch.stack([loss.double(), torch.tensor(targets.numel(), dtype=torch.float64, device=dev)])
     engine.train()

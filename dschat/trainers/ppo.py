@@ -59,6 +59,7 @@ class PPOSettings:
     top_p: float = 1.0
     max_answer_seq_len: int = 64
     logprobs_from_generation: bool = False
+    padding_free: bool = False
     reuse_critic_forward: bool = False
 
     @classmethod
@@ -71,12 +72,13 @@ class PPOSettings:
 
 def answer_logprobs(model, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                     with_entropy: bool = False, temperature: float = 1.0,
-                    entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    entropy_grad: bool = True, padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [B, A] of the answer tokens seq[:, P:] under `model`'s logits / temperature (and their entropies if
     asked), always from fp32 logits: old, new and reference log-probs must be one function, or a bf16 model's
     ratios start off 1; at the sampling temperature, so that they are the log-probs of the policy that sampled.
-    entropy_grad=False computes the entropies without a graph (when only logged)."""
-    logits = answer_logits(model, seq, attention_mask, prompt_len).float()
+    entropy_grad=False computes the entropies without a graph (when only logged); padding_free: the rows run packed
+    (dschat.models.forward.answer_logits)."""
+    logits = answer_logits(model, seq, attention_mask, prompt_len, padding_free).float()
     if temperature != 1.0:
         logits = logits / temperature
     logprobs = logprobs_from_logits(logits, seq[:, prompt_len:], upcast=True)
@@ -87,9 +89,11 @@ def answer_logprobs(model, seq: torch.Tensor, attention_mask: torch.Tensor, prom
     return logprobs, entropy
 
 
-def answer_values(critic, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """The critic's values [B, A] of the states before each answer token."""
-    return token_values(critic, seq, attention_mask)[:, prompt_len - 1: -1].float()
+def answer_values(critic, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                  padding_free: bool = False) -> torch.Tensor:
+    """The critic's values [B, A] of the states before each answer token (0 where the next token is padding when
+    `padding_free`)."""
+    return token_values(critic, seq, attention_mask, padding_free=padding_free)[:, prompt_len - 1: -1].float()
 
 
 def reward_sum_count(values: list[float | None]) -> tuple[float, float]:
@@ -151,19 +155,21 @@ class PPOTrainer:
             logprobs = rollout.logprobs
         else:
             e.actor.eval()
-            logprobs, _ = answer_logprobs(e.actor, seq, attention_mask, p, temperature=self.s.temperature)
+            logprobs, _ = answer_logprobs(e.actor, seq, attention_mask, p, temperature=self.s.temperature,
+                                          padding_free=self.s.padding_free)
             e.actor.train()
-        ref_logprobs, _ = answer_logprobs(e.ref, seq, attention_mask, p, temperature=self.s.temperature)
+        ref_logprobs, _ = answer_logprobs(e.ref, seq, attention_mask, p, temperature=self.s.temperature,
+                                          padding_free=self.s.padding_free)
         values, live_values = None, None
         if e.critic is not None and self.s.reuse_critic_forward:
             # The update's one critic forward, run now with its graph kept: its detached values are the old
             # values (train mode equals eval mode: the critic has no dropout), so no second forward is needed.
             with torch.enable_grad():
-                live_values = answer_values(e.critic, seq, attention_mask, p)
+                live_values = answer_values(e.critic, seq, attention_mask, p, self.s.padding_free)
             values = live_values.detach()
         elif e.critic is not None:  # old values in eval mode (no dropout), as the actor's old log-probs
             e.critic.eval()
-            values = answer_values(e.critic, seq, attention_mask, p)
+            values = answer_values(e.critic, seq, attention_mask, p, self.s.padding_free)
             e.critic.train()
         rewards = self.score(rollout, prompt_text, fields)
         group = torch.arange(seq.shape[0], device=seq.device) // n  # which prompt of this batch a row answers
@@ -225,7 +231,7 @@ class PPOTrainer:
         count = dist.all_reduce_sum(agg_count(mask, s.loss_agg_mode).double().reshape(1)).item() / dist.world_size()
         adaptive = self.entropy_coef > 0 or s.entropy_target is not None
         logprobs, entropy = answer_logprobs(e.actor, exp["seq"], exp["attention_mask"], p, True, s.temperature,
-                                            entropy_grad=adaptive)
+                                            entropy_grad=adaptive, padding_free=s.padding_free)
         per_token, stats = self.policy_loss(logprobs, exp["logprobs"], exp["advantages"], mask, self.loss_config)
         pg_loss = self.aggregate(per_token, mask, count)
         actor_loss = pg_loss
@@ -239,7 +245,7 @@ class PPOTrainer:
         if e.critic is not None:
             values = exp.get("live_values")
             if values is None:
-                values = answer_values(e.critic, exp["seq"], exp["attention_mask"], p)
+                values = answer_values(e.critic, exp["seq"], exp["attention_mask"], p, s.padding_free)
             vf_loss, vf_stats = value_loss(values, exp["values"], exp["returns"], mask, s.cliprange_value,
                                            token_count=self.value_token_count(mask, count))
             losses.append(vf_loss)

@@ -156,8 +156,8 @@ class RLHFRun(Run):
             r = generate_rollout(model, self.fmt, prompt, prompt_mask, synced, max_new_tokens=a.max_answer_seq_len,
                                  **sampling)
             e.actor.eval()
-            kl = exact_kl(answer_logits(e.actor, r.seq, r.attention_mask, r.prompt_len),
-                          answer_logits(e.ref, r.seq, r.attention_mask, r.prompt_len)) * r.action_mask
+            kl = exact_kl(answer_logits(e.actor, r.seq, r.attention_mask, r.prompt_len, a.padding_free),
+                          answer_logits(e.ref, r.seq, r.attention_mask, r.prompt_len, a.padding_free)) * r.action_mask
             e.actor.train()
             result = self.trainer.score(r, texts, [r_["fields"] for r_ in rows for _ in range(n)])
             answers = decode_answers(self.fmt, r)

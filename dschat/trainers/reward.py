@@ -64,7 +64,7 @@ class RewardRun(OneModelRun):
 
     def __init__(self, args):
         super().__init__(args)
-        self.pair_values = PairValues(args.pair_forward, self.tokenizer.pad_token_id)
+        self.pair_values = PairValues(args.pair_forward, self.tokenizer.pad_token_id, args.padding_free)
         self.judge_rows = self._judge_rows() if self.data_settings.uses_builtin else []
 
     def make_collator(self):

@@ -161,14 +161,16 @@ class RLHFEngine:
         a = self.args
         ctx = RewardContext(max_answer_seq_len=a.max_answer_seq_len, overlong_buffer_len=a.overlong_buffer_len,
                             reward_model=self.reward, reward_stats=self.reward_stats,
-                            normalize_reward=a.normalize_reward, clip_reward_value=a.clip_reward_value)
+                            normalize_reward=a.normalize_reward, clip_reward_value=a.clip_reward_value,
+                            padding_free=a.padding_free)
         return RewardSet.from_flags(a.reward_fn, a.reward_weights, ctx)
 
     def gold_scorer(self) -> RewardModelScorer | None:
         """--gold_reward_model's scorer: the same normalisation and clipping as the training reward model."""
         if self.gold is None:
             return None
-        return RewardModelScorer(self.gold, self.gold_stats, self.args.normalize_reward, self.args.clip_reward_value)
+        a = self.args
+        return RewardModelScorer(self.gold, self.gold_stats, a.normalize_reward, a.clip_reward_value, a.padding_free)
 
     def trained_engines(self) -> dict[str, Any]:
         """The engines a checkpoint holds: actor, critic (if any). The EMA is checkpointed apart (checkpoint_extras)."""

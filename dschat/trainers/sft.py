@@ -14,10 +14,10 @@ from dschat.trainers.base import OneModelRun
 from dschat.trainers.evaluation import perplexity
 
 
-def lm_loss(engine, batch: dict, fp32: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+def lm_loss(engine, batch: dict, fp32: bool = True, padding_free: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean next-token cross-entropy over label tokens (from fp32 logits when `fp32`, else the model's dtype);
-    the LM head runs on the label positions only (dschat.models.forward)."""
-    logits, targets, _ = label_logits(engine, batch)
+    the LM head runs on the label positions only, the rows padding-free if asked (dschat.models.forward)."""
+    logits, targets, _ = label_logits(engine, batch, padding_free)
     loss = torch.nn.functional.cross_entropy(logits.float() if fp32 else logits, targets)
     return loss, {"tokens": float(batch["attention_mask"].sum())}
 
@@ -48,11 +48,12 @@ class SFTRun(OneModelRun):
 
     def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """Next-token loss on the answer tokens (and the prompt's with --train_on_prompt)."""
-        return lm_loss(engine, batch, self.fp32_loss)
+        return lm_loss(engine, batch, self.fp32_loss, self.args.padding_free)
 
     def evaluate(self, when: str) -> dict:
         """Eval-split perplexity and, on the builtin task, the judge score of greedy held-out answers."""
-        metrics = perplexity(self.engine, self.eval_loader, self.args.eval_iters, self.dev)
+        metrics = perplexity(self.engine, self.eval_loader, self.args.eval_iters, self.dev,
+                             self.args.padding_free)
         return self.record(metrics | self.judge(), when)
 
     def save(self) -> None:
