@@ -151,3 +151,36 @@ def test_token_values_of_a_sequence_classifier_equal_the_padded_forward(family):
     torch.testing.assert_close(packed[mask.bool()], padded[mask.bool()], atol=1e-5, rtol=1e-4)
     assert torch.count_nonzero(packed[~mask.bool()]) == 0
 
+
+
+def test_models_whose_mask_ignores_position_ids_are_not_packed():
+    """OPT's causal-mask call gets no position ids, so transformers cannot find packed rows: such a model must run
+    padded (packed, its rows would attend across each other)."""
+    from transformers import OPTConfig
+
+    assert not forward.passes_position_ids("m = create_causal_mask(config=c, inputs_embeds=e, attention_mask=a)")
+    assert forward.passes_position_ids("m = create_causal_mask(config=c, attention_mask=f(a), position_ids=p)")
+    assert forward.passes_position_ids('k = {"position_ids": position_ids}\nm = create_causal_mask(**mask_kwargs)')
+    assert not forward.passes_position_ids("no mask call here")
+    torch.manual_seed(0)
+    opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, max_position_embeddings=64,
+                                                     word_embed_proj_dim=32)).eval()
+    assert not forward.packable(opt)
+    b = _right_padded(64)
+    with torch.no_grad():
+        a, _, _ = forward.label_logits(opt, b)
+        p, _, _ = forward.label_logits(opt, b, padding_free=True)  # falls back to the padded forward
+    torch.testing.assert_close(p, a)
+
+
+def test_flash_attention_models_run_padded():
+    """Flash-attention kernels keep packed rows apart only for a single row; dschat packs for sdpa and eager only."""
+    _, model = MODELS[1]
+    assert forward.packable(model)
+    attention = model.config._attn_implementation
+    try:
+        model.config._attn_implementation = "flash_attention_2"
+        assert not forward.packable(model)
+    finally:
+        model.config._attn_implementation = attention

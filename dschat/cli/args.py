@@ -57,10 +57,10 @@ def add_padding_free_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=True,
                    help=f"Run {what} padding-free: a batch's rows laid end to end in as few rows as fit (each row's "
                         "position ids restarting at 0, no attention across rows), so no forward computes padding; "
-                        "equal to the padded forward up to float rounding. Used where the model builds its "
-                        "attention mask with transformers' create_causal_mask (Llama, Qwen, Mistral, GPT-2, OPT "
-                        "and most current families), else the padded forward runs. --no_padding_free: always the "
-                        "padded forward.")
+                        "equal to the padded forward up to float rounding. Used where the model hands its position "
+                        "ids to transformers' create_causal_mask (Llama, Qwen, Mistral, GPT-2 and most current "
+                        "families; not OPT) and runs sdpa or eager attention, else the padded forward runs. "
+                        "--no_padding_free: always the padded forward.")
 
 
 def add_model_args(p: argparse.ArgumentParser, lr: float, lr_help: str | None = None) -> None:

@@ -76,7 +76,7 @@ def pack_pairs(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int, dty
         rows.append(torch.cat([c, r[s:]]))
         spans.append((c.numel(), s, r.numel()))
     size = max(row.numel() for row in rows)
-    if padding_free:
+    if padding_free and size:
         place, free = first_fit([row.numel() for row in rows], size)
     else:
         place, free = [(i, 0) for i in range(n_pairs)], [size - row.numel() for row in rows]

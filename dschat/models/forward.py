@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import sys
 
 import torch
@@ -39,20 +40,47 @@ def keep_mode(model) -> str:
     return _support(type(hf_model(model)))  # peft passes logits_to_keep through to this model
 
 
+MASK_CALL = re.compile(r"\b(?:create_causal_mask|create_sliding_window_causal_mask|mask_function)\(")
+PACKED_ATTENTION = ("sdpa", "eager")  # flash kernels drop the packed mask for more than one packed row
+
+
+def passes_position_ids(source: str) -> bool:
+    """True when every causal-mask call in a modeling file's `source` hands it the position ids (directly or through
+    a `mask_kwargs` dict that holds them): only then can transformers find packed rows (OPT's, XGLM's and
+    BioGPT's calls do not, and their packed rows would attend across each other)."""
+    calls = []
+    for match in MASK_CALL.finditer(source):
+        depth, end = 1, match.end()
+        while depth and end < len(source):
+            depth += {"(": 1, ")": -1}.get(source[end], 0)
+            end += 1
+        calls.append(source[match.end():end])
+    in_kwargs = '"position_ids": position_ids' in source
+    return bool(calls) and all("position_ids" in c or ("**mask_kwargs" in c and in_kwargs) for c in calls)
+
+
 @functools.cache
 def _packs(cls: type) -> bool:
     import transformers.masking_utils as masking  # releases before packed-sequence detection cannot pack
 
     module = sys.modules.get(cls.__module__)
-    return (hasattr(masking, "find_packed_sequence_indices") and _takes_position_ids(cls)
-            and getattr(module, "create_causal_mask", None) is not None)
+    if not (hasattr(masking, "find_packed_sequence_indices") and _takes_position_ids(cls)
+            and getattr(module, "create_causal_mask", None) is not None):
+        return False
+    try:
+        return passes_position_ids(inspect.getsource(module))
+    except (OSError, TypeError):
+        return False
 
 
 def packable(model) -> bool:
-    """True when `model` (or its engine / peft wrapper) can run padding-free rows: its forward takes position ids
-    and builds its mask with transformers' create_causal_mask, which, given no attention mask, finds rows packed
-    end to end from position ids that restart at 0 and keeps each row's attention inside it."""
-    return _packs(type(hf_model(model)))
+    """True when `model` (or its engine / peft wrapper) can run padding-free rows: its forward takes position ids,
+    its causal-mask call passes them to transformers' create_causal_mask (which, given no attention mask, finds
+    rows packed end to end from position ids that restart at 0 and keeps each row's attention inside it), and it
+    runs sdpa or eager attention."""
+    inner = hf_model(model)
+    attention = getattr(getattr(inner, "config", None), "_attn_implementation", None) or "eager"
+    return attention in PACKED_ATTENTION and _packs(type(inner))
 
 
 def _call(model, kwargs: dict, keep: Tensor) -> Tensor:
@@ -109,7 +137,7 @@ def label_logits(model, batch: dict, padding_free: bool = False) -> tuple[Tensor
 
 def answer_logits(model, seq: Tensor, attention_mask: Tensor, prompt_len: int, padding_free: bool = False) -> Tensor:
     """Logits [B, T - prompt_len, V] that predict the answer tokens seq[:, prompt_len:] (left-padded prompts).
-    `padding_free`: the rows run packed (see logits_at); the logits of positions that predict padding are 0."""
+    `padding_free`: the rows run packed (see logits_at); the logits at padding positions are 0."""
     packed = pack_rows(seq, attention_mask) if padding_free and packable(model) else None
     if packed is not None:
         keep = torch.zeros_like(packed.valid)
