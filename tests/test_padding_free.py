@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from dschat.data.packing import pack_rows, unpack_rows
-from dschat.models import forward
+from dschat.models import forward, heads
 from dschat.models.builtin import BUILTIN_MODEL_DIR
 
 
@@ -158,10 +158,10 @@ def test_models_whose_mask_ignores_position_ids_are_not_packed():
     padded (packed, its rows would attend across each other)."""
     from transformers import OPTConfig
 
-    assert not forward.passes_position_ids("m = create_causal_mask(config=c, inputs_embeds=e, attention_mask=a)")
-    assert forward.passes_position_ids("m = create_causal_mask(config=c, attention_mask=f(a), position_ids=p)")
-    assert forward.passes_position_ids('k = {"position_ids": position_ids}\nm = create_causal_mask(**mask_kwargs)')
-    assert not forward.passes_position_ids("no mask call here")
+    assert not heads.passes_position_ids("m = create_causal_mask(config=c, inputs_embeds=e, attention_mask=a)")
+    assert heads.passes_position_ids("m = create_causal_mask(config=c, attention_mask=f(a), position_ids=p)")
+    assert heads.passes_position_ids('k = {"position_ids": position_ids}\nm = create_causal_mask(**mask_kwargs)')
+    assert not heads.passes_position_ids("no mask call here")
     torch.manual_seed(0)
     opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                                                      num_attention_heads=4, max_position_embeddings=64,

@@ -54,8 +54,10 @@ def add_data_args(p: argparse.ArgumentParser, step: int) -> None:
 
 def add_padding_free_arg(p: argparse.ArgumentParser, what: str) -> None:
     """--padding_free / --no_padding_free (on by default)."""
-    p.add_argument("--padding_free", action=argparse.BooleanOptionalAction, default=True,
-                   help=f"Run {what} padding-free: a batch's rows laid end to end in as few rows as fit (each row's "
+    p.add_argument("--no_padding_free", dest="padding_free", action="store_false",
+                   help="Run every forward padded (the rows of a batch padded to its longest, as before).")
+    p.add_argument("--padding_free", dest="padding_free", action="store_true", default=True,
+                   help=f"On by default. Run {what} padding-free: a batch's rows laid end to end in as few rows as fit (each row's "
                         "position ids restarting at 0, no attention across rows), so no forward computes padding; "
                         "equal to the padded forward up to float rounding. Used where the model hands its position "
                         "ids to transformers' create_causal_mask (Llama, Qwen, Mistral, GPT-2 and most current "

@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import re
+import sys
 from pathlib import Path
 
 import torch
@@ -105,6 +107,49 @@ def _takes_position_ids(cls: type) -> bool:
         return False
 
 
+MASK_CALL = re.compile(r"\b(?:create_causal_mask|create_sliding_window_causal_mask|mask_function)\(")
+PACKED_ATTENTION = ("sdpa", "eager")  # flash kernels drop the packed mask for more than one packed row
+
+
+def passes_position_ids(source: str) -> bool:
+    """True when every causal-mask call in a modeling file's `source` hands it the position ids (directly or through
+    a `mask_kwargs` dict that holds them): only then can transformers find packed rows (OPT's, XGLM's and
+    BioGPT's calls do not, and their packed rows would attend across each other)."""
+    calls = []
+    for match in MASK_CALL.finditer(source):
+        depth, end = 1, match.end()
+        while depth and end < len(source):
+            depth += {"(": 1, ")": -1}.get(source[end], 0)
+            end += 1
+        calls.append(source[match.end():end])
+    in_kwargs = '"position_ids": position_ids' in source
+    return bool(calls) and all("position_ids" in c or ("**mask_kwargs" in c and in_kwargs) for c in calls)
+
+
+@functools.cache
+def _packs(cls: type) -> bool:
+    import transformers.masking_utils as masking  # releases before packed-sequence detection cannot pack
+
+    module = sys.modules.get(cls.__module__)
+    if not (hasattr(masking, "find_packed_sequence_indices") and _takes_position_ids(cls)
+            and getattr(module, "create_causal_mask", None) is not None):
+        return False
+    try:
+        return passes_position_ids(inspect.getsource(module))
+    except (OSError, TypeError):
+        return False
+
+
+def packable(model) -> bool:
+    """True when `model` (or its engine / peft wrapper) can run padding-free rows: its forward takes position ids,
+    its causal-mask call passes them to transformers' create_causal_mask (which, given no attention mask, finds
+    rows packed end to end from position ids that restart at 0 and keeps each row's attention inside it), and it
+    runs sdpa or eager attention."""
+    inner = hf_model(model)
+    attention = getattr(getattr(inner, "config", None), "_attn_implementation", None) or "eager"
+    return attention in PACKED_ATTENTION and _packs(type(inner))
+
+
 def position_kwargs(model: torch.nn.Module, attention_mask: torch.Tensor,
                     position_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """{"position_ids": ...} for a forward of `model` (engine, peft or HF): `position_ids` if given, else counted
@@ -142,7 +187,6 @@ def token_values(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     """
     if padding_free and position_ids is None and attention_mask is not None:
         from dschat.data.packing import pack_rows, unpack_rows
-        from dschat.models.forward import packable
 
         packed = pack_rows(input_ids, attention_mask) if packable(model) else None
         if packed is not None:
