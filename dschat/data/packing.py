@@ -9,7 +9,7 @@ Pure tensor functions; the model call lives in dschat.models.heads.pair_token_va
 
 Row packing (`pack_rows`, padding-free batches): the real tokens of a padded batch laid end to end in fewer rows,
 each original row's position ids restarting at 0, and no attention mask: transformers then finds the packed
-sequences from the position ids and never lets a token attend across them (dschat.models.forward.packable).
+sequences from the position ids and never lets a token attend across them (dschat.models.heads.packable).
 """
 
 from __future__ import annotations
